@@ -1,0 +1,364 @@
+"""AutoFusionClassifier: the Python API.
+
+```python
+clf = AutoFusionClassifier()                  # bundled MiniLM encoder, no LLM: the baseline
+clf.fit(train_df, validation=val_df)          # columns from config.data (default: text, label)
+clf.predict(["Shares in BP fell 3% ..."])     # -> ["business"]
+clf.save("model/"); clf = AutoFusionClassifier.load("model/")
+```
+
+Inputs are a DataFrame (columns named by ``config.data``) or a list of texts plus
+labels in any shape :mod:`fusion.labels` accepts. LLM score blocks come as
+``llm_scores={"name": array(n, n_classes)}`` with NaN rows where an LLM gave no
+answer; precomputed embeddings (e.g. from the Ray Data embed job) can be passed as
+``embeddings=`` to skip the encoder.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.model_selection import train_test_split
+
+from fusion import bundle as bundle_io
+from fusion.calibration import decide, to_proba
+from fusion.config import Config, load_config, parse_config
+from fusion.datasets import texts_and_labels
+from fusion.encoder import TextEncoder, check_texts
+from fusion.errors import BundleError, ConfigError, DataError, NotFittedError
+from fusion.labels import LabelSpace, normalize_labels
+from fusion.metrics import SUMMARY_KEYS, evaluate
+from fusion.model import FeatureLayout, FeatureScaler, FusionMLP, build_features
+from fusion.train import fit_head
+
+log = logging.getLogger(__name__)
+
+PROBE_TEXT = "labelfuse encoder probe: markets rallied after the election while the striker scored twice."
+Scores = Mapping[str, np.ndarray]
+
+
+def _coerce_config(config: Config | Mapping[str, Any] | str | Path | None) -> Config:
+    if config is None:
+        return Config()
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, (str, Path)):
+        return load_config(config)
+    if isinstance(config, Mapping):
+        return parse_config(dict(config))
+    raise ConfigError(f"config must be a Config, a dict or a file path, got {type(config).__name__}")
+
+
+def _subset(scores: Scores | None, idx: np.ndarray) -> dict[str, np.ndarray] | None:
+    return None if scores is None else {k: np.asarray(v)[idx] for k, v in scores.items()}
+
+
+class AutoFusionClassifier:
+    """Encoder embedding + per-LLM class scores -> FusionMLP -> calibrated probabilities."""
+
+    def __init__(
+        self, config: Config | Mapping[str, Any] | str | Path | None = None, *, encoder: TextEncoder | None = None
+    ):
+        self.config = _coerce_config(config)
+        self._encoder = encoder
+        self.label_space: LabelSpace | None = None
+        self.layout: FeatureLayout | None = None
+        self.scaler: FeatureScaler | None = None
+        self.head: FusionMLP | None = None
+        self.temperature = 1.0
+        self.thresholds: np.ndarray | None = None
+        self.at_least_one = False
+        self.metrics: dict[str, Any] = {}
+        self.training: dict[str, Any] = {}
+
+    # -- properties -----------------------------------------------------------------------------------------
+    @property
+    def encoder(self) -> TextEncoder:
+        if self._encoder is None:
+            self._encoder = TextEncoder(self.config.encoder)
+        return self._encoder
+
+    @property
+    def classes(self) -> list[str]:
+        return self._require_fitted().classes
+
+    @property
+    def multilabel(self) -> bool:
+        return self.config.labels.mode == "multilabel"
+
+    def _require_fitted(self) -> LabelSpace:
+        if self.label_space is None or self.head is None:
+            raise NotFittedError("this classifier is not fitted yet: call fit() or AutoFusionClassifier.load()")
+        return self.label_space
+
+    # -- input handling ---------------------------------------------------------------------------------------
+    def _texts_labels(self, X: Any, y: Any, require_labels: bool) -> tuple[list[str], Any]:
+        if isinstance(X, pd.DataFrame):
+            texts, labels = texts_and_labels(X, self.config.data, require_labels=require_labels and y is None)
+            return texts, (y if y is not None else labels)
+        texts = check_texts(X.tolist() if hasattr(X, "tolist") else X)
+        if require_labels and y is None:
+            raise DataError("labels are required: pass y, or a DataFrame with the label column(s)")
+        return texts, y
+
+    def _encode_labels(self, y: Any, n: int, space: LabelSpace | None) -> tuple[np.ndarray, LabelSpace]:
+        lab_cfg = self.config.labels
+        if isinstance(y, np.ndarray) and y.ndim == 2:
+            names = space.classes if space else lab_cfg.classes
+            if names is None:
+                raise DataError("a 0/1 label matrix needs class names: set labels.classes or pass a DataFrame")
+            y = pd.DataFrame(y, columns=names)
+        norm = normalize_labels(y, self.multilabel, lab_cfg.label_separator)
+        if len(norm) != n:
+            raise DataError(f"got {n} texts but {len(norm)} labels")
+        if space is None:
+            space = (
+                LabelSpace(lab_cfg.classes, self.multilabel)
+                if lab_cfg.classes
+                else LabelSpace.infer(norm, self.multilabel)
+            )
+        return space.encode(norm), space
+
+    def _embed(self, texts: list[str], embeddings: np.ndarray | None, progress: bool) -> np.ndarray:
+        if embeddings is not None:
+            emb = np.asarray(embeddings, dtype=np.float32)
+            if emb.shape[0] != len(texts):
+                raise DataError(f"got {len(texts)} texts but {emb.shape[0]} precomputed embeddings")
+            return emb
+        return self.encoder.embed(texts, progress=progress)
+
+    def _llm_names(self, llm_scores: Scores | None) -> tuple[str, ...]:
+        configured = [s.name for s in self.config.llms]
+        given = sorted(llm_scores or {})
+        if not configured:
+            return tuple(given)
+        missing = [n for n in configured if n not in (llm_scores or {})]
+        if missing:
+            raise ConfigError(
+                f"no scores for configured LLM(s) {missing}: this version fuses precomputed LLM scores only; "
+                "pass llm_scores={name: array(n_texts, n_classes)} or remove them from config.llms"
+            )
+        return tuple(configured)
+
+    # -- training ---------------------------------------------------------------------------------------------
+    def fit(
+        self,
+        X: Any,
+        y: Any = None,
+        *,
+        validation: Any = None,
+        validation_labels: Any = None,
+        llm_scores: Scores | None = None,
+        validation_llm_scores: Scores | None = None,
+        embeddings: np.ndarray | None = None,
+        validation_embeddings: np.ndarray | None = None,
+        progress: bool = False,
+    ) -> AutoFusionClassifier:
+        """Fit on texts and labels; hold out ``train.val_fraction`` for validation unless ``validation`` is given."""
+        cfg = self.config
+        texts, raw = self._texts_labels(X, y, require_labels=True)
+        if not texts:
+            raise DataError("no training rows")
+        fine_tune = cfg.encoder.fine_tune
+        if fine_tune and embeddings is not None:
+            raise ConfigError("encoder.fine_tune needs texts, not precomputed embeddings")
+        y_all, space = self._encode_labels(raw, len(texts), None)
+        emb = self._embed(texts, embeddings, progress)
+        layout = FeatureLayout(emb.shape[1], space.n_classes, self._llm_names(llm_scores))
+        raw_x = build_features(emb, llm_scores, layout)
+
+        if validation is None:
+            idx = np.arange(len(texts))
+            strat = None if space.multilabel else y_all
+            if strat is not None and np.bincount(strat, minlength=space.n_classes).min() < 2:
+                strat = None
+            try:
+                tr, va = train_test_split(
+                    idx, test_size=cfg.train.val_fraction, random_state=cfg.train.seed, stratify=strat
+                )
+            except ValueError as err:
+                raise DataError(f"cannot hold out a validation split from {len(texts)} rows: {err}") from None
+            tr, va = np.sort(tr), np.sort(va)
+            x_tr, x_va, y_tr, y_va = raw_x[tr], raw_x[va], y_all[tr], y_all[va]
+            t_tr, t_va = [texts[i] for i in tr], [texts[i] for i in va]
+            va_scores = _subset(llm_scores, va)
+        else:
+            v_texts, v_raw = self._texts_labels(validation, validation_labels, require_labels=True)
+            y_va, _ = self._encode_labels(v_raw, len(v_texts), space)
+            v_emb = self._embed(v_texts, validation_embeddings, progress)
+            x_tr, y_tr, t_tr, t_va = raw_x, y_all, texts, v_texts
+            va_scores = validation_llm_scores
+            x_va = build_features(v_emb, va_scores, layout)
+
+        scaler = FeatureScaler.fit(x_tr, layout)
+        fit = fit_head(
+            scaler.transform(x_tr),
+            y_tr,
+            scaler.transform(x_va),
+            y_va,
+            layout,
+            cfg.fusion,
+            cfg.train,
+            space.multilabel,
+            encoder=self.encoder if fine_tune else None,
+            texts_train=t_tr if fine_tune else None,
+            texts_val=t_va if fine_tune else None,
+            scaler=scaler,
+            progress=progress,
+        )
+        self.label_space, self.layout, self.scaler, self.head = space, layout, scaler, fit.head
+        self.temperature, self.thresholds, self.at_least_one = fit.temperature, fit.thresholds, fit.at_least_one
+        self.training = {
+            "n_train": len(y_tr),
+            "n_val": len(y_va),
+            "best_epoch": fit.best_epoch,
+            "epochs_run": len(fit.history),
+            "fine_tuned_encoder": fine_tune,
+        }
+        # a fine-tuned encoder changed under training: re-embed validation texts with the final weights
+        z_va = self._features(t_va, va_scores, None) if fine_tune else scaler.transform(x_va)
+        self.metrics = {"validation": self._metrics(self._logits(z_va), y_va)}
+        return self
+
+    # -- inference --------------------------------------------------------------------------------------------
+    def _features(
+        self, texts: list[str], llm_scores: Scores | None, embeddings: np.ndarray | None, progress: bool = False
+    ) -> np.ndarray:
+        assert self.layout is not None and self.scaler is not None
+        emb = self._embed(texts, embeddings, progress)
+        return self.scaler.transform(build_features(emb, llm_scores, self.layout))
+
+    def _logits(self, z: np.ndarray) -> np.ndarray:
+        assert self.head is not None
+        self.head.eval()
+        with torch.no_grad():
+            return self.head(torch.from_numpy(z)).numpy()
+
+    def _metrics(self, logits: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+        space = self._require_fitted()
+        proba = to_proba(logits, self.temperature, space.multilabel)
+        out = evaluate(y, decide(proba, space.multilabel, self.thresholds, self.at_least_one), proba, space)
+        raw = to_proba(logits, 1.0, space.multilabel)
+        unc = evaluate(y, decide(raw, space.multilabel, None, self.at_least_one), raw, space)
+        out["uncalibrated"] = {k: unc[k] for k in SUMMARY_KEYS if k in unc}
+        out["temperature"] = self.temperature
+        return out
+
+    def predict_proba(
+        self,
+        X: Any,
+        *,
+        llm_scores: Scores | None = None,
+        embeddings: np.ndarray | None = None,
+        calibrated: bool = True,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """Class probabilities ``(n, n_classes)`` in the order of :attr:`classes`."""
+        space = self._require_fitted()
+        texts, _ = self._texts_labels(X, None, require_labels=False)
+        logits = self._logits(self._features(texts, llm_scores, embeddings, progress))
+        return to_proba(logits, self.temperature if calibrated else 1.0, space.multilabel)
+
+    def predict(self, X: Any, **kwargs: Any) -> list[str] | list[list[str]]:
+        """A label per text (multiclass) or a list of labels per text (multilabel)."""
+        return self.decide(self.predict_proba(X, **kwargs))
+
+    def decide(self, proba: np.ndarray) -> list[str] | list[list[str]]:
+        """Labels from calibrated probabilities: argmax, or per-class thresholds (+ at-least-one fallback)."""
+        space = self._require_fitted()
+        return space.decode(decide(proba, space.multilabel, self.thresholds, self.at_least_one))
+
+    def embed(self, X: Any, *, progress: bool = False) -> np.ndarray:
+        """Encoder embeddings of ``X`` (reuse them via ``embeddings=`` to avoid encoding twice)."""
+        texts, _ = self._texts_labels(X, None, require_labels=False)
+        return self.encoder.embed(texts, progress=progress)
+
+    def evaluate(
+        self,
+        X: Any,
+        y: Any = None,
+        *,
+        llm_scores: Scores | None = None,
+        embeddings: np.ndarray | None = None,
+        progress: bool = False,
+    ) -> dict[str, Any]:
+        """Metrics (see :mod:`fusion.metrics`) with calibrated probabilities, plus the uncalibrated ECE/NLL."""
+        y_enc = self.targets(X, y)
+        texts, _ = self._texts_labels(X, y, require_labels=True)
+        logits = self._logits(self._features(texts, llm_scores, embeddings, progress))
+        return self._metrics(logits, y_enc)
+
+    def targets(self, X: Any, y: Any = None) -> np.ndarray:
+        """True labels of ``X`` encoded like the model's outputs (indices, or a 0/1 matrix for multilabel)."""
+        space = self._require_fitted()
+        texts, raw = self._texts_labels(X, y, require_labels=True)
+        return self._encode_labels(raw, len(texts), space)[0]
+
+    # -- persistence ------------------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        space = self._require_fitted()
+        assert self.layout is not None and self.scaler is not None and self.head is not None
+        fine_tuned = self.config.encoder.fine_tune
+        probe = self.encoder.embed([PROBE_TEXT])[0, :16]
+        tensors = {f"head.{k}": v for k, v in self.head.state_dict().items()}
+        tensors["scaler.mean"] = torch.from_numpy(self.scaler.mean)
+        tensors["scaler.std"] = torch.from_numpy(self.scaler.std)
+        manifest = {
+            "label_space": space.to_dict(),
+            "layout": self.layout.to_dict(),
+            "encoder": {**self.encoder.reference(), "embedded": fine_tuned, "probe": probe.tolist()},
+            "head": {"hidden_dims": self.config.fusion.hidden_dims, "dropout": self.config.fusion.dropout},
+            "temperature": self.temperature,
+            "thresholds": None if self.thresholds is None else self.thresholds.tolist(),
+            "at_least_one": self.at_least_one,
+            "config": self.config.model_dump(),
+            "metrics": self.metrics,
+            "training": self.training,
+        }
+        return bundle_io.write_bundle(path, manifest, tensors, self.encoder.save if fine_tuned else None)
+
+    @classmethod
+    def load(
+        cls, path: str | Path, *, device: str | None = None, encoder: TextEncoder | None = None
+    ) -> AutoFusionClassifier:
+        """Load a bundle written by :meth:`save`; ``device`` overrides ``encoder.device``."""
+        contents = bundle_io.read_bundle(path)
+        m = contents.manifest
+        try:
+            config = parse_config(m["config"], source=f"config stored in {path}")
+            if device is not None:
+                config.encoder.device = device
+            clf = cls(config, encoder=encoder)
+            clf.label_space = LabelSpace.from_dict(m["label_space"])
+            clf.layout = FeatureLayout.from_dict(m["layout"])
+            t = contents.tensors
+            clf.scaler = FeatureScaler(t["scaler.mean"].numpy(), t["scaler.std"].numpy())
+            head = FusionMLP(clf.layout.dim, clf.layout.n_classes, m["head"]["hidden_dims"], m["head"]["dropout"])
+            head.load_state_dict({k[5:]: v for k, v in t.items() if k.startswith("head.")})
+            clf.head = head.eval()
+            clf.temperature = float(m["temperature"])
+            clf.thresholds = None if m["thresholds"] is None else np.asarray(m["thresholds"], np.float32)
+            clf.at_least_one = bool(m["at_least_one"])
+            clf.metrics, clf.training = m.get("metrics", {}), m.get("training", {})
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise BundleError(f"{path} has an inconsistent manifest or weights ({type(err).__name__}: {err})") from None
+        if encoder is None and contents.encoder_dir is not None:
+            clf._encoder = TextEncoder(config.encoder, model_dir=str(contents.encoder_dir))
+        ref = m["encoder"]
+        if clf.encoder.dim != clf.layout.embed_dim:
+            raise BundleError(
+                f"encoder {ref['model']!r} gives {clf.encoder.dim}-d embeddings; the model needs {clf.layout.embed_dim}"
+            )
+        probe = clf.encoder.embed([PROBE_TEXT])[0, :16]
+        if not np.allclose(probe, np.asarray(ref["probe"], np.float32), atol=1e-2):
+            raise BundleError(
+                f"encoder {ref['model']!r} ({clf.encoder.source}) gives different embeddings than the one this model "
+                "was trained with; load it with the same encoder"
+            )
+        return clf

@@ -1,0 +1,245 @@
+"""Every labelfuse setting, as pydantic models, loadable from YAML or JSON.
+
+Unknown keys are rejected (a typo must not silently fall back to a default) and
+every validation error names the field, the value given and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fusion.errors import ConfigError
+
+DEFAULT_ENCODER = "all-MiniLM-L6-v2"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LabelsConfig(_Strict):
+    """The label space."""
+
+    mode: Literal["multiclass", "multilabel"] = Field(
+        "multiclass", description="multiclass: exactly one label per text; multilabel: any subset, empty allowed."
+    )
+    classes: list[str] | None = Field(
+        None, description="Class names in output order. Default: the sorted labels seen in the training data."
+    )
+    label_separator: str | None = Field(
+        None, description="Multilabel only: split a string label cell on this separator, e.g. '|'."
+    )
+
+    @field_validator("classes")
+    @classmethod
+    def _unique_classes(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            if len(v) < 1:
+                raise ValueError("must list at least one class")
+            dup = sorted({c for c in v if v.count(c) > 1})
+            if dup:
+                raise ValueError(f"duplicate class names: {dup}")
+        return v
+
+
+class EncoderConfig(_Strict):
+    """The transformer text encoder."""
+
+    model: str = Field(
+        DEFAULT_ENCODER,
+        description="'all-MiniLM-L6-v2' (bundled, offline), a local Hugging Face model dir, or a hub name you have cached.",
+    )
+    max_length: int = Field(256, ge=8, le=8192, description="Tokens kept per text (longer texts are truncated).")
+    batch_size: int = Field(32, ge=1, le=4096, description="Texts per forward pass.")
+    pooling: Literal["mean", "cls"] = Field("mean", description="How token vectors become one text vector.")
+    normalize: bool = Field(True, description="L2-normalise embeddings.")
+    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'.")
+    num_threads: int | None = Field(
+        None, ge=1, description="torch CPU threads for this process. Default: leave torch's setting alone."
+    )
+    fine_tune: bool = Field(False, description="Train the encoder weights with the fusion head (slow on CPU).")
+    fine_tune_lr: float = Field(2e-5, gt=0, description="Learning rate for encoder weights when fine_tune is on.")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        ok = v in ("auto", "cpu", "cuda", "mps") or (v.startswith("cuda:") and v[5:].isdigit())
+        if not ok:
+            raise ValueError(f"got {v!r}; allowed: 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
+        return v
+
+
+class LLMScorerConfig(_Strict):
+    """One LLM whose per-class scores are fused. Scorers are implemented in fusion.llm."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Unique name; keys this LLM's score block.")
+    provider: Literal["openai", "deepseek", "gemini", "vllm", "ollama", "custom", "local"] = Field(
+        description="Which endpoint preset to use."
+    )
+    model: str = Field(description="Model name at the provider, or a GGUF path for 'local'.")
+    base_url: str | None = Field(None, description="OpenAI-compatible endpoint; default from the provider preset.")
+    api_key_env: str | None = Field(None, description="Environment variable that holds the API key.")
+
+
+class FusionConfig(_Strict):
+    """The fusion MLP over [embedding | LLM score blocks | LLM missing flags]."""
+
+    hidden_dims: list[int] = Field([256], description="Hidden layer widths; [] gives a linear model.")
+    dropout: float = Field(0.2, ge=0.0, lt=1.0, description="Dropout after each hidden layer.")
+    llm_dropout: float = Field(
+        0.3, ge=0.0, le=1.0, description="Training-time chance of hiding each LLM block (teaches the missing-LLM path)."
+    )
+
+    @field_validator("hidden_dims")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(d < 1 for d in v):
+            raise ValueError(f"every width must be >= 1, got {v}")
+        return v
+
+
+class TrainConfig(_Strict):
+    """Optimisation, early stopping and calibration."""
+
+    max_epochs: int = Field(200, ge=1, description="Upper bound on epochs; early stopping usually ends sooner.")
+    batch_size: int = Field(64, ge=1, description="Rows per optimiser step.")
+    learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate for the fusion head.")
+    weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay.")
+    patience: int = Field(15, ge=1, description="Epochs without validation-loss improvement before stopping.")
+    val_fraction: float = Field(
+        0.15, gt=0.0, lt=0.9, description="Share of training rows held out for validation when none is given."
+    )
+    seed: int = Field(42, description="Seed for splits, initialisation, shuffling and dropout.")
+    calibrate: bool = Field(True, description="Fit temperature scaling (and multilabel thresholds) on validation data.")
+
+
+class DataConfig(_Strict):
+    """Where the text and labels are in a table."""
+
+    text_column: str = Field("text", description="Column holding the text.")
+    label_column: str | None = Field(
+        "label", description="Column holding a label string, or a list of labels (multilabel), per row."
+    )
+    label_columns: list[str] | None = Field(
+        None, description="Alternative to label_column: one 0/1 column per class (its name is the class name)."
+    )
+
+    @model_validator(mode="after")
+    def _one_label_source(self) -> DataConfig:
+        if self.label_columns is not None:
+            if len(self.label_columns) == 0:
+                raise ValueError("label_columns must name at least one column")
+            if "label_column" in self.model_fields_set and self.label_column is not None:
+                raise ValueError("set either label_column or label_columns, not both")
+            object.__setattr__(self, "label_column", None)
+        return self
+
+
+class Config(_Strict):
+    """The whole labelfuse configuration."""
+
+    labels: LabelsConfig = Field(default_factory=LabelsConfig)
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    llms: list[LLMScorerConfig] = Field(default_factory=list, description="LLM scorers to fuse; [] = encoder only.")
+    fusion: FusionConfig = Field(default_factory=FusionConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+
+    @field_validator("llms")
+    @classmethod
+    def _unique_llm_names(cls, v: list[LLMScorerConfig]) -> list[LLMScorerConfig]:
+        names = [s.name for s in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"LLM scorer names must be unique; repeated: {dup}")
+        return v
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """Field names allowed at the parent of ``loc`` (for 'did you mean' hints)."""
+    model: type[BaseModel] | None = Config
+    for part in loc[:-1]:
+        if model is None or isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return []
+        ann = field.annotation
+        args = getattr(ann, "__args__", ()) or ()
+        candidates = [ann, *args]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    return list(model.model_fields) if model is not None else []
+
+
+def format_validation_error(err: ValidationError, source: str = "config") -> str:
+    lines = [f"invalid {source}:"]
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            allowed = _fields_at(loc)
+            hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            msg = "unknown field" + (f"; did you mean '{hint[0]}'?" if hint else "")
+            if allowed:
+                msg += f" (allowed: {', '.join(allowed)})"
+        else:
+            msg = e["msg"]
+            if "input" in e and e["type"] != "missing" and not isinstance(e["input"], dict):
+                msg += f" (got {e['input']!r})"
+        lines.append(f"  {where}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any] | None, source: str = "config") -> Config:
+    """Validate a plain dict into a :class:`Config`, raising :class:`ConfigError` on problems."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid {source}: the top level must be a mapping, got {type(data).__name__}")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path) -> Config:
+    """Read a YAML (``.yaml``/``.yml``) or JSON (``.json``) config file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    text = p.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot parse {p}: {err}") from None
+    return parse_config(data, source=f"config {p}")
+
+
+def apply_overrides(config: Config, overrides: list[str]) -> Config:
+    """Apply ``section.field=value`` overrides (values parsed as YAML scalars/lists)."""
+    data = config.model_dump()
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.field=value, e.g. train.seed=7")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a config section")
+            node = node[part]
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: cannot parse value: {err}") from None
+    return parse_config(data, source="config overrides")
+
+
+def config_to_yaml(config: Config) -> str:
+    return yaml.safe_dump(config.model_dump(), sort_keys=False)

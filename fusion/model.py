@@ -1,0 +1,143 @@
+"""The fusion model: feature layout, feature scaler and FusionMLP.
+
+Features for one text are ``[embedding | LLM_1 scores | ... | LLM_m scores | missing_1 .. missing_m]``
+where each score block has one column per class and ``missing_j`` is 1 when LLM j gave
+no scores for that text (skipped by cost gating, failed, over budget). Missing blocks
+are zero after standardisation, i.e. they sit at the training mean, and the flag
+tells the MLP to ignore them. With no LLMs the features are just the embedding and
+the model is the plain encoder+MLP baseline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fusion.errors import DataError
+
+
+@dataclass(frozen=True)
+class FeatureLayout:
+    embed_dim: int
+    n_classes: int
+    llm_names: tuple[str, ...] = ()
+
+    @property
+    def n_llms(self) -> int:
+        return len(self.llm_names)
+
+    @property
+    def dim(self) -> int:
+        return self.embed_dim + self.n_llms * (self.n_classes + 1)
+
+    def block(self, j: int) -> slice:
+        start = self.embed_dim + j * self.n_classes
+        return slice(start, start + self.n_classes)
+
+    def flag(self, j: int) -> int:
+        return self.embed_dim + self.n_llms * self.n_classes + j
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"embed_dim": self.embed_dim, "n_classes": self.n_classes, "llm_names": list(self.llm_names)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> FeatureLayout:
+        return cls(int(d["embed_dim"]), int(d["n_classes"]), tuple(d["llm_names"]))
+
+
+def build_features(
+    embeddings: np.ndarray, llm_scores: Mapping[str, np.ndarray] | None, layout: FeatureLayout
+) -> np.ndarray:
+    """Raw (unscaled) feature matrix; a missing LLM block is NaN and its flag is 1.
+
+    ``llm_scores`` maps LLM name to an ``(n, n_classes)`` array; a row with any NaN,
+    or an LLM absent from the mapping, counts as missing for that text.
+    """
+    emb = np.asarray(embeddings, dtype=np.float32)
+    if emb.ndim != 2 or emb.shape[1] != layout.embed_dim:
+        raise DataError(f"embeddings have shape {emb.shape}; this model expects (rows, {layout.embed_dim})")
+    n = emb.shape[0]
+    scores = dict(llm_scores or {})
+    extra = sorted(set(scores) - set(layout.llm_names))
+    if extra:
+        raise DataError(f"scores given for unknown LLM(s) {extra}; this model fuses {list(layout.llm_names)}")
+    x = np.zeros((n, layout.dim), dtype=np.float32)
+    x[:, : layout.embed_dim] = emb
+    for j, name in enumerate(layout.llm_names):
+        if name not in scores:
+            x[:, layout.block(j)] = np.nan
+            x[:, layout.flag(j)] = 1.0
+            continue
+        s = np.asarray(scores[name], dtype=np.float32)
+        if s.shape != (n, layout.n_classes):
+            raise DataError(f"scores for LLM {name!r} have shape {s.shape}; expected ({n}, {layout.n_classes})")
+        if np.isinf(s).any():
+            raise DataError(f"scores for LLM {name!r} contain inf; use NaN to mark a missing row")
+        missing = np.isnan(s).any(axis=1)
+        s = s.copy()
+        s[missing] = np.nan
+        x[:, layout.block(j)] = s
+        x[:, layout.flag(j)] = missing.astype(np.float32)
+    return x
+
+
+class FeatureScaler:
+    """Per-column standardisation fitted on training rows (LLM blocks on rows where present)."""
+
+    def __init__(self, mean: np.ndarray, std: np.ndarray):
+        self.mean = np.asarray(mean, dtype=np.float32)
+        self.std = np.asarray(std, dtype=np.float32)
+
+    @classmethod
+    def fit(cls, raw: np.ndarray, layout: FeatureLayout) -> FeatureScaler:
+        mean = np.zeros(layout.dim, dtype=np.float32)
+        std = np.ones(layout.dim, dtype=np.float32)
+        n_scaled = layout.embed_dim + layout.n_llms * layout.n_classes
+        with np.errstate(invalid="ignore"):
+            for c in range(n_scaled):
+                col = raw[:, c]
+                col = col[~np.isnan(col)]
+                if col.size:
+                    mean[c] = col.mean()
+                    s = col.std()
+                    std[c] = s if s > 1e-6 else 1.0
+        return cls(mean, std)
+
+    def transform(self, raw: np.ndarray) -> np.ndarray:
+        z = (raw - self.mean) / self.std
+        return np.nan_to_num(z, nan=0.0).astype(np.float32, copy=False)
+
+
+class FusionMLP(nn.Module):
+    """Fully connected head: ``hidden_dims`` GELU layers with dropout, then class logits."""
+
+    def __init__(self, in_dim: int, n_classes: int, hidden_dims: list[int], dropout: float):
+        super().__init__()
+        layers: list[nn.Module] = []
+        prev = in_dim
+        for width in hidden_dims:
+            layers += [nn.Linear(prev, width), nn.GELU(), nn.Dropout(dropout)]
+            prev = width
+        layers.append(nn.Linear(prev, n_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def drop_llm_blocks(x: torch.Tensor, layout: FeatureLayout, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Hide each present LLM block with probability ``p`` (training only): zero it, set its flag."""
+    if p <= 0 or layout.n_llms == 0:
+        return x
+    x = x.clone()
+    for j in range(layout.n_llms):
+        hide = torch.rand(x.shape[0], generator=generator) < p
+        if hide.any():
+            x[hide, layout.block(j)] = 0.0
+            x[hide, layout.flag(j)] = 1.0
+    return x

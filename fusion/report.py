@@ -1,0 +1,123 @@
+"""Evaluation reports: ``report.json``, ``report.md`` and PNG plots in one directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fusion.labels import LabelSpace
+from fusion.metrics import SUMMARY_KEYS, reliability
+
+
+def summary_rows(metrics: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(metric, uncalibrated, calibrated) for the metrics present."""
+    unc = metrics.get("uncalibrated", {})
+    return [(k, unc.get(k), metrics[k]) for k in SUMMARY_KEYS if k in metrics]
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+def format_summary(metrics: dict[str, Any]) -> str:
+    lines = [f"{'metric':<16}{'uncalibrated':>14}{'calibrated':>12}"]
+    lines += [f"{k:<16}{_fmt(u):>14}{_fmt(c):>12}" for k, u, c in summary_rows(metrics)]
+    lines.append(f"temperature {metrics.get('temperature', 1.0):.3f}, n = {metrics['n']}")
+    return "\n".join(lines)
+
+
+def _plot_confusion(cm: list[list[int]], classes: list[str], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    m = np.asarray(cm)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(classes), 1.0 + 0.8 * len(classes)))
+    ax.imshow(m, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            ax.text(j, i, str(m[i, j]), ha="center", va="center", color="white" if m[i, j] > m.max() / 2 else "black")
+    ax.set_title("Confusion matrix")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_reliability(curves: dict[str, dict[str, list[float]]], eces: dict[str, float], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    for name, r in curves.items():
+        seen = np.asarray(r["count"]) > 0
+        ax.plot(
+            np.asarray(r["confidence"])[seen],
+            np.asarray(r["accuracy"])[seen],
+            "o-",
+            label=f"{name} (ECE {eces[name]:.3f})",
+        )
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper left")
+    ax.set_title("Reliability diagram")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(
+    out_dir: str | Path,
+    metrics: dict[str, Any],
+    space: LabelSpace,
+    y_true: np.ndarray,
+    proba: np.ndarray,
+    proba_uncalibrated: np.ndarray,
+    info: dict[str, Any],
+) -> dict[str, Path]:
+    """Write report.json, report.md, reliability.png and (multiclass) confusion_matrix.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "report.json", "markdown": out / "report.md", "reliability": out / "reliability.png"}
+    curves = {
+        "uncalibrated": reliability(proba_uncalibrated, y_true, space.multilabel),
+        "calibrated": reliability(proba, y_true, space.multilabel),
+    }
+    _plot_reliability(
+        curves, {"uncalibrated": metrics["uncalibrated"]["ece"], "calibrated": metrics["ece"]}, paths["reliability"]
+    )
+    if "confusion_matrix" in metrics:
+        paths["confusion"] = out / "confusion_matrix.png"
+        _plot_confusion(metrics["confusion_matrix"], space.classes, paths["confusion"])
+
+    paths["json"].write_text(json.dumps({"info": info, "metrics": metrics, "reliability": curves}, indent=2))
+
+    md = [f"# labelfuse evaluation: {info.get('data', '')}", ""]
+    md += [f"- {k}: {v}" for k, v in info.items()]
+    md += ["", "## Summary", "", "| metric | uncalibrated | calibrated |", "|---|---|---|"]
+    md += [f"| {k} | {_fmt(u)} | {_fmt(c)} |" for k, u, c in summary_rows(metrics)]
+    md += [
+        "",
+        f"Temperature: {metrics.get('temperature', 1.0):.3f}. "
+        "ECE: 15 equal-width bins; definitions in `fusion/metrics.py`.",
+        "",
+    ]
+    md += ["## Per class", "", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+    md += [
+        f"| {c} | {m['precision']:.4f} | {m['recall']:.4f} | {m['f1']:.4f} | {m['support']} |"
+        for c, m in metrics["per_class"].items()
+    ]
+    if "confusion" in paths:
+        md += ["", "## Confusion matrix", "", "![confusion matrix](confusion_matrix.png)"]
+    md += ["", "## Calibration", "", "![reliability diagram](reliability.png)", ""]
+    paths["markdown"].write_text("\n".join(md))
+    return paths

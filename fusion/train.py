@@ -1,0 +1,170 @@
+"""Fitting the fusion head: AdamW, LLM dropout, early stopping, calibration.
+
+The loop minimises cross-entropy (multiclass) or BCE (multilabel), evaluates the
+validation loss after every epoch, stops after ``patience`` epochs without
+improvement and restores the best weights. Temperature and multilabel thresholds
+are then fitted on the validation logits of those best weights.
+
+With ``encoder.fine_tune`` the encoder's weights train too: the embedding columns
+are recomputed from the texts for every batch (standardised with the scaler fitted
+on the frozen embeddings), everything else is the same.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from fusion.calibration import fit_temperature, fit_thresholds, to_proba
+from fusion.config import FusionConfig, TrainConfig
+from fusion.encoder import TextEncoder
+from fusion.model import FeatureLayout, FeatureScaler, FusionMLP, drop_llm_blocks
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HeadFit:
+    head: FusionMLP
+    temperature: float
+    thresholds: np.ndarray | None
+    at_least_one: bool
+    best_epoch: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class _Features:
+    """Scaled feature rows for the training loop; recomputes embeddings when fine-tuning."""
+
+    def __init__(
+        self,
+        z: np.ndarray,
+        encoder: TextEncoder | None = None,
+        texts: list[str] | None = None,
+        scaler: FeatureScaler | None = None,
+        embed_dim: int = 0,
+    ):
+        self.z = torch.from_numpy(np.ascontiguousarray(z))
+        self.encoder, self.texts, self.embed_dim = encoder, texts, embed_dim
+        if encoder is not None:
+            assert texts is not None and scaler is not None
+            self.mean = torch.from_numpy(scaler.mean[:embed_dim]).to(encoder.device)
+            self.std = torch.from_numpy(scaler.std[:embed_dim]).to(encoder.device)
+
+    def rows(self, idx: np.ndarray) -> torch.Tensor:
+        if self.encoder is None:
+            return self.z[idx]
+        emb = (self.encoder.forward([self.texts[i] for i in idx]) - self.mean) / self.std
+        return torch.cat([emb.cpu(), self.z[idx, self.embed_dim :]], dim=1)
+
+    def all_rows(self, batch_size: int) -> torch.Tensor:
+        if self.encoder is None:
+            return self.z
+        idx = np.arange(len(self.z))
+        return torch.cat([self.rows(idx[s : s + batch_size]) for s in range(0, len(idx), batch_size)])
+
+
+def fit_head(
+    z_train: np.ndarray,
+    y_train: np.ndarray,
+    z_val: np.ndarray,
+    y_val: np.ndarray,
+    layout: FeatureLayout,
+    fusion_cfg: FusionConfig,
+    train_cfg: TrainConfig,
+    multilabel: bool,
+    *,
+    encoder: TextEncoder | None = None,
+    texts_train: list[str] | None = None,
+    texts_val: list[str] | None = None,
+    scaler: FeatureScaler | None = None,
+    progress: bool = False,
+) -> HeadFit:
+    """Train the fusion head on scaled features; see the module docstring."""
+    seed_everything(train_cfg.seed)
+    fine_tune = encoder is not None
+    head = FusionMLP(layout.dim, layout.n_classes, fusion_cfg.hidden_dims, fusion_cfg.dropout)
+    train_x = _Features(z_train, encoder, texts_train, scaler, layout.embed_dim)
+    val_x = _Features(z_val, encoder, texts_val, scaler, layout.embed_dim)
+    yt = torch.from_numpy(y_train)
+    yv = torch.from_numpy(y_val)
+    loss_fn: nn.Module = nn.BCEWithLogitsLoss() if multilabel else nn.CrossEntropyLoss()
+
+    groups: list[dict] = [{"params": head.parameters(), "lr": train_cfg.learning_rate}]
+    if fine_tune:
+        groups.append({"params": encoder.model.parameters(), "lr": encoder.config.fine_tune_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=train_cfg.weight_decay)
+    gen = torch.Generator().manual_seed(train_cfg.seed)
+    modules: list[nn.Module] = [head] + ([encoder.model] if fine_tune else [])
+
+    def snapshot() -> list[dict]:
+        return [copy.deepcopy(m.state_dict()) for m in modules]
+
+    def val_logits() -> torch.Tensor:
+        for m in modules:
+            m.eval()
+        with torch.no_grad():
+            return head(val_x.all_rows(train_cfg.batch_size))
+
+    best_loss, best_epoch, best_state = float("inf"), 0, snapshot()
+    history: list[dict[str, float]] = []
+    n = len(yt)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=train_cfg.max_epochs, desc="training", unit="epoch")
+    try:
+        for epoch in range(1, train_cfg.max_epochs + 1):
+            for m in modules:
+                m.train()
+            perm = torch.randperm(n, generator=gen).numpy()
+            total = 0.0
+            for s in range(0, n, train_cfg.batch_size):
+                idx = perm[s : s + train_cfg.batch_size]
+                xb = drop_llm_blocks(train_x.rows(idx), layout, fusion_cfg.llm_dropout, gen)
+                loss = loss_fn(head(xb), yt[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(idx)
+            vl = float(loss_fn(val_logits(), yv)) if len(yv) else total / n
+            history.append({"epoch": epoch, "train_loss": total / n, "val_loss": vl})
+            if vl < best_loss - 1e-4:
+                best_loss, best_epoch, best_state = vl, epoch, snapshot()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(val_loss=f"{vl:.4f}", best_epoch=best_epoch)
+            if epoch - best_epoch >= train_cfg.patience:
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+    for m, state in zip(modules, best_state, strict=True):
+        m.load_state_dict(state)
+    log.info("early stopping: best epoch %d of %d (val loss %.4f)", best_epoch, len(history), best_loss)
+
+    logits = val_logits().numpy()
+    temperature = fit_temperature(logits, y_val, multilabel) if train_cfg.calibrate and len(y_val) else 1.0
+    thresholds = None
+    if multilabel:
+        proba = to_proba(logits, temperature, True)
+        thresholds = (
+            fit_thresholds(proba, y_val)
+            if train_cfg.calibrate and len(y_val)
+            else np.full(layout.n_classes, 0.5, np.float32)
+        )
+    at_least_one = bool(multilabel and (y_train.sum(axis=1) > 0).all())
+    for m in modules:
+        m.eval()
+    return HeadFit(head, temperature, thresholds, at_least_one, best_epoch, history)

@@ -1,0 +1,54 @@
+"""Shared fixtures: the real bundled encoder and the real bbc-news corpus, embedded once per session."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np
+import pytest
+
+from fusion.config import EncoderConfig
+from fusion.datasets import builtin_split, load_builtin, split
+from fusion.encoder import TextEncoder
+
+# Shorter than the product default (256) to keep the suite fast; accuracy on bbc-news is ~98% either way.
+TEST_MAX_LENGTH = 128
+
+
+@pytest.fixture(scope="session")
+def encoder() -> TextEncoder:
+    return TextEncoder(EncoderConfig(max_length=TEST_MAX_LENGTH))
+
+
+@pytest.fixture(scope="session")
+def bbc() -> dict:
+    return split(load_builtin("bbc-news"))
+
+
+@pytest.fixture(scope="session")
+def bbc_emb(encoder, bbc) -> dict:
+    return {k: encoder.embed(df["text"].tolist()) for k, df in bbc.items()}
+
+
+@pytest.fixture(scope="session")
+def bbc_model(encoder, bbc, bbc_emb):
+    from fusion.classifier import AutoFusionClassifier
+
+    clf = AutoFusionClassifier({"encoder": {"max_length": TEST_MAX_LENGTH}}, encoder=encoder)
+    return clf.fit(bbc["train"], validation=bbc["val"], embeddings=bbc_emb["train"], validation_embeddings=bbc_emb["val"])
+
+
+@pytest.fixture(scope="session")
+def multilabel_data(encoder) -> dict:
+    """A subset of the derived bbc-news-multilabel set, with embeddings."""
+    sizes = {"train": 600, "val": 200, "test": 300}
+    out = {}
+    for name, n in sizes.items():
+        df = builtin_split("bbc-news-multilabel", name).iloc[:n].reset_index(drop=True)
+        out[name] = (df, encoder.embed(df["text"].tolist()))
+    return out
+
+
+def class_ids(df, classes) -> np.ndarray:
+    return np.array([classes.index(c) for c in df["label"]])

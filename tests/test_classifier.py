@@ -1,0 +1,170 @@
+"""AutoFusionClassifier on real data with the real encoder.
+
+Where a test needs an LLM score block, the block is *simulated* from the true labels with a known error rate:
+live LLM scorers are a later issue, and a controlled block is what makes the fusion and missing-LLM paths
+measurable here. The simulation stands in for scores only; encoder, training and data are real.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from fusion.classifier import AutoFusionClassifier
+from fusion.errors import ConfigError, DataError, NotFittedError
+from fusion.model import FeatureLayout, drop_llm_blocks
+from tests.conftest import TEST_MAX_LENGTH, class_ids
+
+
+def simulated_llm(y: np.ndarray, n_classes: int, accuracy: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    guess = np.where(rng.random(len(y)) < accuracy, y, rng.integers(0, n_classes, len(y)))
+    p = np.full((len(y), n_classes), 0.02, np.float32)
+    p[np.arange(len(y)), guess] = 1 - 0.02 * (n_classes - 1)
+    return p
+
+
+def test_bbc_news_accuracy_and_api(bbc_model, bbc, bbc_emb):
+    m = bbc_model.evaluate(bbc["test"], embeddings=bbc_emb["test"])
+    assert m["accuracy"] > 0.95 and m["macro_f1"] > 0.95, m
+    assert bbc_model.classes == ["business", "entertainment", "politics", "sports", "tech"]
+    proba = bbc_model.predict_proba(bbc["test"], embeddings=bbc_emb["test"])
+    assert proba.shape == (len(bbc["test"]), 5)
+    np.testing.assert_allclose(proba.sum(1), 1.0, atol=1e-5)
+    assert 0 < bbc_model.training["best_epoch"] <= bbc_model.training["epochs_run"]
+
+
+def test_predict_from_raw_texts(bbc_model):
+    texts = [
+        "Shares in the oil giant fell after quarterly profits missed forecasts and the dollar weakened.",
+        "The striker scored twice as the home side won the cup final in extra time.",
+    ]
+    assert bbc_model.predict(texts) == ["business", "sports"]
+
+
+def test_training_is_deterministic(encoder, bbc, bbc_emb):
+    def fit():
+        clf = AutoFusionClassifier({"encoder": {"max_length": TEST_MAX_LENGTH}}, encoder=encoder)
+        clf.fit(bbc["train"], validation=bbc["val"], embeddings=bbc_emb["train"], validation_embeddings=bbc_emb["val"])
+        return clf.predict_proba(bbc["test"], embeddings=bbc_emb["test"])
+
+    np.testing.assert_array_equal(fit(), fit())
+
+
+def test_save_load_gives_identical_probabilities(bbc_model, bbc, bbc_emb, tmp_path, encoder):
+    path = bbc_model.save(tmp_path / "model")
+    loaded = AutoFusionClassifier.load(path, encoder=encoder)
+    texts = bbc["test"]["text"].tolist()[:40]
+    np.testing.assert_array_equal(bbc_model.predict_proba(texts), loaded.predict_proba(texts))
+    assert loaded.classes == bbc_model.classes and loaded.temperature == bbc_model.temperature
+    assert loaded.metrics["validation"]["accuracy"] == bbc_model.metrics["validation"]["accuracy"]
+    # loading without a shared encoder finds the bundled one by its reference
+    fresh = AutoFusionClassifier.load(path)
+    np.testing.assert_allclose(fresh.predict_proba(texts), bbc_model.predict_proba(texts), atol=1e-6)
+
+
+def test_fusion_with_llm_block_and_missing_llm_fallback(encoder, bbc, bbc_emb):
+    classes = sorted(bbc["train"]["label"].unique())
+    y = {k: class_ids(bbc[k], classes) for k in bbc}
+    scores = {k: simulated_llm(y[k], 5, 0.9, seed=i) for i, k in enumerate(bbc)}
+    # a small training set keeps the encoder-only baseline well below 100% so fusion has room to help
+    idx = np.random.default_rng(0).choice(len(bbc["train"]), 60, replace=False)
+    train = bbc["train"].iloc[idx]
+    common = dict(validation=bbc["val"], embeddings=bbc_emb["train"][idx], validation_embeddings=bbc_emb["val"])
+
+    base = AutoFusionClassifier(encoder=encoder).fit(train, **common)
+    fused = AutoFusionClassifier(encoder=encoder).fit(
+        train, llm_scores={"sim": scores["train"][idx]}, validation_llm_scores={"sim": scores["val"]}, **common
+    )
+    assert fused.layout.llm_names == ("sim",) and fused.layout.dim == 384 + 5 + 1
+    acc_base = base.evaluate(bbc["test"], embeddings=bbc_emb["test"])["accuracy"]
+    acc_llm = float((scores["test"].argmax(1) == y["test"]).mean())
+    acc_fused = fused.evaluate(bbc["test"], embeddings=bbc_emb["test"], llm_scores={"sim": scores["test"]})["accuracy"]
+    assert acc_fused > max(acc_base, acc_llm), (acc_base, acc_llm, acc_fused)
+
+    # the LLM missing for every text (not passed), or for some rows (NaN): still close to the encoder-only model
+    acc_missing = fused.evaluate(bbc["test"], embeddings=bbc_emb["test"])["accuracy"]
+    assert acc_missing > acc_base - 0.03, (acc_base, acc_missing)
+    partial = scores["test"].copy()
+    partial[::2] = np.nan
+    acc_partial = fused.evaluate(bbc["test"], embeddings=bbc_emb["test"], llm_scores={"sim": partial})["accuracy"]
+    assert acc_missing - 0.01 <= acc_partial <= acc_fused + 0.01
+
+
+def test_llm_dropout_hides_blocks_and_sets_flags():
+    layout = FeatureLayout(embed_dim=3, n_classes=2, llm_names=("a", "b"))
+    x = torch.ones(20000, layout.dim)
+    x[:, layout.flag(0)] = 0
+    x[:, layout.flag(1)] = 0
+    out = drop_llm_blocks(x, layout, 0.3, torch.Generator().manual_seed(0))
+    hidden = out[:, layout.flag(0)] == 1
+    assert 0.28 < hidden.float().mean() < 0.32
+    assert (out[hidden, layout.block(0)] == 0).all() and (out[~hidden, layout.block(0)] == 1).all()
+    assert (out[:, :3] == 1).all()  # the embedding is never touched
+    assert torch.equal(drop_llm_blocks(x, layout, 0.0, torch.Generator()), x)
+
+
+def test_configured_llm_without_scores_is_a_clear_error(encoder, bbc, bbc_emb):
+    clf = AutoFusionClassifier({"llms": [{"name": "gpt", "provider": "openai", "model": "gpt-4o-mini"}]}, encoder=encoder)
+    with pytest.raises(ConfigError, match=r"no scores for configured LLM\(s\) \['gpt'\]"):
+        clf.fit(bbc["train"].iloc[::30], embeddings=bbc_emb["train"][::30])
+
+
+def test_input_errors(bbc_model, encoder):
+    with pytest.raises(NotFittedError):
+        AutoFusionClassifier(encoder=encoder).predict(["x"])
+    with pytest.raises(DataError, match="labels are required"):
+        AutoFusionClassifier(encoder=encoder).fit(["a", "b"])
+    with pytest.raises(DataError, match="got 2 texts but 1 labels"):
+        AutoFusionClassifier(encoder=encoder).fit(["a", "b"], ["x"])
+    with pytest.raises(DataError, match="unknown LLM"):
+        bbc_model.predict_proba(["x"], llm_scores={"nope": np.zeros((1, 5))})
+    with pytest.raises(DataError, match=r"unknown label\(s\) \['weather'\]"):
+        bbc_model.evaluate(["rain today"], ["weather"])
+
+
+def test_multilabel_path(encoder, multilabel_data):
+    (tr, etr), (va, eva), (te, ete) = multilabel_data["train"], multilabel_data["val"], multilabel_data["test"]
+    cfg = {"labels": {"mode": "multilabel"}, "encoder": {"max_length": TEST_MAX_LENGTH}}
+    clf = AutoFusionClassifier(cfg, encoder=encoder).fit(tr, validation=va, embeddings=etr, validation_embeddings=eva)
+    assert clf.classes == ["business", "entertainment", "politics", "sports"]
+    assert clf.thresholds is not None and clf.thresholds.shape == (4,)
+    assert not clf.at_least_one  # tech-only rows have no label, so empty predictions must stay possible
+    m = clf.evaluate(te, embeddings=ete)
+    assert m["micro_f1"] > 0.85 and m["subset_accuracy"] > 0.6 and m["hamming_loss"] < 0.1, m
+    preds = clf.predict(te, embeddings=ete)
+    truth = te["label"].tolist()
+    empty_rows = [i for i, t in enumerate(truth) if not t]
+    assert empty_rows and sum(1 for i in empty_rows if preds[i] == []) / len(empty_rows) > 0.5
+    assert any(len(p) == 2 for p in preds)
+
+
+def test_multilabel_at_least_one_fallback(encoder, multilabel_data):
+    (tr, etr), (va, eva), (te, ete) = multilabel_data["train"], multilabel_data["val"], multilabel_data["test"]
+    keep = tr["label"].map(len) > 0
+    keep_v = va["label"].map(len) > 0
+    clf = AutoFusionClassifier({"labels": {"mode": "multilabel"}}, encoder=encoder).fit(
+        tr[keep], validation=va[keep_v], embeddings=etr[keep.to_numpy()], validation_embeddings=eva[keep_v.to_numpy()]
+    )
+    assert clf.at_least_one
+    assert all(len(p) >= 1 for p in clf.predict(te, embeddings=ete))
+
+
+def test_fine_tuning_updates_encoder_and_roundtrips(tmp_path, bbc):
+    df = bbc["train"].groupby("label").head(8)
+    cfg = {
+        "encoder": {"fine_tune": True, "max_length": 32, "batch_size": 16, "fine_tune_lr": 1e-4},
+        "train": {"max_epochs": 2, "batch_size": 16, "patience": 2},
+    }
+    clf = AutoFusionClassifier(cfg)
+    before = {k: v.clone() for k, v in clf.encoder.model.state_dict().items()}
+    clf.fit(df, validation=bbc["val"].groupby("label").head(3))
+    after = clf.encoder.model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    path = clf.save(tmp_path / "ft")
+    assert (path / "encoder" / "config.json").is_file()
+    texts = bbc["test"]["text"].tolist()[:8]
+    loaded = AutoFusionClassifier.load(path)
+    assert loaded.encoder.source == str(path / "encoder")
+    np.testing.assert_allclose(loaded.predict_proba(texts), clf.predict_proba(texts), atol=1e-6)
+    with pytest.raises(ConfigError, match="fine_tune needs texts"):
+        AutoFusionClassifier(cfg, encoder=clf.encoder).fit(df, embeddings=np.zeros((len(df), 384)))

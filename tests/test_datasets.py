@@ -1,0 +1,65 @@
+import pandas as pd
+import pytest
+
+from fusion.config import DataConfig
+from fusion.datasets import load_builtin, read_table, split, texts_and_labels, write_table
+from fusion.errors import DataError
+
+
+def test_bbc_news_builtin():
+    df = load_builtin("bbc-news")
+    assert len(df) == 2225
+    assert df["label"].value_counts().to_dict() == {
+        "sports": 511, "business": 510, "politics": 417, "tech": 401, "entertainment": 386
+    }
+    assert df["text"].str.len().min() > 100 and df["id"].is_unique
+
+
+def test_split_is_stratified_disjoint_and_deterministic(bbc):
+    again = split(load_builtin("bbc-news"))
+    assert {k: len(v) for k, v in bbc.items()} == {"train": 1557, "val": 223, "test": 445}
+    ids = [set(bbc[k]["id"]) for k in ("train", "val", "test")]
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+    assert sum(map(len, ids)) == 2225
+    for k in bbc:
+        assert bbc[k]["id"].tolist() == again[k]["id"].tolist()
+    share = bbc["test"]["label"].value_counts(normalize=True)
+    overall = load_builtin("bbc-news")["label"].value_counts(normalize=True)
+    assert (share - overall).abs().max() < 0.01
+    assert split(load_builtin("bbc-news"), seed=1)["test"]["id"].tolist() != bbc["test"]["id"].tolist()
+
+
+def test_multilabel_builtin():
+    df = load_builtin("bbc-news-multilabel")
+    sizes = df["label"].map(len).value_counts().to_dict()
+    assert set(sizes) == {0, 1, 2} and all(v > 50 for v in sizes.values())
+    assert {c for labels in df["label"] for c in labels} == {"business", "entertainment", "politics", "sports"}
+    assert df["id"].tolist() == load_builtin("bbc-news-multilabel")["id"].tolist()
+
+
+@pytest.mark.parametrize("ext", [".csv", ".jsonl", ".parquet"])
+def test_file_roundtrip_and_custom_columns(tmp_path, ext):
+    df = pd.DataFrame({"body": ["a", "b"], "topic": ["x", "y"]})
+    write_table(df, tmp_path / f"d{ext}")
+    back = read_table(tmp_path / f"d{ext}")
+    texts, labels = texts_and_labels(back, DataConfig(text_column="body", label_column="topic"))
+    assert texts == ["a", "b"] and list(labels) == ["x", "y"]
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        read_table(tmp_path / "none.csv")
+    (tmp_path / "d.xlsx").write_text("x")
+    with pytest.raises(DataError, match="unknown extension"):
+        read_table(tmp_path / "d.xlsx")
+    (tmp_path / "bad.parquet").write_text("not parquet")
+    with pytest.raises(DataError, match="cannot read"):
+        read_table(tmp_path / "bad.parquet")
+    df = pd.DataFrame({"text": ["a"], "y": ["b"]})
+    with pytest.raises(DataError, match=r"column\(s\) \['label'\] not found; the table has \['text', 'y'\]"):
+        texts_and_labels(df, DataConfig())
+    assert texts_and_labels(df, DataConfig(), require_labels=False) == (["a"], None)
+    with pytest.raises(DataError, match="empty cells at rows \\[1\\]"):
+        texts_and_labels(pd.DataFrame({"text": ["a", None], "label": ["x", "y"]}), DataConfig())
+    with pytest.raises(DataError, match="unknown built-in"):
+        load_builtin("imdb")
