@@ -6,6 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 RUN    ?= runs/demo
+LINT    = fusion serve data_jobs tests bench
 export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 export RAY_USAGE_STATS_ENABLED = 0
@@ -30,13 +31,13 @@ demo: install
 
 # pytest exits 5 when it collected no tests: that is a broken run, not a pass.
 test: install
-	$(BIN)/ruff check fusion serve data_jobs tests bench
+	$(BIN)/ruff check $(LINT)
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 lint: install
-	$(BIN)/ruff check fusion serve data_jobs tests bench
-	$(BIN)/ruff format --check fusion serve data_jobs tests bench
+	$(BIN)/ruff check $(LINT)
+	$(BIN)/ruff format --check $(LINT)
 
 bench: install
 	$(BIN)/python bench/encoder_throughput.py

@@ -289,16 +289,18 @@ class AutoFusionClassifier:
         progress: bool = False,
     ) -> dict[str, Any]:
         """Metrics (see :mod:`fusion.metrics`) with calibrated probabilities, plus the uncalibrated ECE/NLL."""
-        y_enc = self.targets(X, y)
-        texts, _ = self._texts_labels(X, y, require_labels=True)
+        texts, y_enc = self._labelled(X, y)
         logits = self._logits(self._features(texts, llm_scores, embeddings, progress))
         return self._metrics(logits, y_enc)
 
     def targets(self, X: Any, y: Any = None) -> np.ndarray:
         """True labels of ``X`` encoded like the model's outputs (indices, or a 0/1 matrix for multilabel)."""
+        return self._labelled(X, y)[1]
+
+    def _labelled(self, X: Any, y: Any) -> tuple[list[str], np.ndarray]:
         space = self._require_fitted()
         texts, raw = self._texts_labels(X, y, require_labels=True)
-        return self._encode_labels(raw, len(texts), space)[0]
+        return texts, self._encode_labels(raw, len(texts), space)[0]
 
     # -- persistence ------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

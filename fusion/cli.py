@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fusion.errors import DataError, LabelfuseError
+from fusion.errors import LabelfuseError
 
 log = logging.getLogger("labelfuse")
 
@@ -184,18 +184,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
     from fusion.classifier import AutoFusionClassifier
-    from fusion.datasets import read_table, write_table
+    from fusion.datasets import output_format, read_table, write_table
 
+    fmt = output_format(args.output)
     clf = AutoFusionClassifier.load(args.model)
     if args.text_column:
         clf.config.data.text_column = args.text_column
     df = read_table(args.input)
-    if Path(args.output).suffix.lower() not in (".csv", ".jsonl", ".ndjson", ".parquet", ".pq"):
-        raise DataError(f"cannot write {args.output}: use a .csv, .jsonl or .parquet output path")
     proba = clf.predict_proba(df, progress=not args.quiet)
     preds = clf.decide(proba)
     out = df.copy()
-    if clf.multilabel and Path(args.output).suffix.lower() == ".csv":
+    if clf.multilabel and fmt == "csv":
         out["prediction"] = ["|".join(p) for p in preds]
     else:
         out["prediction"] = preds

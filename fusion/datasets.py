@@ -52,18 +52,25 @@ def read_table(path: str | Path) -> pd.DataFrame:
         raise DataError(f"cannot read {p} as {p.suffix[1:]}: {err}") from None
 
 
+def output_format(path: str | Path) -> str:
+    """'csv', 'jsonl' or 'parquet' for an output path; check it before doing the work that fills it."""
+    fmt = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
+    suffix = Path(path).suffix.lower()
+    if suffix not in fmt:
+        raise DataError(f"cannot write {path}: use a .csv, .jsonl or .parquet output path")
+    return fmt[suffix]
+
+
 def write_table(df: pd.DataFrame, path: str | Path) -> None:
     p = Path(path)
+    fmt = output_format(p)
     p.parent.mkdir(parents=True, exist_ok=True)
-    suffix = p.suffix.lower()
-    if suffix == ".csv":
+    if fmt == "csv":
         df.to_csv(p, index=False)
-    elif suffix in (".jsonl", ".ndjson"):
+    elif fmt == "jsonl":
         df.to_json(p, orient="records", lines=True, force_ascii=False)
-    elif suffix in (".parquet", ".pq"):
-        df.to_parquet(p, index=False)
     else:
-        raise DataError(f"cannot write {p}: use a .csv, .jsonl or .parquet output path")
+        df.to_parquet(p, index=False)
 
 
 def require_columns(df: pd.DataFrame, columns: list[str], what: str) -> None:

@@ -10,6 +10,7 @@ the model is the plain encoder+MLP baseline.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -98,14 +99,12 @@ class FeatureScaler:
         mean = np.zeros(layout.dim, dtype=np.float32)
         std = np.ones(layout.dim, dtype=np.float32)
         n_scaled = layout.embed_dim + layout.n_llms * layout.n_classes
-        with np.errstate(invalid="ignore"):
-            for c in range(n_scaled):
-                col = raw[:, c]
-                col = col[~np.isnan(col)]
-                if col.size:
-                    mean[c] = col.mean()
-                    s = col.std()
-                    std[c] = s if s > 1e-6 else 1.0
+        with warnings.catch_warnings():  # an LLM that never answered leaves all-NaN columns: keep 0 / 1 there
+            warnings.simplefilter("ignore", RuntimeWarning)
+            m = np.nanmean(raw[:, :n_scaled], axis=0)
+            s = np.nanstd(raw[:, :n_scaled], axis=0)
+        mean[:n_scaled] = np.nan_to_num(m, nan=0.0)
+        std[:n_scaled] = np.where(np.nan_to_num(s, nan=0.0) > 1e-6, s, 1.0)
         return cls(mean, std)
 
     def transform(self, raw: np.ndarray) -> np.ndarray:
