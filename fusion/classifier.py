@@ -8,16 +8,19 @@ clf.save("model/"); clf = AutoFusionClassifier.load("model/")
 ```
 
 Inputs are a DataFrame (columns named by ``config.data``) or a list of texts plus
-labels in any shape :mod:`fusion.labels` accepts. LLM score blocks come as
-``llm_scores={"name": array(n, n_classes)}`` with NaN rows where an LLM gave no
-answer; precomputed embeddings (e.g. from the Ray Data embed job) can be passed as
-``embeddings=`` to skip the encoder.
+labels in any shape :mod:`fusion.labels` accepts. With ``config.llms`` set, every
+configured LLM scores the texts (see :mod:`fusion.llm`); scores computed elsewhere can
+be passed as ``llm_scores={"name": array(n, n_classes)}`` with NaN rows where an LLM
+gave no answer. Precomputed embeddings (e.g. from the Ray Data embed job) can be passed
+as ``embeddings=`` to skip the encoder. :meth:`AutoFusionClassifier.predict_details`
+also says, per text, whether each LLM was used and what its answer cost.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,7 @@ from fusion.config import Config, load_config, parse_config
 from fusion.datasets import texts_and_labels
 from fusion.encoder import TextEncoder, check_texts
 from fusion.errors import BundleError, ConfigError, DataError, NotFittedError
+from fusion.gating import call_rate_table, confidence, threshold_for_rate
 from fusion.labels import LabelSpace, normalize_labels
 from fusion.metrics import SUMMARY_KEYS, evaluate
 from fusion.model import FeatureLayout, FeatureScaler, FusionMLP, build_features
@@ -59,14 +63,39 @@ def _subset(scores: Scores | None, idx: np.ndarray) -> dict[str, np.ndarray] | N
     return None if scores is None else {k: np.asarray(v)[idx] for k, v in scores.items()}
 
 
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+@dataclass
+class Prediction:
+    """What :meth:`AutoFusionClassifier.predict_details` returns."""
+
+    proba: np.ndarray  # (n, n_classes) calibrated probabilities
+    llm_used: np.ndarray  # (n, n_llms) bool: that LLM's scores went into the answer
+    llm_cost_usd: np.ndarray  # (n,) list-price cost of the LLM answers used (cache hits included)
+    gated_out: np.ndarray  # (n,) bool: the encoder was confident enough, no LLM was asked
+    llm_errors: dict[str, list[str | None]] = field(default_factory=dict)
+    usage: dict[str, dict[str, Any]] = field(default_factory=dict)  # per LLM: calls, cache hits, tokens, $, latency
+
+
 class AutoFusionClassifier:
     """Encoder embedding + per-LLM class scores -> FusionMLP -> calibrated probabilities."""
 
     def __init__(
-        self, config: Config | Mapping[str, Any] | str | Path | None = None, *, encoder: TextEncoder | None = None
+        self,
+        config: Config | Mapping[str, Any] | str | Path | None = None,
+        *,
+        encoder: TextEncoder | None = None,
+        ledger: Any = None,
     ):
+        """``ledger`` replaces the in-process LLM budget/rate ledger (e.g. a shared Ray actor)."""
         self.config = _coerce_config(config)
         self._encoder = encoder
+        self._ledger = ledger
+        self._panel: Any = None
+        self._pool: tuple[list[str], list[tuple[str, ...]], np.ndarray] | None = None  # few-shot examples
+        self.gate_threshold: float | None = None
         self.label_space: LabelSpace | None = None
         self.layout: FeatureLayout | None = None
         self.scaler: FeatureScaler | None = None
@@ -76,6 +105,7 @@ class AutoFusionClassifier:
         self.at_least_one = False
         self.metrics: dict[str, Any] = {}
         self.training: dict[str, Any] = {}
+        self.llm_usage: dict[str, dict[str, Any]] = {}
 
     # -- properties -----------------------------------------------------------------------------------------
     @property
@@ -135,16 +165,67 @@ class AutoFusionClassifier:
 
     def _llm_names(self, llm_scores: Scores | None) -> tuple[str, ...]:
         configured = [s.name for s in self.config.llms]
-        given = sorted(llm_scores or {})
         if not configured:
-            return tuple(given)
-        missing = [n for n in configured if n not in (llm_scores or {})]
-        if missing:
-            raise ConfigError(
-                f"no scores for configured LLM(s) {missing}: this version fuses precomputed LLM scores only; "
-                "pass llm_scores={name: array(n_texts, n_classes)} or remove them from config.llms"
-            )
+            return tuple(sorted(llm_scores or {}))
+        unknown = sorted(set(llm_scores or {}) - set(configured))
+        if unknown:
+            raise ConfigError(f"scores given for LLM(s) {unknown} that config.llms does not list ({configured})")
         return tuple(configured)
+
+    # -- LLM scoring ------------------------------------------------------------------------------------------
+    @property
+    def llm_panel(self) -> Any:
+        """The configured LLM scorers (built on first use; needs the label space)."""
+        if self._panel is None:
+            from fusion.llm import LLMPanel
+
+            space = self._require_space()
+            self._panel = LLMPanel(
+                self.config.llms, space.classes, space.multilabel, self.config.llm_limits, ledger=self._ledger
+            )
+        return self._panel
+
+    def _require_space(self) -> LabelSpace:
+        if self.label_space is None:
+            raise NotFittedError("this classifier is not fitted yet: call fit() or AutoFusionClassifier.load()")
+        return self.label_space
+
+    def _neighbours(self, emb: np.ndarray, exclude_self: bool) -> list[list[Any]] | None:
+        """Few-shot examples per text: the nearest pool texts by embedding, nearest last."""
+        k = max((c.few_shot for c in self.config.llms), default=0)
+        if k == 0 or self._pool is None:
+            return None
+        from fusion.llm.prompts import Example
+
+        texts, labels, pool = self._pool
+        sims = _unit(emb) @ _unit(pool).T
+        if exclude_self:  # scoring the pool itself: a text must not be its own example
+            np.fill_diagonal(sims, -np.inf)
+        idx = np.argsort(-sims, axis=1)[:, :k]
+        return [[Example(texts[j], labels[j]) for j in row[::-1]] for row in idx]
+
+    def score_llms(
+        self,
+        texts: list[str],
+        emb: np.ndarray,
+        given: Scores | None = None,
+        *,
+        exclude_self: bool = False,
+        progress: bool = False,
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Scores of every configured LLM not already ``given``: ({name: (n, k) scores}, {name: ScoreBatch})."""
+        out = {k: np.asarray(v, dtype=np.float32) for k, v in (given or {}).items()}
+        todo = [c.name for c in self.config.llms if c.name not in out]
+        if not todo or not texts:
+            return out, {}
+        batches = self.llm_panel.score(texts, self._neighbours(emb, exclude_self), progress=progress, only=todo)
+        for name, b in batches.items():
+            out[name] = b.scores
+        return out, batches
+
+    @staticmethod
+    def _usage(batches: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        return {name: b.stats.to_dict() for name, b in batches.items()}
 
     # -- training ---------------------------------------------------------------------------------------------
     def fit(
@@ -171,6 +252,18 @@ class AutoFusionClassifier:
         y_all, space = self._encode_labels(raw, len(texts), None)
         emb = self._embed(texts, embeddings, progress)
         layout = FeatureLayout(emb.shape[1], space.n_classes, self._llm_names(llm_scores))
+        self.label_space, self._panel, self.llm_usage = space, None, {}
+        if cfg.llms:
+            if max(c.few_shot for c in cfg.llms) > 0:
+                max_words = max(c.max_words for c in cfg.llms)
+                decoded = space.decode(y_all)
+                self._pool = (
+                    [" ".join(t.split()[:max_words]) for t in texts],
+                    [(d,) if isinstance(d, str) else tuple(d) for d in decoded],
+                    emb,
+                )
+            llm_scores, batches = self.score_llms(texts, emb, llm_scores, exclude_self=True, progress=progress)
+            self.llm_usage["train"] = self._usage(batches)
         raw_x = build_features(emb, llm_scores, layout)
 
         if validation is None:
@@ -193,7 +286,9 @@ class AutoFusionClassifier:
             y_va, _ = self._encode_labels(v_raw, len(v_texts), space)
             v_emb = self._embed(v_texts, validation_embeddings, progress)
             x_tr, y_tr, t_tr, t_va = raw_x, y_all, texts, v_texts
-            va_scores = validation_llm_scores
+            va_scores, batches = self.score_llms(v_texts, v_emb, validation_llm_scores, progress=progress)
+            if batches:
+                self.llm_usage["validation"] = self._usage(batches)
             x_va = build_features(v_emb, va_scores, layout)
 
         scaler = FeatureScaler.fit(x_tr, layout)
@@ -224,6 +319,15 @@ class AutoFusionClassifier:
         # a fine-tuned encoder changed under training: re-embed validation texts with the final weights
         z_va = self._features(t_va, va_scores, None) if fine_tune else scaler.transform(x_va)
         self.metrics = {"validation": self._metrics(self._logits(z_va), y_va)}
+        self.gate_threshold = None
+        if layout.n_llms:
+            enc_va = self._proba(self._encoder_only(z_va))
+            self.metrics["gating"] = call_rate_table(
+                enc_va, self._proba(z_va), y_va, space, self.thresholds, self.at_least_one
+            )
+            if cfg.gating.enabled:
+                conf = confidence(enc_va, space.multilabel)
+                self.gate_threshold = threshold_for_rate(conf, cfg.gating.target_call_rate)
         return self
 
     # -- inference --------------------------------------------------------------------------------------------
@@ -250,6 +354,71 @@ class AutoFusionClassifier:
         out["temperature"] = self.temperature
         return out
 
+    def _encoder_only(self, z: np.ndarray) -> np.ndarray:
+        """Scaled features with every LLM block marked missing."""
+        assert self.layout is not None
+        z = z.copy()
+        for j in range(self.layout.n_llms):
+            z[:, self.layout.block(j)] = 0.0
+            z[:, self.layout.flag(j)] = 1.0
+        return z
+
+    def _proba(self, z: np.ndarray, calibrated: bool = True) -> np.ndarray:
+        space = self._require_fitted()
+        return to_proba(self._logits(z), self.temperature if calibrated else 1.0, space.multilabel)
+
+    def predict_details(
+        self,
+        X: Any,
+        *,
+        llm_scores: Scores | None = None,
+        embeddings: np.ndarray | None = None,
+        gate: bool | None = None,
+        calibrated: bool = True,
+        progress: bool = False,
+    ) -> Prediction:
+        """Probabilities plus, per text, which LLMs were used and what they cost.
+
+        With gating on (``gate``, default ``config.gating.enabled``), LLMs are asked only
+        about texts whose encoder-only confidence is below the learned threshold. LLM
+        scores missing from ``llm_scores`` are fetched from the configured LLMs.
+        """
+        space = self._require_fitted()
+        assert self.layout is not None and self.scaler is not None
+        texts, _ = self._texts_labels(X, None, require_labels=False)
+        emb = self._embed(texts, embeddings, progress)
+        n, m = len(texts), self.layout.n_llms
+        gate = self.config.gating.enabled if gate is None else gate
+        ask = np.ones(n, dtype=bool)
+        if m and gate:
+            if self.gate_threshold is None:
+                raise ConfigError("this model has no gating threshold: train it with gating.enabled=true")
+            enc = self._proba(self.scaler.transform(build_features(emb, None, self.layout)), calibrated)
+            ask = confidence(enc, space.multilabel) < self.gate_threshold
+        cost = np.zeros(n)
+        errors: dict[str, list[str | None]] = {}
+        usage: dict[str, dict[str, Any]] = {}
+        scores = {k: np.asarray(v, dtype=np.float32) for k, v in (llm_scores or {}).items()}
+        if m:
+            idx = np.flatnonzero(ask)
+            sub, batches = self.score_llms([texts[i] for i in idx], emb[idx], _subset(scores, idx), progress=progress)
+            for name in self.layout.llm_names:
+                full = np.full((n, space.n_classes), np.nan, dtype=np.float32)
+                if name in sub:
+                    full[idx] = sub[name]
+                scores[name] = full
+            for name, b in batches.items():
+                cost[idx] += np.where(b.used, b.cost_usd, 0.0)
+                errors[name] = [None] * n
+                for i, e in zip(idx, b.errors, strict=True):
+                    errors[name][i] = e
+            usage = self._usage(batches)
+        x = build_features(emb, scores, self.layout)
+        used = np.stack([x[:, self.layout.flag(j)] == 0 for j in range(m)], axis=1) if m else np.zeros((n, 0), bool)
+        # a text the gate kept from the LLMs has missing blocks: the encoder-only path answers
+        proba = self._proba(self.scaler.transform(x), calibrated)
+        return Prediction(proba, used, cost, ~ask, errors, usage)
+
     def predict_proba(
         self,
         X: Any,
@@ -260,10 +429,9 @@ class AutoFusionClassifier:
         progress: bool = False,
     ) -> np.ndarray:
         """Class probabilities ``(n, n_classes)`` in the order of :attr:`classes`."""
-        space = self._require_fitted()
-        texts, _ = self._texts_labels(X, None, require_labels=False)
-        logits = self._logits(self._features(texts, llm_scores, embeddings, progress))
-        return to_proba(logits, self.temperature if calibrated else 1.0, space.multilabel)
+        return self.predict_details(
+            X, llm_scores=llm_scores, embeddings=embeddings, calibrated=calibrated, progress=progress
+        ).proba
 
     def predict(self, X: Any, **kwargs: Any) -> list[str] | list[list[str]]:
         """A label per text (multiclass) or a list of labels per text (multilabel)."""
@@ -290,8 +458,12 @@ class AutoFusionClassifier:
     ) -> dict[str, Any]:
         """Metrics (see :mod:`fusion.metrics`) with calibrated probabilities, plus the uncalibrated ECE/NLL."""
         texts, y_enc = self._labelled(X, y)
-        logits = self._logits(self._features(texts, llm_scores, embeddings, progress))
-        return self._metrics(logits, y_enc)
+        emb = self._embed(texts, embeddings, progress)
+        scores, batches = self.score_llms(texts, emb, llm_scores, progress=progress)
+        out = self._metrics(self._logits(self._features(texts, scores, emb)), y_enc)
+        if batches:
+            out["llm_usage"] = self._usage(batches)
+        return out
 
     def targets(self, X: Any, y: Any = None) -> np.ndarray:
         """True labels of ``X`` encoded like the model's outputs (indices, or a 0/1 matrix for multilabel)."""
@@ -311,6 +483,8 @@ class AutoFusionClassifier:
         tensors = {f"head.{k}": v for k, v in self.head.state_dict().items()}
         tensors["scaler.mean"] = torch.from_numpy(self.scaler.mean)
         tensors["scaler.std"] = torch.from_numpy(self.scaler.std)
+        if self._pool is not None:
+            tensors["fewshot.embeddings"] = torch.from_numpy(np.ascontiguousarray(self._pool[2], dtype=np.float32))
         manifest = {
             "label_space": space.to_dict(),
             "layout": self.layout.to_dict(),
@@ -319,6 +493,8 @@ class AutoFusionClassifier:
             "temperature": self.temperature,
             "thresholds": None if self.thresholds is None else self.thresholds.tolist(),
             "at_least_one": self.at_least_one,
+            "gate_threshold": self.gate_threshold,
+            "fewshot": None if self._pool is None else {"texts": self._pool[0], "labels": self._pool[1]},
             "config": self.config.model_dump(),
             "metrics": self.metrics,
             "training": self.training,
@@ -347,6 +523,10 @@ class AutoFusionClassifier:
             clf.temperature = float(m["temperature"])
             clf.thresholds = None if m["thresholds"] is None else np.asarray(m["thresholds"], np.float32)
             clf.at_least_one = bool(m["at_least_one"])
+            clf.gate_threshold = m.get("gate_threshold")
+            if m.get("fewshot"):
+                fs = m["fewshot"]
+                clf._pool = (fs["texts"], [tuple(x) for x in fs["labels"]], t["fewshot.embeddings"].numpy())
             clf.metrics, clf.training = m.get("metrics", {}), m.get("training", {})
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             raise BundleError(f"{path} has an inconsistent manifest or weights ({type(err).__name__}: {err})") from None

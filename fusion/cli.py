@@ -1,4 +1,4 @@
-"""The ``labelfuse`` command: train, predict, eval, config."""
+"""The ``labelfuse`` command: train, predict, eval, config, llm-server, llm-models."""
 
 from __future__ import annotations
 
@@ -26,6 +26,50 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="SECTION.FIELD=VALUE",
         help="override one config value, e.g. --set train.seed=7 --set encoder.max_length=128 (repeatable)",
+    )
+
+
+LLM_SPEC_HELP = (
+    "an LLM to fuse, as [NAME=]PROVIDER:MODEL[@BASE_URL], e.g. local:qwen2.5-coder-0.5b, "
+    "openai:gpt-4o-mini, fast=local:smollm2-135m, vllm:my-model@http://gpu1:8000/v1 (repeatable; "
+    "replaces config llms)"
+)
+
+
+def parse_llm_spec(spec: str) -> dict[str, Any]:
+    """``[NAME=]PROVIDER:MODEL[@BASE_URL]`` to an ``llms`` config entry."""
+    import re
+
+    m = re.fullmatch(r"(?:(?P<name>[A-Za-z0-9_.-]+)=)?(?P<provider>[a-z]+):(?P<model>[^@]+?)(?:@(?P<url>\S+))?", spec)
+    if not m:
+        raise _usage_error(f"--llm {spec!r}: expected [NAME=]PROVIDER:MODEL[@BASE_URL], e.g. local:smollm2-135m")
+    model = m["model"]
+    base = Path(model).stem if model.endswith(".gguf") else model
+    name = m["name"] or re.sub(r"[^A-Za-z0-9_.-]+", "-", base).strip("-")
+    entry: dict[str, Any] = {"name": name, "provider": m["provider"], "model": model}
+    if m["url"]:
+        entry["base_url"] = m["url"]
+    return entry
+
+
+def _usage_error(msg: str) -> LabelfuseError:
+    from fusion.errors import ConfigError
+
+    return ConfigError(msg)
+
+
+def _add_llm_args(p: argparse.ArgumentParser, train: bool) -> None:
+    if train:
+        p.add_argument("--llm", action="append", default=[], metavar="SPEC", help=LLM_SPEC_HELP)
+        p.add_argument(
+            "--gate-rate",
+            type=float,
+            metavar="R",
+            help="enable cost gating: call the LLMs for the R share of texts the encoder is least sure about "
+            "(config: gating.enabled, gating.target_call_rate)",
+        )
+    p.add_argument(
+        "--llm-budget", type=float, metavar="USD", help="dollar cap on LLM calls (config: llm_limits.budget_usd)"
     )
 
 
@@ -74,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val", metavar="FILE", help="validation data (default: hold out train.val_fraction of --train)")
     _add_column_args(t)
     t.add_argument("--multilabel", action="store_true", help="multilabel task (config: labels.mode=multilabel)")
+    _add_llm_args(t, train=True)
     t.add_argument("--out", required=True, metavar="DIR", help="where to write the model bundle")
 
     pr = sub.add_parser("predict", help="label texts in a file with a trained model", epilog=EPILOG)
@@ -95,12 +140,50 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate a trained model and write a report",
         epilog=EPILOG,
         description="Metrics before and after calibration, written as report.json, report.md, "
-        "reliability.png and (multiclass) confusion_matrix.png.",
+        "reliability.png and (multiclass) confusion_matrix.png. A model with LLMs is also compared with "
+        "its parts: encoder-only, LLM-only, fusion and gated fusion, with LLM calls, cache hits, tokens, "
+        "dollars and latency, plus accuracy at each LLM-call rate.",
     )
     e.add_argument("--model", required=True, metavar="DIR", help="model bundle written by 'labelfuse train'")
     _add_data_args(e, "--data", "labelled data file to evaluate on")
     _add_column_args(e)
+    _add_llm_args(e, train=False)
+    e.add_argument(
+        "--train-fractions",
+        metavar="F,F,..",
+        help="also train every method on these shares of the training data (same splits and seed) and "
+        "report learning curves on the evaluation rows, e.g. 0.05,0.1,0.2,0.5,1.0; training data is the "
+        "--dataset train split, or --train/--val",
+    )
+    e.add_argument("--train", metavar="FILE", help="training data for --train-fractions with --data")
+    e.add_argument("--val", metavar="FILE", help="validation data for --train-fractions with --data (required then)")
     e.add_argument("--report", metavar="DIR", help="report directory (default: <model>/eval-<data>)")
+
+    s = sub.add_parser(
+        "llm-server",
+        help="serve a local GGUF model over an OpenAI-compatible HTTP API",
+        epilog=EPILOG,
+        description="Runs llama.cpp's server in this process: /v1/chat/completions (with logprobs and "
+        "JSON-schema answers), /v1/models, /health. Point a scorer at it with provider 'custom' and "
+        "base_url http://HOST:PORT/v1. Stops on Ctrl-C or SIGTERM.",
+    )
+    s.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="bundled model name (see llm-models) or a GGUF path (default: smollm2-135m)",
+    )
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8080, help="port (default: 8080; 0 picks a free one)")
+    s.add_argument("--parallel", type=int, default=2, help="requests decoded at once (default: 2)")
+    s.add_argument("--threads", type=int, help="CPU threads (default: all this process may use)")
+
+    lm = sub.add_parser("llm-models", help="list the bundled local LLMs; --prepare assembles and verifies them")
+    lm.add_argument(
+        "--prepare",
+        nargs="*",
+        metavar="NAME",
+        help="assemble (if split) and sha256-check these models (none: all installed)",
+    )
 
     c = sub.add_parser("config", help="print the effective configuration as YAML", epilog=EPILOG)
     _add_config_args(c)
@@ -136,6 +219,42 @@ def _with_columns(config: Any, args: argparse.Namespace) -> Any:
     return apply_overrides(config, extra) if extra else config
 
 
+def _with_llm_args(config: Any, args: argparse.Namespace) -> Any:
+    from fusion.config import parse_config
+
+    data = config.model_dump()
+    if getattr(args, "llm", None):
+        data["llms"] = [parse_llm_spec(spec) for spec in args.llm]
+    if getattr(args, "gate_rate", None) is not None:
+        data["gating"] = {"enabled": True, "target_call_rate": args.gate_rate}
+    if getattr(args, "llm_budget", None) is not None:
+        data["llm_limits"]["budget_usd"] = args.llm_budget
+    return parse_config(data, source="config with command-line LLM options")
+
+
+USAGE_COLUMNS = (
+    "llm",
+    "texts",
+    "llm_calls",
+    "cache_hits",
+    "errors",
+    "over_budget",
+    "prompt_tokens",
+    "completion_tokens",
+    "spent_usd",
+    "latency_mean_s",
+)
+
+
+def _usage_rows(usage: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"llm": name, **u} for name, u in usage.items()]
+
+
+def _rate_columns(clf: Any) -> tuple[str, ...]:
+    key = "subset_accuracy" if clf.multilabel else "accuracy"
+    return ("target_rate", "call_rate", "threshold", key, "macro_f1")
+
+
 # -- commands ------------------------------------------------------------------------------------------------
 
 
@@ -143,7 +262,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from fusion.classifier import AutoFusionClassifier
     from fusion.config import apply_overrides
     from fusion.datasets import BUILTIN, builtin_split, read_table
-    from fusion.report import format_summary
+    from fusion.report import format_summary, format_table
 
     cfg = _config(args)
     if args.dataset:
@@ -166,7 +285,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         train_df = read_table(args.train)
         val_df = read_table(args.val) if args.val else None
         source = f"{args.train}" + (f" (validation {args.val})" if args.val else "")
-    print(f"training on {source}; encoder {cfg.encoder.model}, max_length {cfg.encoder.max_length}", file=sys.stderr)
+    cfg = _with_llm_args(cfg, args)
+    llms = ", ".join(f"{c.name} ({c.provider}:{c.model})" for c in cfg.llms) or "none"
+    print(
+        f"training on {source}; encoder {cfg.encoder.model}, max_length {cfg.encoder.max_length}; LLMs: {llms}",
+        file=sys.stderr,
+    )
     start = time.perf_counter()
     clf = AutoFusionClassifier(cfg).fit(train_df, validation=val_df, progress=not args.quiet)
     path = clf.save(args.out)
@@ -176,6 +300,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"best epoch {tr['best_epoch']} of {tr['epochs_run']}"
     )
     print("validation:\n" + format_summary(clf.metrics["validation"]))
+    for part, usage in clf.llm_usage.items():
+        print(f"LLM usage ({part}):\n" + format_table(_usage_rows(usage), USAGE_COLUMNS))
+    if "gating" in clf.metrics:
+        print("validation accuracy by LLM-call rate:\n" + format_table(clf.metrics["gating"], _rate_columns(clf)))
+    if clf.gate_threshold is not None:
+        print(f"cost gating on: LLMs asked when encoder confidence < {clf.gate_threshold:.4f}")
     print(f"saved model bundle to {path}")
     return 0
 
@@ -208,10 +338,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from fusion.classifier import AutoFusionClassifier
+    from fusion.compare import compare_methods
     from fusion.datasets import builtin_split, read_table
-    from fusion.report import format_summary, write_report
+    from fusion.report import format_summary, format_table, write_report
 
+    fractions = _fractions(args.train_fractions) if args.train_fractions else None
+    if fractions and not args.dataset and not (args.train and args.val):
+        raise _usage_error("--train-fractions needs training data: use --dataset, or --train FILE and --val FILE")
     clf = AutoFusionClassifier.load(args.model)
+    clf.config = _with_llm_args(clf.config, args)
     if args.dataset:
         df = builtin_split(args.dataset, args.split)
         data_name = f"{args.dataset}:{args.split}"
@@ -224,7 +359,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         clf.config = _with_columns(clf.config, args)
     y = clf.targets(df)
     emb = clf.embed(df, progress=not args.quiet)
-    metrics = clf.evaluate(df, embeddings=emb)
+    metrics = clf.evaluate(df, embeddings=emb, progress=not args.quiet)
     proba = clf.predict_proba(df, embeddings=emb)
     raw = clf.predict_proba(df, embeddings=emb, calibrated=False)
     report_dir = Path(args.report) if args.report else Path(args.model) / f"eval-{data_name.replace(':', '-')}"
@@ -233,13 +368,86 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "data": data_name,
         "rows": len(df),
         "encoder": clf.config.encoder.model,
+        "llms": ", ".join(f"{c.name} ({c.provider}:{c.model})" for c in clf.config.llms) or "none",
         "mode": clf.config.labels.mode,
         "classes": ", ".join(clf.classes),
     }
-    paths = write_report(report_dir, metrics, clf.label_space, y, proba, raw, info)
+    sections: dict[str, tuple[list[dict[str, Any]], tuple[str, ...]]] = {}
     print(f"evaluation on {data_name} ({len(df)} rows):")
     print(format_summary(metrics))
-    print(f"report: {paths['markdown']} (+ report.json, PNG plots)")
+    if clf.layout is not None and clf.layout.n_llms:
+        cmp = compare_methods(clf, df, y, emb, progress=not args.quiet)
+        key = "subset_accuracy" if clf.multilabel else "accuracy"
+        method_cols = ("method", key, "macro_f1", "ece", "llm_texts", "usd", "call_rate")
+        sections["Methods compared"] = (cmp["methods"], method_cols)
+        sections["LLM usage in this run"] = (_usage_rows(metrics.get("llm_usage", {})), USAGE_COLUMNS)
+        sections["Accuracy by LLM-call rate"] = (cmp["call_rates"], _rate_columns(clf))
+    if fractions:
+        sections["Learning curves"] = _learning_curves(args, clf, df, fractions, report_dir)
+    for title, (rows, cols) in sections.items():
+        print(f"\n{title}:\n" + format_table(rows, cols))
+    paths = write_report(report_dir, metrics, clf.label_space, y, proba, raw, info, sections)
+    print(f"\nreport: {paths['markdown']} (+ report.json, PNG plots)")
+    return 0
+
+
+def _fractions(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise _usage_error(f"--train-fractions {text!r}: expected numbers like 0.05,0.1,1.0") from None
+    if not values or any(not 0 < v <= 1 for v in values):
+        raise _usage_error(f"--train-fractions {text!r}: every share must be in (0, 1]")
+    return sorted(set(values))
+
+
+def _learning_curves(
+    args: argparse.Namespace, clf: Any, test_df: Any, fractions: list[float], report_dir: Path
+) -> tuple[list[dict[str, Any]], tuple[str, ...]]:
+    from fusion.compare import learning_curves, plot_learning_curves
+    from fusion.datasets import builtin_split, read_table
+
+    if args.dataset:
+        train_df, val_df = builtin_split(args.dataset, "train"), builtin_split(args.dataset, "val")
+    else:
+        train_df, val_df = read_table(args.train), read_table(args.val)
+    rows = learning_curves(clf.config, train_df, val_df, test_df, fractions, progress=not args.quiet)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    metric = "subset_accuracy" if clf.multilabel else "accuracy"
+    plot_learning_curves(rows, report_dir / "learning_curves.png", metric)
+    return rows, tuple(rows[0])
+
+
+def cmd_llm_server(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from fusion.llm.local import start_server
+
+    server = start_server(args.model, host=args.host, port=args.port, parallel=args.parallel, threads=args.threads)
+    print(f"serving {server.model_path} at {server.base_url} (OpenAI-compatible; Ctrl-C stops)", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    print("stopped", flush=True)
+    return 0
+
+
+def cmd_llm_models(args: argparse.Namespace) -> int:
+    from fusion.llm.local import BUNDLED, model_status, resolve_model
+
+    if args.prepare is not None:
+        names = args.prepare or [n for n in BUNDLED if model_status(n) != "not installed"]
+        for name in names:
+            if name not in BUNDLED:
+                raise _usage_error(f"unknown bundled model {name!r}; known: {', '.join(BUNDLED)}")
+            print(f"{name}: {resolve_model(name)} (sha256 verified)")
+        return 0
+    for name, m in BUNDLED.items():
+        print(f"{name:<22} {model_status(name):<26} install: {m.install}")
     return 0
 
 
@@ -250,7 +458,14 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "predict": cmd_predict, "eval": cmd_eval, "config": cmd_config}
+COMMANDS = {
+    "train": cmd_train,
+    "predict": cmd_predict,
+    "eval": cmd_eval,
+    "config": cmd_config,
+    "llm-server": cmd_llm_server,
+    "llm-models": cmd_llm_models,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,15 +76,62 @@ class EncoderConfig(_Strict):
 
 
 class LLMScorerConfig(_Strict):
-    """One LLM whose per-class scores are fused. Scorers are implemented in fusion.llm."""
+    """One LLM whose per-class scores are fused (see fusion.llm)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Unique name; keys this LLM's score block.")
     provider: Literal["openai", "deepseek", "gemini", "vllm", "ollama", "custom", "local"] = Field(
-        description="Which endpoint preset to use."
+        description="Endpoint preset; 'local' runs a GGUF model in-process (offline)."
     )
-    model: str = Field(description="Model name at the provider, or a GGUF path for 'local'.")
+    model: str = Field(
+        description="Model name at the provider; for 'local' a bundled model name (see `labelfuse llm-models`) "
+        "or a GGUF file path."
+    )
     base_url: str | None = Field(None, description="OpenAI-compatible endpoint; default from the provider preset.")
-    api_key_env: str | None = Field(None, description="Environment variable that holds the API key.")
+    api_key_env: str | None = Field(
+        None, description="Environment variable holding the API key; default from the preset (e.g. OPENAI_API_KEY)."
+    )
+    mode: Literal["auto", "logprobs", "json"] = Field(
+        "auto",
+        description="auto: first-token logprobs for multiclass, JSON for multilabel (and when an endpoint gives "
+        "no logprobs); json: one probability per class in a validated JSON answer.",
+    )
+    max_words: int = Field(60, ge=8, description="Words of each text sent to the LLM (bounds cost and latency).")
+    few_shot: int = Field(0, ge=0, le=32, description="Nearest training examples (by encoder embedding) in the prompt.")
+    price_input: float | None = Field(
+        None, ge=0, description="$ per 1M prompt tokens; default from the built-in price table (0 for local)."
+    )
+    price_output: float | None = Field(None, ge=0, description="$ per 1M completion tokens; default as price_input.")
+    json_max_tokens: int = Field(0, ge=0, description="Completion-token cap for a JSON answer; 0 = 12 per class + 16.")
+
+
+class LLMLimitsConfig(_Strict):
+    """Spend and rate limits shared by every configured LLM (one ledger)."""
+
+    budget_usd: float | None = Field(
+        None, ge=0, description="Dollar cap for LLM calls per run (reserved before each call); None = no cap."
+    )
+    max_concurrency: int = Field(8, ge=1, description="LLM calls in flight at once.")
+    requests_per_minute: float | None = Field(None, gt=0, description="Request rate cap; None = none.")
+    tokens_per_minute: float | None = Field(None, gt=0, description="Token rate cap (prompt + completion).")
+    max_retries: int = Field(4, ge=0, description="Retries on 429, 5xx, timeouts and connection errors.")
+    retry_base_s: float = Field(0.5, gt=0, description="First backoff delay; doubles per retry, with jitter.")
+    retry_max_s: float = Field(
+        30.0, gt=0, description="Longest single backoff delay (Retry-After is honoured up to this)."
+    )
+    timeout_s: float = Field(60.0, gt=0, description="Per-request timeout.")
+    cache: bool = Field(True, description="Cache LLM scores in SQLite; a re-run of the same texts makes no calls.")
+    cache_path: str | None = Field(
+        None, description="Cache file; default $LABELFUSE_CACHE_DIR or ~/.cache/labelfuse, file llm_cache.sqlite."
+    )
+
+
+class GatingConfig(_Strict):
+    """Cost gating: call the LLMs only for texts the encoder-only path is unsure about."""
+
+    enabled: bool = Field(False, description="Gate LLM calls at prediction time.")
+    target_call_rate: float = Field(
+        0.3, gt=0, le=1, description="Share of validation texts that should get LLM calls; sets the threshold."
+    )
 
 
 class FusionConfig(_Strict):
@@ -147,6 +194,8 @@ class Config(_Strict):
     labels: LabelsConfig = Field(default_factory=LabelsConfig)
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     llms: list[LLMScorerConfig] = Field(default_factory=list, description="LLM scorers to fuse; [] = encoder only.")
+    llm_limits: LLMLimitsConfig = Field(default_factory=LLMLimitsConfig)
+    gating: GatingConfig = Field(default_factory=GatingConfig)
     fusion: FusionConfig = Field(default_factory=FusionConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     data: DataConfig = Field(default_factory=DataConfig)

@@ -29,6 +29,25 @@ def format_summary(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)
+
+
+def format_table(rows: list[dict[str, Any]], columns: tuple[str, ...] | list[str], markdown: bool = False) -> str:
+    """Rows of dicts as an aligned text table (or a Markdown table); absent values print as '-'."""
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    return "\n".join([fmt.format(*columns)] + [fmt.format(*row) for row in cells])
+
+
 def _plot_confusion(cm: list[list[int]], classes: list[str], path: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -80,8 +99,13 @@ def write_report(
     proba: np.ndarray,
     proba_uncalibrated: np.ndarray,
     info: dict[str, Any],
+    sections: dict[str, tuple[list[dict[str, Any]], tuple[str, ...]]] | None = None,
 ) -> dict[str, Path]:
-    """Write report.json, report.md, reliability.png and (multiclass) confusion_matrix.png."""
+    """Write report.json, report.md, reliability.png and (multiclass) confusion_matrix.png.
+
+    ``sections`` adds titled tables ``{title: (rows, columns)}`` (method comparison, LLM
+    usage, call rates, learning curves) to both files."""
+    sections = sections or {}
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,7 +123,10 @@ def write_report(
         paths["confusion"] = out / "confusion_matrix.png"
         _plot_confusion(metrics["confusion_matrix"], space.classes, paths["confusion"])
 
-    paths["json"].write_text(json.dumps({"info": info, "metrics": metrics, "reliability": curves}, indent=2))
+    tables = {title: rows for title, (rows, _) in sections.items()}
+    paths["json"].write_text(
+        json.dumps({"info": info, "metrics": metrics, "reliability": curves, "tables": tables}, indent=2)
+    )
 
     md = [f"# labelfuse evaluation: {info.get('data', '')}", ""]
     md += [f"- {k}: {v}" for k, v in info.items()]
@@ -111,6 +138,10 @@ def write_report(
         "ECE: 15 equal-width bins; definitions in `fusion/metrics.py`.",
         "",
     ]
+    for title, (rows, cols) in sections.items():
+        md += [f"## {title}", "", format_table(rows, cols, markdown=True), ""]
+        if title == "Learning curves":
+            md += ["![learning curves](learning_curves.png)", ""]
     md += ["## Per class", "", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
     md += [
         f"| {c} | {m['precision']:.4f} | {m['recall']:.4f} | {m['f1']:.4f} | {m['support']} |"

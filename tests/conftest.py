@@ -1,9 +1,12 @@
 """Shared fixtures: the real bundled encoder and the real bbc-news corpus, embedded once per session."""
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# a fresh LLM score cache per test session: no test may pass on answers cached by an earlier run
+os.environ["LABELFUSE_CACHE_DIR"] = tempfile.mkdtemp(prefix="labelfuse-test-cache-")
 
 import numpy as np
 import pytest
@@ -36,7 +39,9 @@ def bbc_model(encoder, bbc, bbc_emb):
     from fusion.classifier import AutoFusionClassifier
 
     clf = AutoFusionClassifier({"encoder": {"max_length": TEST_MAX_LENGTH}}, encoder=encoder)
-    return clf.fit(bbc["train"], validation=bbc["val"], embeddings=bbc_emb["train"], validation_embeddings=bbc_emb["val"])
+    return clf.fit(
+        bbc["train"], validation=bbc["val"], embeddings=bbc_emb["train"], validation_embeddings=bbc_emb["val"]
+    )
 
 
 @pytest.fixture(scope="session")
@@ -48,6 +53,11 @@ def multilabel_data(encoder) -> dict:
         df = builtin_split("bbc-news-multilabel", name).iloc[:n].reset_index(drop=True)
         out[name] = (df, encoder.embed(df["text"].tolist()))
     return out
+
+
+def sample(df, n: int, seed: int = 0):
+    """``n`` rows spread over all classes (bbc splits are ordered by class)."""
+    return df.sample(n=n, random_state=seed).reset_index(drop=True)
 
 
 def class_ids(df, classes) -> np.ndarray:

@@ -103,10 +103,16 @@ def test_llm_dropout_hides_blocks_and_sets_flags():
     assert torch.equal(drop_llm_blocks(x, layout, 0.0, torch.Generator()), x)
 
 
-def test_configured_llm_without_scores_is_a_clear_error(encoder, bbc, bbc_emb):
-    clf = AutoFusionClassifier({"llms": [{"name": "gpt", "provider": "openai", "model": "gpt-4o-mini"}]}, encoder=encoder)
-    with pytest.raises(ConfigError, match=r"no scores for configured LLM\(s\) \['gpt'\]"):
-        clf.fit(bbc["train"].iloc[::30], embeddings=bbc_emb["train"][::30])
+def test_configured_llm_without_key_or_with_unknown_scores_is_a_clear_error(encoder, bbc, bbc_emb, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    clf = AutoFusionClassifier(
+        {"llms": [{"name": "gpt", "provider": "openai", "model": "gpt-4o-mini"}]}, encoder=encoder
+    )
+    df, emb = bbc["train"].iloc[::30], bbc_emb["train"][::30]
+    with pytest.raises(ConfigError, match="OPENAI_API_KEY is not set"):  # never dummy scores instead
+        clf.fit(df, embeddings=emb)
+    with pytest.raises(ConfigError, match=r"scores given for LLM\(s\) \['other'\]"):
+        clf.fit(df, embeddings=emb, llm_scores={"other": np.zeros((len(df), 5))})
 
 
 def test_input_errors(bbc_model, encoder):

@@ -1,0 +1,270 @@
+"""Budget ledger, rate limits, cache, retries and provider errors.
+
+The fault-injection tests use fusion.llm.stub_server, a scripted OpenAI-compatible HTTP
+server of our own: it stands in ONLY for a paid provider's failure modes (429 with
+Retry-After, 5xx, invalid answers, a rejected key), which cannot be provoked on a real
+paid API here. Scoring itself is tested against the real local model in test_llm_local.py.
+"""
+
+import asyncio
+import math
+import multiprocessing
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from fusion.config import LLMLimitsConfig, LLMScorerConfig
+from fusion.errors import ConfigError
+from fusion.llm import LLMPanel, LLMScorer, LocalLedger
+from fusion.llm.cache import ScoreCache, cache_key
+from fusion.llm.ledger import Denial, Grant, acquire, settle, to_pico
+from fusion.llm.stub_server import StubServer
+
+CLASSES = ["business", "sports", "tech"]
+
+
+def _answer(text: str) -> int:
+    return 1 if "match" in text else 2 if "phone" in text else 0
+
+
+# -- ledger -------------------------------------------------------------------------------------------------
+
+
+def test_64_concurrent_reservations_never_overspend_a_small_budget():
+    """64 threads race to reserve $0.03 each against a $1.00 budget: exactly 33 get through and
+    the ledger never holds more than the budget, reserved or spent (the check-then-spend race)."""
+    ledger = LocalLedger(budget_usd=1.0)
+    barrier = threading.Barrier(64)
+    granted: list[Grant] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        barrier.wait()
+        d = ledger.try_reserve(100, 0.03)
+        if isinstance(d, Grant):
+            with lock:
+                granted.append(d)
+            assert ledger.snapshot()["reserved_usd"] + ledger.snapshot()["spent_usd"] <= 1.0 + 1e-12
+            time.sleep(0.01)
+            ledger.settle(d.id, 100, 0.03)  # the call cost exactly its reservation
+        else:
+            assert d.reason in ("budget", "budget_pending")
+
+    threads = [threading.Thread(target=worker) for _ in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    snap = ledger.snapshot()
+    assert len(granted) <= 33 and snap["spent_usd"] <= 1.0 + 1e-12
+    assert ledger._spent == to_pico(0.03) * len(granted) and snap["reserved_usd"] == 0  # exact, no float drift
+    # asyncio callers waiting on pending reservations end up using the budget exactly
+    ledger2 = LocalLedger(budget_usd=1.0)
+
+    async def caller() -> bool:
+        g = await acquire(ledger2, 100, 0.03)
+        if g is None:
+            return False
+        await asyncio.sleep(0.001)
+        await settle(ledger2, g, 100, 0.03)
+        return True
+
+    async def main() -> list[bool]:
+        return await asyncio.gather(*(caller() for _ in range(64)))
+
+    results = asyncio.run(main())
+    assert sum(results) == 33  # floor(1.00 / 0.03)
+    assert ledger2.snapshot()["spent_usd"] == 0.99 and ledger2.snapshot()["denied_budget"] == 31
+
+
+def test_settling_below_the_reservation_frees_budget_and_unknown_grants_fail():
+    ledger = LocalLedger(budget_usd=0.10)
+    g1 = ledger.try_reserve(10, 0.06)
+    assert isinstance(g1, Grant)
+    assert ledger.try_reserve(10, 0.06) == Denial("budget_pending", 0.02)  # could fit once g1 settles low
+    ledger.settle(g1.id, 10, 0.01)
+    g2 = ledger.try_reserve(10, 0.06)
+    assert isinstance(g2, Grant)
+    assert ledger.try_reserve(10, 0.06).reason == "budget_pending"
+    ledger.settle(g2.id, 10, 0.06)
+    assert ledger.try_reserve(10, 0.06).reason == "budget"  # 0.07 spent: 0.06 more can never fit
+    with pytest.raises(KeyError):
+        ledger.settle(g1.id, 10, 0.01)
+
+
+def test_concurrency_and_rate_buckets_with_a_controlled_clock():
+    now = [0.0]
+    ledger = LocalLedger(max_concurrency=2, requests_per_minute=60, tokens_per_minute=600, clock=lambda: now[0])
+    a = ledger.try_reserve(100, 0)
+    b = ledger.try_reserve(100, 0)
+    assert isinstance(a, Grant) and isinstance(b, Grant)
+    assert ledger.try_reserve(100, 0).reason == "concurrency"
+    ledger.settle(a.id, 100, 0)
+    ledger.settle(b.id, 100, 0)
+    big = ledger.try_reserve(500, 0)  # 600 - 200 = 400 tokens left in the minute
+    assert isinstance(big, Denial) and big.reason == "rate" and big.retry_after_s == pytest.approx(10.0)
+    now[0] = 10.0
+    assert isinstance(ledger.try_reserve(500, 0), Grant)
+    # 60 requests/min: a burst of 60 drains the bucket, the next waits ~1 s
+    burst = LocalLedger(requests_per_minute=60, clock=lambda: now[0])
+    for _ in range(60):
+        burst.settle(burst.try_reserve(1, 0).id, 1, 0)
+    d = burst.try_reserve(1, 0)
+    assert d.reason == "rate" and d.retry_after_s == pytest.approx(1.0)
+
+
+# -- cache --------------------------------------------------------------------------------------------------
+
+
+def _writer(path: str, start: int) -> None:
+    cache = ScoreCache(path)
+    for i in range(start, start + 200):
+        cache.put(f"k{i}", np.array([i, 0.5], np.float32), 10, 1)
+    cache.close()
+
+
+def test_cache_round_trip_counters_and_concurrent_writer_processes(tmp_path):
+    path = tmp_path / "c.sqlite"
+    procs = [multiprocessing.get_context("spawn").Process(target=_writer, args=(str(path), s)) for s in (0, 200)]
+    for p in procs:
+        p.start()
+    _writer(str(path), 400)  # a third writer in this process at the same time
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    cache = ScoreCache(path)
+    assert len(cache) == 600
+    got = cache.get_many([f"k{i}" for i in (0, 250, 599)] + ["absent"])
+    assert got["k250"].scores.tolist() == [250.0, 0.5] and got["k599"].prompt_tokens == 10
+    assert (cache.hits, cache.misses) == (3, 1)
+    assert cache.path.with_name("c.sqlite-wal").exists()  # WAL journal mode
+
+
+def test_cache_key_covers_everything_that_changes_an_answer():
+    parts = {"provider": "openai", "model": "m", "prompt": "v1", "classes": ["a", "b"], "gen": {"max_tokens": 1}}
+    k = cache_key(parts, "text")
+    assert k == cache_key(dict(reversed(parts.items())), "text")  # order-independent
+    for change in ({"model": "m2"}, {"prompt": "v2"}, {"classes": ["a", "c"]}, {"gen": {"max_tokens": 2}}):
+        assert cache_key({**parts, **change}, "text") != k
+    assert cache_key(parts, "text.") != k
+
+
+# -- scorer against the scripted endpoint -------------------------------------------------------------------
+
+
+def _scorer(stub: StubServer, tmp_path, **limits) -> LLMScorer:
+    cfg = LLMScorerConfig(name="stub", provider="custom", model="stub-1", base_url=stub.base_url, price_input=1.0)
+    lim = LLMLimitsConfig(retry_base_s=0.01, cache_path=str(tmp_path / "cache.sqlite"), **limits)
+    return LLMScorer(cfg, CLASSES, False, lim, cache=ScoreCache(lim.cache_path))
+
+
+def test_429_with_retry_after_and_500_are_retried_then_succeed(tmp_path):
+    with StubServer(CLASSES, _answer, script=["429", "500"]) as stub:
+        scorer = _scorer(stub, tmp_path, max_concurrency=1)
+        start = time.perf_counter()
+        batch = asyncio.run(scorer.score(["the match ended 2-1"]))
+        took = time.perf_counter() - start
+    assert stub.requests == 3 and batch.stats.attempts == 3 and batch.stats.calls == 1
+    assert took >= 1.0  # waited for Retry-After: 1 (the 500 backoff is only ~0.01 s)
+    assert batch.errors == [None] and batch.scores[0].argmax() == 1
+
+
+def test_out_of_retries_marks_the_text_missing_and_keeps_going(tmp_path):
+    with StubServer(CLASSES, _answer, script=["500", "500", "429ms"]) as stub:
+        scorer = _scorer(stub, tmp_path, max_retries=2, max_concurrency=1)
+        batch = asyncio.run(scorer.score(["shares fell", "new phone"]))
+    assert "InternalServerError" in batch.errors[0] or "RateLimitError" in batch.errors[0]
+    assert "after 3 attempts" in batch.errors[0]
+    assert batch.used.tolist() == [False, True] and np.isnan(batch.scores[0]).all()
+    assert batch.stats.errors == 1
+
+
+def test_invalid_json_is_asked_once_more_then_recorded(tmp_path):
+    cfg = dict(max_concurrency=1)
+    with StubServer(CLASSES, _answer, script=["badjson"]) as stub:
+        scorer = _scorer(stub, tmp_path, **cfg)
+        scorer.mode = "json"
+        ok = asyncio.run(scorer.score(["new phone"]))
+    assert ok.errors == [None] and ok.scores[0].argmax() == 2 and stub.requests == 2
+    with StubServer(CLASSES, _answer, script=["badjson", "badjson"]) as stub:
+        scorer = _scorer(stub, tmp_path / "b", **cfg)
+        scorer.mode = "json"
+        bad = asyncio.run(scorer.score(["new phone"]))
+    assert bad.errors[0].startswith("invalid answer twice: ") and not bad.used[0]
+    # an off-label first token in logprobs mode is recorded, never guessed
+    with StubServer(CLASSES, _answer, script=["badjson"]) as stub:
+        off = asyncio.run(_scorer(stub, tmp_path / "c", **cfg).score(["x"]))
+    assert "no class among the top answer tokens" in off.errors[0]
+
+
+def test_endpoint_without_logprobs_falls_back_to_json(tmp_path):
+    with StubServer(CLASSES, _answer, logprobs=False) as stub:
+        scorer = _scorer(stub, tmp_path)
+        batch = asyncio.run(scorer.score(["the match", "a phone"]))
+    assert scorer.mode == "json" and batch.scores.argmax(axis=1).tolist() == [1, 2]
+
+
+def test_rejected_key_is_a_config_error_not_a_silent_gap(tmp_path):
+    with StubServer(CLASSES, _answer, script=["401"]) as stub:
+        with pytest.raises(ConfigError, match="refused the request"):
+            asyncio.run(_scorer(stub, tmp_path).score(["x"]))
+
+
+def test_missing_api_key_fails_at_startup(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(ConfigError, match="OPENAI_API_KEY is not set"):
+        LLMScorer(LLMScorerConfig(name="gpt", provider="openai", model="gpt-4o-mini"), CLASSES, False)
+    monkeypatch.setenv("MY_KEY", "sk-test")
+    cfg = LLMScorerConfig(name="gpt", provider="openai", model="gpt-4o-mini", api_key_env="MY_KEY")
+    s = LLMScorer(cfg, CLASSES, False)
+    assert s.endpoint.api_key == "sk-test" and s.endpoint.price_input == 0.15
+    with pytest.raises(ConfigError, match="no price known"):
+        LLMScorer(cfg.model_copy(update={"model": "gpt-99"}), CLASSES, False)
+    with pytest.raises(ConfigError, match="needs base_url"):
+        LLMScorer(LLMScorerConfig(name="c", provider="custom", model="m"), CLASSES, False)
+    with pytest.raises(ConfigError, match="does not support multilabel"):
+        LLMScorer(LLMScorerConfig(name="c", provider="vllm", model="m", mode="logprobs"), CLASSES, True)
+
+
+def test_cache_rerun_makes_zero_calls_and_budget_gaps_are_flagged(tmp_path):
+    texts = [f"story {i} about a match" for i in range(12)]
+    with StubServer(CLASSES, _answer) as stub:
+        first = asyncio.run(_scorer(stub, tmp_path).score(texts))
+        n_first = stub.requests
+        again = asyncio.run(_scorer(stub, tmp_path).score(texts))
+        assert stub.requests == n_first == 12
+        assert again.stats.calls == 0 and again.stats.cache_hits == 12
+        np.testing.assert_array_equal(first.scores, again.scores)
+        np.testing.assert_allclose(again.cost_usd, first.cost_usd)  # cached answers keep their price
+        assert first.cost_usd[0] == pytest.approx((first.stats.prompt_tokens / 12 + 1) * 1.0 / 1e6)
+        # a budget for 3.5 worst-case calls: some texts are scored, the rest are missing and say why
+        limited = _scorer(stub, tmp_path / "new", max_concurrency=4)
+        worst = limited._worst_case(limited.messages(texts[0]))[1]
+        limited = _scorer(stub, tmp_path / "new", budget_usd=3.5 * worst, max_concurrency=4)
+        batch = asyncio.run(limited.score(texts))
+    used = int(batch.used.sum())
+    assert 3 <= used < 12 and batch.stats.over_budget == 12 - used
+    assert all(
+        e == "over budget: the LLM budget cannot cover this call"
+        for e, u in zip(batch.errors, batch.used, strict=True)
+        if not u
+    )
+    spent = limited.ledger.snapshot()["spent_usd"]
+    assert spent <= 3.5 * worst and spent == pytest.approx(batch.cost_usd[batch.used].sum())
+
+
+def test_panel_fuses_several_llms_under_one_ledger_with_bounded_concurrency(tmp_path):
+    lim = LLMLimitsConfig(max_concurrency=4, cache=False)
+    with StubServer(CLASSES, _answer, latency_s=0.05) as a, StubServer(CLASSES, lambda t: 0, latency_s=0.05) as b:
+        cfgs = [
+            LLMScorerConfig(name="a", provider="custom", model="m", base_url=a.base_url),
+            LLMScorerConfig(name="b", provider="custom", model="m", base_url=b.base_url),
+        ]
+        panel = LLMPanel(cfgs, CLASSES, False, lim)
+        out = panel.score([f"match {i}" for i in range(20)])
+    assert set(out) == {"a", "b"}
+    assert out["a"].scores.argmax(axis=1).tolist() == [1] * 20 and out["b"].scores.argmax(axis=1).tolist() == [0] * 20
+    assert a.max_in_flight + b.max_in_flight <= 4 + 4 and max(a.max_in_flight, b.max_in_flight) <= 4
+    assert panel.ledger.snapshot()["calls"] == 40 and math.isinf(panel.ledger.snapshot()["budget_usd"])
