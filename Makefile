@@ -37,8 +37,9 @@ $(VENV)/.qwen: $(STAMP)
 	$(BIN)/labelfuse llm-models --prepare qwen2.5-coder-0.5b
 	touch $@
 
-demo: install
-	$(BIN)/labelfuse train --dataset bbc-news --out $(RUN)/model
+# bbc-news with the local Qwen model fused in (LLM answers are cached: a re-run makes no calls)
+demo: install models-qwen
+	$(BIN)/labelfuse train --dataset bbc-news --llm $(DEMO_LLM) --gate-rate 0.3 --out $(RUN)/model
 	$(BIN)/labelfuse eval --model $(RUN)/model --dataset bbc-news --split test --report $(RUN)/report
 
 # pytest exits 5 when it collected no tests: that is a broken run, not a pass.

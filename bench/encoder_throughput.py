@@ -26,7 +26,9 @@ def plain_loop(tokenizer, model, texts, batch_size, max_length):
     out = []
     with torch.inference_mode():
         for s in range(0, len(texts), batch_size):
-            b = tokenizer(texts[s : s + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            b = tokenizer(
+                texts[s : s + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            )
             h = model(**b).last_hidden_state
             m = b["attention_mask"].unsqueeze(-1).float()
             out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=1).numpy())
@@ -45,8 +47,10 @@ def main() -> None:
     df = load_builtin("bbc-news").sample(n=args.texts, random_state=0)
     texts = df["text"].tolist()
     enc = TextEncoder(EncoderConfig(max_length=args.max_length, batch_size=args.batch_size, num_threads=args.threads))
-    print(f"{len(texts)} bbc-news texts, batch {args.batch_size}, max_length {args.max_length}, "
-          f"{torch.get_num_threads()} torch threads, device {enc.device}")
+    print(
+        f"{len(texts)} bbc-news texts, batch {args.batch_size}, max_length {args.max_length}, "
+        f"{torch.get_num_threads()} torch threads, device {enc.device}"
+    )
 
     ref = plain_loop(enc.tokenizer, enc.model, texts[:64], args.batch_size, args.max_length)
     assert np.allclose(ref, enc.embed(texts[:64]), atol=1e-4), "the two paths must compute the same embeddings"
@@ -61,7 +65,9 @@ def main() -> None:
         times["fusion.encoder"].append(time.perf_counter() - t)
 
     for name, ts in times.items():
-        print(f"{name:<26} {len(texts) / statistics.median(ts):7.1f} texts/s  (rounds: {', '.join(f'{x:.1f}s' for x in ts)})")
+        print(
+            f"{name:<26} {len(texts) / statistics.median(ts):7.1f} texts/s  (rounds: {', '.join(f'{x:.1f}s' for x in ts)})"
+        )
     ratio = statistics.median(times["plain transformers loop"]) / statistics.median(times["fusion.encoder"])
     print(f"ratio fusion.encoder / plain loop: {ratio:.2f}x texts/s")
 

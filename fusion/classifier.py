@@ -179,16 +179,13 @@ class AutoFusionClassifier:
         if self._panel is None:
             from fusion.llm import LLMPanel
 
-            space = self._require_space()
+            space = self.label_space
+            if space is None:
+                raise NotFittedError("the LLM scorers need the label space: call fit() or AutoFusionClassifier.load()")
             self._panel = LLMPanel(
                 self.config.llms, space.classes, space.multilabel, self.config.llm_limits, ledger=self._ledger
             )
         return self._panel
-
-    def _require_space(self) -> LabelSpace:
-        if self.label_space is None:
-            raise NotFittedError("this classifier is not fitted yet: call fit() or AutoFusionClassifier.load()")
-        return self.label_space
 
     def _neighbours(self, emb: np.ndarray, exclude_self: bool) -> list[list[Any]] | None:
         """Few-shot examples per text: the nearest pool texts by embedding, nearest last."""
@@ -252,7 +249,7 @@ class AutoFusionClassifier:
         y_all, space = self._encode_labels(raw, len(texts), None)
         emb = self._embed(texts, embeddings, progress)
         layout = FeatureLayout(emb.shape[1], space.n_classes, self._llm_names(llm_scores))
-        self.label_space, self._panel, self.llm_usage = space, None, {}
+        self.label_space, self._panel, self._pool, self.llm_usage = space, None, None, {}
         if cfg.llms:
             if max(c.few_shot for c in cfg.llms) > 0:
                 max_words = max(c.max_words for c in cfg.llms)

@@ -4,9 +4,9 @@ Every method is scored on the same rows with one set of LLM answers, so the LLM 
 columns are comparable: ``llm_texts`` is how many texts needed LLM answers under that
 method and ``usd`` their cost at list price (cached answers are priced as if called).
 
-* encoder-only: the fusion head with every LLM block marked missing (the path gating
+* encoder path: the fusion head with every LLM block marked missing (the path gating
   and over-budget texts take). Learning curves instead train a separate encoder-only
-  head at each size, the fairer baseline when data is scarce.
+  head at each size ("encoder-only"), the baseline a user would otherwise deploy.
 * LLM-only: each LLM's own scores, renormalised (multiclass) or thresholded at 0.5
   (multilabel); texts the LLM failed on count with a uniform score.
 * fusion: every text gets LLM scores. gated fusion: only texts below the gate threshold.
@@ -24,7 +24,7 @@ import pandas as pd
 from fusion.calibration import decide
 from fusion.config import Config
 from fusion.errors import DataError
-from fusion.gating import call_rate_table, confidence, threshold_for_rate
+from fusion.gating import call_rate_table, confidence, gated_proba, threshold_for_rate
 from fusion.labels import LabelSpace
 from fusion.metrics import evaluate
 
@@ -61,7 +61,7 @@ def compare_methods(
     def metrics(proba: np.ndarray, thresholds: Any = clf.thresholds) -> dict[str, Any]:
         return evaluate(y, decide(proba, ml, thresholds, clf.at_least_one), proba, space)
 
-    rows.append(_row("encoder-only", metrics(enc), llm_texts=0, usd=0.0))
+    rows.append(_row("encoder path (LLM missing)", metrics(enc), llm_texts=0, usd=0.0))
     if not names:
         return {"methods": rows, "llm_usage": {}, "call_rates": []}
 
@@ -91,7 +91,7 @@ def compare_methods(
         target = clf.config.gating.target_call_rate
         thr, note = threshold_for_rate(confidence(enc, ml), target), f"threshold for {target:.0%} calls on these rows"
     call = confidence(enc, ml) < thr
-    gated = np.where(call[:, None], full.proba, enc)
+    gated = gated_proba(enc, full.proba, call)
     rows.append(
         _row(
             "gated fusion",

@@ -1,6 +1,7 @@
 """The `labelfuse` command run as a subprocess on real files, as a user would."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -10,8 +11,9 @@ import pytest
 from fusion.cli import build_parser
 
 
-def labelfuse(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "fusion.cli", "-q", *map(str, args)], capture_output=True, text=True)
+def labelfuse(*args, check=True, env=None):
+    cmd = [sys.executable, "-m", "fusion.cli", "-q", *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"labelfuse {args} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -107,3 +109,35 @@ def test_help_lists_every_command_and_option():
         for action in sp._actions:
             for flag in action.option_strings:
                 assert flag in h, (name, flag)
+
+
+def test_llm_spec_parsing_and_errors():
+    from fusion.cli import parse_llm_spec
+    from fusion.errors import ConfigError
+
+    assert parse_llm_spec("local:qwen2.5-coder-0.5b") == {
+        "name": "qwen2.5-coder-0.5b",
+        "provider": "local",
+        "model": "qwen2.5-coder-0.5b",
+    }
+    assert parse_llm_spec("fast=vllm:meta/llama-3@http://gpu1:8000/v1") == {
+        "name": "fast",
+        "provider": "vllm",
+        "model": "meta/llama-3",
+        "base_url": "http://gpu1:8000/v1",
+    }
+    assert parse_llm_spec("local:/models/My Model.gguf")["name"] == "My-Model"
+    with pytest.raises(ConfigError, match="expected \\[NAME=\\]PROVIDER:MODEL"):
+        parse_llm_spec("gpt-4o-mini")
+
+
+def test_llm_models_lists_bundled_models_and_bad_llm_flags_exit_2(files):
+    out = labelfuse("llm-models").stdout
+    assert "smollm2-135m" in out and "ready" in out and "qwen2.5-coder-0.5b" in out
+    bad = labelfuse("train", "--train", files / "train.csv", "--text-column", "body", "--label-column", "topic",
+                    "--llm", "nosuch:model", "--out", files / "x", check=False)
+    assert bad.returncode == 2 and "llms.0.provider" in bad.stderr
+    no_key = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
+    bad = labelfuse("train", "--train", files / "train.csv", "--llm", "openai:gpt-4o-mini", "--out", files / "x",
+                    "--text-column", "body", "--label-column", "topic", check=False, env=no_key)
+    assert bad.returncode == 2 and "OPENAI_API_KEY" in bad.stderr

@@ -180,6 +180,7 @@ def test_cli_train_and_eval_with_the_local_llm(tmp_path, bbc):
         tmp_path / "r",
     )
     for needle in (
+        "encoder path (LLM missing)",
         "encoder-only",
         "LLM-only: smollm2-135m",
         "fusion",

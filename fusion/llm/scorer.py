@@ -52,15 +52,6 @@ class UsageStats:
     spent_usd: float = 0.0  # for calls made in this run (cache hits cost nothing now)
     latencies: list[float] = field(default_factory=list)
 
-    def merge(self, other: UsageStats) -> UsageStats:
-        out = UsageStats()
-        for f in ("texts", "calls", "attempts", "cache_hits", "errors", "over_budget", "prompt_tokens"):
-            setattr(out, f, getattr(self, f) + getattr(other, f))
-        out.completion_tokens = self.completion_tokens + other.completion_tokens
-        out.spent_usd = self.spent_usd + other.spent_usd
-        out.latencies = self.latencies + other.latencies
-        return out
-
     def to_dict(self) -> dict[str, Any]:
         lat = np.asarray(self.latencies) if self.latencies else None
         return {
@@ -110,8 +101,12 @@ def _retry_after(err: Exception) -> float | None:
     try:
         return max(0.0, float(value))
     except ValueError:
+        pass
+    try:
         when = email.utils.parsedate_to_datetime(value)
-        return max(0.0, when.timestamp() - time.time()) if when else None
+    except (TypeError, ValueError):
+        return None  # unparseable: fall back to our own backoff
+    return max(0.0, when.timestamp() - time.time())
 
 
 def _is_retryable(err: Exception) -> bool:
