@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fusion.errors import LabelfuseError
+from fusion.errors import ConfigError, LabelfuseError
 
 log = logging.getLogger("labelfuse")
 
@@ -42,7 +42,7 @@ def parse_llm_spec(spec: str) -> dict[str, Any]:
 
     m = re.fullmatch(r"(?:(?P<name>[A-Za-z0-9_.-]+)=)?(?P<provider>[a-z]+):(?P<model>[^@]+?)(?:@(?P<url>\S+))?", spec)
     if not m:
-        raise _usage_error(f"--llm {spec!r}: expected [NAME=]PROVIDER:MODEL[@BASE_URL], e.g. local:smollm2-135m")
+        raise ConfigError(f"--llm {spec!r}: expected [NAME=]PROVIDER:MODEL[@BASE_URL], e.g. local:smollm2-135m")
     model = m["model"]
     base = Path(model).stem if model.endswith(".gguf") else model
     name = m["name"] or re.sub(r"[^A-Za-z0-9_.-]+", "-", base).strip("-")
@@ -50,12 +50,6 @@ def parse_llm_spec(spec: str) -> dict[str, Any]:
     if m["url"]:
         entry["base_url"] = m["url"]
     return entry
-
-
-def _usage_error(msg: str) -> LabelfuseError:
-    from fusion.errors import ConfigError
-
-    return ConfigError(msg)
 
 
 def _add_llm_args(p: argparse.ArgumentParser, train: bool) -> None:
@@ -344,7 +338,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     fractions = _fractions(args.train_fractions) if args.train_fractions else None
     if fractions and not args.dataset and not (args.train and args.val):
-        raise _usage_error("--train-fractions needs training data: use --dataset, or --train FILE and --val FILE")
+        raise ConfigError("--train-fractions needs training data: use --dataset, or --train FILE and --val FILE")
     clf = AutoFusionClassifier.load(args.model)
     clf.config = _with_llm_args(clf.config, args)
     if args.dataset:
@@ -395,9 +389,9 @@ def _fractions(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise _usage_error(f"--train-fractions {text!r}: expected numbers like 0.05,0.1,1.0") from None
+        raise ConfigError(f"--train-fractions {text!r}: expected numbers like 0.05,0.1,1.0") from None
     if not values or any(not 0 < v <= 1 for v in values):
-        raise _usage_error(f"--train-fractions {text!r}: every share must be in (0, 1]")
+        raise ConfigError(f"--train-fractions {text!r}: every share must be in (0, 1]")
     return sorted(set(values))
 
 
@@ -443,7 +437,7 @@ def cmd_llm_models(args: argparse.Namespace) -> int:
         names = args.prepare or [n for n in BUNDLED if model_status(n) != "not installed"]
         for name in names:
             if name not in BUNDLED:
-                raise _usage_error(f"unknown bundled model {name!r}; known: {', '.join(BUNDLED)}")
+                raise ConfigError(f"unknown bundled model {name!r}; known: {', '.join(BUNDLED)}")
             print(f"{name}: {resolve_model(name)} (sha256 verified)")
         return 0
     for name, m in BUNDLED.items():

@@ -112,6 +112,11 @@ class LocalLedger:
         self.tokens = 0
         self.denied_budget = 0
 
+    @classmethod
+    def from_limits(cls, limits: Any) -> LocalLedger:
+        """From an ``LLMLimitsConfig`` (budget, concurrency, request and token rates)."""
+        return cls(limits.budget_usd, limits.max_concurrency, limits.requests_per_minute, limits.tokens_per_minute)
+
     def try_reserve(self, tokens: int, max_cost_usd: float) -> Grant | Denial:
         cost = to_pico(max_cost_usd)
         with self._lock:

@@ -144,12 +144,7 @@ class LLMScorer:
             "logprobs" if cfg.mode == "logprobs" or (cfg.mode == "auto" and not multilabel and self.keys) else "json"
         )
         self.answer_model = prompts.answer_model(self.classes)
-        self.ledger = ledger or LocalLedger(
-            self.limits.budget_usd,
-            self.limits.max_concurrency,
-            self.limits.requests_per_minute,
-            self.limits.tokens_per_minute,
-        )
+        self.ledger = ledger or LocalLedger.from_limits(self.limits)
         self.cache = cache
         self._local: Any = None
 
@@ -391,12 +386,7 @@ class LLMPanel:
         cache: ScoreCache | None = None,
     ):
         self.limits = limits or LLMLimitsConfig()
-        self.ledger = ledger or LocalLedger(
-            self.limits.budget_usd,
-            self.limits.max_concurrency,
-            self.limits.requests_per_minute,
-            self.limits.tokens_per_minute,
-        )
+        self.ledger = ledger or LocalLedger.from_limits(self.limits)
         if cache is None and self.limits.cache:
             cache = ScoreCache(self.limits.cache_path)
         self.cache = cache
