@@ -35,7 +35,7 @@ from fusion.config import Config, load_config, parse_config
 from fusion.datasets import texts_and_labels
 from fusion.encoder import TextEncoder, check_texts
 from fusion.errors import BundleError, ConfigError, DataError, NotFittedError
-from fusion.gating import call_rate_table, confidence, threshold_for_rate
+from fusion.gating import call_rate_table, choose_threshold, confidence
 from fusion.labels import LabelSpace, normalize_labels
 from fusion.metrics import SUMMARY_KEYS, evaluate
 from fusion.model import FeatureLayout, FeatureScaler, FusionMLP, build_features
@@ -324,7 +324,7 @@ class AutoFusionClassifier:
             )
             if cfg.gating.enabled:
                 conf = confidence(enc_va, space.multilabel)
-                self.gate_threshold = threshold_for_rate(conf, cfg.gating.target_call_rate)
+                self.gate_threshold = choose_threshold(conf, self.metrics["gating"], cfg.gating, space.multilabel)
         return self
 
     # -- inference --------------------------------------------------------------------------------------------

@@ -62,6 +62,13 @@ def _add_llm_args(p: argparse.ArgumentParser, train: bool) -> None:
             help="enable cost gating: call the LLMs for the R share of texts the encoder is least sure about "
             "(config: gating.enabled, gating.target_call_rate)",
         )
+        p.add_argument(
+            "--gate-accuracy",
+            type=float,
+            metavar="A",
+            help="enable cost gating at the lowest LLM-call rate whose validation accuracy reaches A "
+            "(config: gating.target_accuracy)",
+        )
     p.add_argument(
         "--llm-budget", type=float, metavar="USD", help="dollar cap on LLM calls (config: llm_limits.budget_usd)"
     )
@@ -221,6 +228,8 @@ def _with_llm_args(config: Any, args: argparse.Namespace) -> Any:
         data["llms"] = [parse_llm_spec(spec) for spec in args.llm]
     if getattr(args, "gate_rate", None) is not None:
         data["gating"] = {"enabled": True, "target_call_rate": args.gate_rate}
+    if getattr(args, "gate_accuracy", None) is not None:
+        data["gating"] = {**data["gating"], "enabled": True, "target_accuracy": args.gate_accuracy}
     if getattr(args, "llm_budget", None) is not None:
         data["llm_limits"]["budget_usd"] = args.llm_budget
     return parse_config(data, source="config with command-line LLM options")

@@ -132,6 +132,13 @@ class GatingConfig(_Strict):
     target_call_rate: float = Field(
         0.3, gt=0, le=1, description="Share of validation texts that should get LLM calls; sets the threshold."
     )
+    target_accuracy: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Instead of target_call_rate: the lowest validation call rate (0, 5, 10, 20 ... 100%) whose "
+        "accuracy (subset accuracy for multilabel) reaches this.",
+    )
 
 
 class FusionConfig(_Strict):

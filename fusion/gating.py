@@ -4,11 +4,13 @@ The encoder-only path is the fusion head with every LLM block marked missing (it
 trained for that with LLM dropout), so gating needs no second model. Confidence is the
 top probability (multiclass) or, for multilabel, the least certain class's
 ``max(p, 1 - p)``. A text gets LLM calls when its confidence is below the threshold; the
-threshold is the ``target_call_rate`` quantile of validation confidences.
+threshold is the ``target_call_rate`` quantile of validation confidences, or, with
+``target_accuracy``, the threshold of the lowest tabulated call rate reaching it.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -16,6 +18,8 @@ import numpy as np
 from fusion.calibration import decide
 from fusion.labels import LabelSpace
 from fusion.metrics import evaluate
+
+log = logging.getLogger(__name__)
 
 RATES = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
 
@@ -66,3 +70,20 @@ def call_rate_table(
             }
         )
     return rows
+
+
+def choose_threshold(conf: np.ndarray, table: list[dict[str, Any]], gating: Any, multilabel: bool) -> float:
+    """The gate threshold for a ``GatingConfig`` from validation confidences and :func:`call_rate_table`."""
+    if gating.target_accuracy is None:
+        return threshold_for_rate(conf, gating.target_call_rate)
+    key = "subset_accuracy" if multilabel else "accuracy"
+    for row in table:  # ascending call rate
+        if row[key] >= gating.target_accuracy:
+            return float(row["threshold"])
+    log.warning(
+        "no LLM-call rate reaches validation %s %.4f (best %.4f): every text will be sent to the LLMs",
+        key,
+        gating.target_accuracy,
+        max(r[key] for r in table),
+    )
+    return float(table[-1]["threshold"])

@@ -90,6 +90,39 @@ def test_fusion_with_llm_block_and_missing_llm_fallback(encoder, bbc, bbc_emb):
     assert acc_missing - 0.01 <= acc_partial <= acc_fused + 0.01
 
 
+def test_gating_by_call_rate_and_by_target_accuracy(encoder, bbc, bbc_emb):
+    """Simulated 90%-accurate LLM block (stands in for a strong LLM; see simulated_llm)."""
+    classes = sorted(bbc["train"]["label"].unique())
+    scores = {k: simulated_llm(class_ids(bbc[k], classes), 5, 0.9, seed=i) for i, k in enumerate(bbc)}
+    idx = np.random.default_rng(1).choice(len(bbc["train"]), 60, replace=False)
+    common = dict(
+        validation=bbc["val"],
+        embeddings=bbc_emb["train"][idx],
+        validation_embeddings=bbc_emb["val"],
+        llm_scores={"sim": scores["train"][idx]},
+        validation_llm_scores={"sim": scores["val"]},
+    )
+    clf = AutoFusionClassifier({"gating": {"enabled": True, "target_call_rate": 0.3}}, encoder=encoder)
+    clf.fit(bbc["train"].iloc[idx], **common)
+    table = clf.metrics["gating"]
+    row = next(r for r in table if r["target_rate"] == 0.3)
+    assert clf.gate_threshold == row["threshold"] and abs(row["call_rate"] - 0.3) < 0.01
+    assert table[-1]["accuracy"] > table[0]["accuracy"]  # asking the LLM about every text helps here
+
+    d = clf.predict_details(bbc["test"], embeddings=bbc_emb["test"], llm_scores={"sim": scores["test"]})
+    assert 0.1 < (~d.gated_out).mean() < 0.6  # about the validation rate on test data
+    assert (d.llm_used[:, 0] == ~d.gated_out).all()  # given scores are not used for gated-out texts
+
+    # target accuracy: the lowest tabulated call rate whose validation accuracy reaches it
+    target = next(r for r in table if r["accuracy"] > table[0]["accuracy"])
+    acc = AutoFusionClassifier({"gating": {"enabled": True, "target_accuracy": target["accuracy"]}}, encoder=encoder)
+    acc.fit(bbc["train"].iloc[idx], **common)
+    assert acc.gate_threshold == target["threshold"]
+    unreachable = AutoFusionClassifier({"gating": {"enabled": True, "target_accuracy": 1.0}}, encoder=encoder)
+    unreachable.fit(bbc["train"].iloc[idx], **common)
+    assert unreachable.gate_threshold == table[-1]["threshold"] or table[-1]["accuracy"] == 1.0
+
+
 def test_llm_dropout_hides_blocks_and_sets_flags():
     layout = FeatureLayout(embed_dim=3, n_classes=2, llm_names=("a", "b"))
     x = torch.ones(20000, layout.dim)
