@@ -11,7 +11,9 @@ def test_calibration_lowers_heldout_ece_of_a_small_data_model(encoder, bbc, bbc_
     must lower ECE and NLL on the untouched test split (the product path: fit + evaluate)."""
     idx = np.random.default_rng(0).choice(len(bbc["train"]), 40, replace=False)
     clf = AutoFusionClassifier(encoder=encoder).fit(
-        bbc["train"].iloc[idx], validation=bbc["val"], embeddings=bbc_emb["train"][idx],
+        bbc["train"].iloc[idx],
+        validation=bbc["val"],
+        embeddings=bbc_emb["train"][idx],
         validation_embeddings=bbc_emb["val"],
     )
     m = clf.evaluate(bbc["test"], embeddings=bbc_emb["test"])

@@ -22,24 +22,53 @@ def labelfuse(*args, check=True, env=None):
 @pytest.fixture(scope="module")
 def files(bbc, tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
-    bbc["train"].groupby("label").head(40).rename(columns={"text": "body", "label": "topic"}).to_csv(d / "train.csv", index=False)
-    bbc["val"].groupby("label").head(10).rename(columns={"text": "body", "label": "topic"}).to_json(d / "val.jsonl", orient="records", lines=True)
-    bbc["test"].sample(60, random_state=0).reset_index(drop=True).rename(columns={"text": "body", "label": "topic"}).to_parquet(d / "test.parquet")
+    bbc["train"].groupby("label").head(40).rename(columns={"text": "body", "label": "topic"}).to_csv(
+        d / "train.csv", index=False
+    )
+    bbc["val"].groupby("label").head(10).rename(columns={"text": "body", "label": "topic"}).to_json(
+        d / "val.jsonl", orient="records", lines=True
+    )
+    bbc["test"].sample(60, random_state=0).reset_index(drop=True).rename(
+        columns={"text": "body", "label": "topic"}
+    ).to_parquet(d / "test.parquet")
     return d
 
 
 @pytest.fixture(scope="module")
 def trained(files):
     out = files / "model"
-    p = labelfuse("train", "--train", files / "train.csv", "--val", files / "val.jsonl", "--text-column", "body",
-                  "--label-column", "topic", "--set", "encoder.max_length=64", "--out", out)
+    p = labelfuse(
+        "train",
+        "--train",
+        files / "train.csv",
+        "--val",
+        files / "val.jsonl",
+        "--text-column",
+        "body",
+        "--label-column",
+        "topic",
+        "--set",
+        "encoder.max_length=64",
+        "--out",
+        out,
+    )
     assert "saved model bundle" in p.stdout and "validation:" in p.stdout
     return out
 
 
 def test_train_predict_eval(files, trained):
-    labelfuse("predict", "--model", trained, "--input", files / "test.parquet", "--output", files / "pred.jsonl",
-              "--text-column", "body", "--proba")
+    labelfuse(
+        "predict",
+        "--model",
+        trained,
+        "--input",
+        files / "test.parquet",
+        "--output",
+        files / "pred.jsonl",
+        "--text-column",
+        "body",
+        "--proba",
+    )
     pred = pd.read_json(files / "pred.jsonl", lines=True)
     truth = pd.read_parquet(files / "test.parquet")
     assert len(pred) == 60 and set(pred["prediction"]) <= set(truth["topic"])
@@ -48,8 +77,19 @@ def test_train_predict_eval(files, trained):
     assert len(proba_cols) == 5 and (pred[proba_cols].sum(axis=1) - 1).abs().max() < 1e-4
     assert "id" in pred.columns  # input columns are kept
 
-    p = labelfuse("eval", "--model", trained, "--data", files / "test.parquet", "--text-column", "body",
-                  "--label-column", "topic", "--report", files / "report")
+    p = labelfuse(
+        "eval",
+        "--model",
+        trained,
+        "--data",
+        files / "test.parquet",
+        "--text-column",
+        "body",
+        "--label-column",
+        "topic",
+        "--report",
+        files / "report",
+    )
     assert "uncalibrated" in p.stdout and "accuracy" in p.stdout and "ece" in p.stdout
     report = json.loads((files / "report" / "report.json").read_text())
     assert report["metrics"]["n"] == 60 and report["metrics"]["accuracy"] > 0.8
@@ -64,8 +104,18 @@ def test_multilabel_indicator_columns_via_cli(bbc, tmp_path):
     for c in ("business", "sports"):
         wide[c] = (df["label"] == c).astype(int)
     wide.to_csv(tmp_path / "wide.csv", index=False)
-    labelfuse("train", "--train", tmp_path / "wide.csv", "--multilabel", "--label-columns", "business,sports",
-              "--set", "encoder.max_length=48", "--out", tmp_path / "m")
+    labelfuse(
+        "train",
+        "--train",
+        tmp_path / "wide.csv",
+        "--multilabel",
+        "--label-columns",
+        "business,sports",
+        "--set",
+        "encoder.max_length=48",
+        "--out",
+        tmp_path / "m",
+    )
     labelfuse("predict", "--model", tmp_path / "m", "--input", tmp_path / "wide.csv", "--output", tmp_path / "p.csv")
     pred = pd.read_csv(tmp_path / "p.csv", keep_default_na=False)
     assert set(pred["prediction"]) <= {"", "business", "sports", "business|sports"}
@@ -77,11 +127,28 @@ def test_multilabel_indicator_columns_via_cli(bbc, tmp_path):
     [
         (["train", "--train", "missing.csv", "--out", "m"], "input file not found: missing.csv"),
         (["train", "--train", "{train}", "--out", "m"], "column(s) ['text'] not found"),
-        (["train", "--train", "{train}", "--text-column", "body", "--label-column", "nope", "--out", "m"],
-         "column(s) ['nope'] not found"),
-        (["train", "--dataset", "bbc-news", "--set", "train.learnig_rate=1", "--out", "m"], "did you mean 'learning_rate'"),
-        (["eval", "--model", "{model}", "--data", "{bad_labels}", "--text-column", "body", "--label-column", "topic"],
-         "unknown label(s) ['weather']"),
+        (
+            ["train", "--train", "{train}", "--text-column", "body", "--label-column", "nope", "--out", "m"],
+            "column(s) ['nope'] not found",
+        ),
+        (
+            ["train", "--dataset", "bbc-news", "--set", "train.learnig_rate=1", "--out", "m"],
+            "did you mean 'learning_rate'",
+        ),
+        (
+            [
+                "eval",
+                "--model",
+                "{model}",
+                "--data",
+                "{bad_labels}",
+                "--text-column",
+                "body",
+                "--label-column",
+                "topic",
+            ],
+            "unknown label(s) ['weather']",
+        ),
         (["predict", "--model", "nowhere", "--input", "{train}", "--output", "o.csv"], "model bundle not found"),
     ],
 )
@@ -134,10 +201,35 @@ def test_llm_spec_parsing_and_errors():
 def test_llm_models_lists_bundled_models_and_bad_llm_flags_exit_2(files):
     out = labelfuse("llm-models").stdout
     assert "smollm2-135m" in out and "ready" in out and "qwen2.5-coder-0.5b" in out
-    bad = labelfuse("train", "--train", files / "train.csv", "--text-column", "body", "--label-column", "topic",
-                    "--llm", "nosuch:model", "--out", files / "x", check=False)
+    bad = labelfuse(
+        "train",
+        "--train",
+        files / "train.csv",
+        "--text-column",
+        "body",
+        "--label-column",
+        "topic",
+        "--llm",
+        "nosuch:model",
+        "--out",
+        files / "x",
+        check=False,
+    )
     assert bad.returncode == 2 and "llms.0.provider" in bad.stderr
     no_key = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
-    bad = labelfuse("train", "--train", files / "train.csv", "--llm", "openai:gpt-4o-mini", "--out", files / "x",
-                    "--text-column", "body", "--label-column", "topic", check=False, env=no_key)
+    bad = labelfuse(
+        "train",
+        "--train",
+        files / "train.csv",
+        "--llm",
+        "openai:gpt-4o-mini",
+        "--out",
+        files / "x",
+        "--text-column",
+        "body",
+        "--label-column",
+        "topic",
+        check=False,
+        env=no_key,
+    )
     assert bad.returncode == 2 and "OPENAI_API_KEY" in bad.stderr

@@ -10,7 +10,11 @@ def test_bbc_news_builtin():
     df = load_builtin("bbc-news")
     assert len(df) == 2225
     assert df["label"].value_counts().to_dict() == {
-        "sports": 511, "business": 510, "politics": 417, "tech": 401, "entertainment": 386
+        "sports": 511,
+        "business": 510,
+        "politics": 417,
+        "tech": 401,
+        "entertainment": 386,
     }
     assert df["text"].str.len().min() > 100 and df["id"].is_unique
 

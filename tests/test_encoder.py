@@ -53,7 +53,9 @@ def test_max_length_truncates(encoder):
     long_text = "The striker scored twice. " + "Markets fell. " * 50
     head = "The striker scored twice."
     # with 8 tokens the tail is cut off, so the long text embeds like its opening
-    assert short.embed([long_text])[0] @ short.embed([head])[0] > encoder.embed([long_text])[0] @ encoder.embed([head])[0]
+    assert (
+        short.embed([long_text])[0] @ short.embed([head])[0] > encoder.embed([long_text])[0] @ encoder.embed([head])[0]
+    )
 
 
 def test_bad_inputs_and_models(tmp_path):
