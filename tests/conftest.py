@@ -62,3 +62,14 @@ def sample(df, n: int, seed: int = 0):
 
 def class_ids(df, classes) -> np.ndarray:
     return np.array([classes.index(c) for c in df["label"]])
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray runtime, started once per session."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="labelfuse-tests")
+    yield ray
+    ray.shutdown()

@@ -5,7 +5,6 @@ paid provider (whose prices make the budget bite) because none can be called her
 """
 
 import asyncio
-import os
 
 import numpy as np
 import pytest
@@ -19,14 +18,6 @@ from fusion.llm.stub_server import StubServer
 
 CLASSES = ["business", "sports", "tech"]
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="labelfuse-tests")
-    yield
-    ray.shutdown()
 
 
 def test_workers_share_one_budget_and_never_overspend(ray_local):
