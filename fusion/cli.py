@@ -254,8 +254,9 @@ def _usage_rows(usage: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _rate_columns(clf: Any) -> tuple[str, ...]:
-    key = "subset_accuracy" if clf.multilabel else "accuracy"
-    return ("target_rate", "call_rate", "threshold", key, "macro_f1")
+    from fusion.metrics import headline_key
+
+    return ("target_rate", "call_rate", "threshold", headline_key(clf.multilabel), "macro_f1")
 
 
 # -- commands ------------------------------------------------------------------------------------------------
@@ -343,6 +344,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from fusion.classifier import AutoFusionClassifier
     from fusion.compare import compare_methods
     from fusion.datasets import builtin_split, read_table
+    from fusion.metrics import headline_key
     from fusion.report import format_summary, format_table, write_report
 
     fractions = _fractions(args.train_fractions) if args.train_fractions else None
@@ -362,9 +364,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         clf.config = _with_columns(clf.config, args)
     y = clf.targets(df)
     emb = clf.embed(df, progress=not args.quiet)
-    metrics = clf.evaluate(df, embeddings=emb, progress=not args.quiet)
-    proba = clf.predict_proba(df, embeddings=emb)
-    raw = clf.predict_proba(df, embeddings=emb, calibrated=False)
+    # every LLM answer once (calls or cache), then reused by every metric, plot and comparison
+    texts = list(df[clf.config.data.text_column])
+    scores, batches = clf.score_llms(texts, emb, progress=not args.quiet)
+    metrics = clf.evaluate(df, embeddings=emb, llm_scores=scores)
+    proba = clf.predict_details(df, embeddings=emb, llm_scores=scores, gate=False).proba
+    raw = clf.predict_details(df, embeddings=emb, llm_scores=scores, gate=False, calibrated=False).proba
     report_dir = Path(args.report) if args.report else Path(args.model) / f"eval-{data_name.replace(':', '-')}"
     info = {
         "model": str(args.model),
@@ -379,11 +384,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"evaluation on {data_name} ({len(df)} rows):")
     print(format_summary(metrics))
     if clf.layout is not None and clf.layout.n_llms:
-        cmp = compare_methods(clf, df, y, emb, progress=not args.quiet)
-        key = "subset_accuracy" if clf.multilabel else "accuracy"
-        method_cols = ("method", key, "macro_f1", "ece", "llm_texts", "usd", "call_rate")
+        cmp = compare_methods(clf, df, y, emb, batches)
+        method_cols = ("method", headline_key(clf.multilabel), "macro_f1", "ece", "llm_texts", "usd", "call_rate")
         sections["Methods compared"] = (cmp["methods"], method_cols)
-        sections["LLM usage in this run"] = (_usage_rows(metrics.get("llm_usage", {})), USAGE_COLUMNS)
+        usage = {name: b.stats.to_dict() for name, b in batches.items()}
+        sections["LLM usage in this run"] = (_usage_rows(usage), USAGE_COLUMNS)
         sections["Accuracy by LLM-call rate"] = (cmp["call_rates"], _rate_columns(clf))
     if fractions:
         sections["Learning curves"] = _learning_curves(args, clf, df, fractions, report_dir)
@@ -416,8 +421,9 @@ def _learning_curves(
         train_df, val_df = read_table(args.train), read_table(args.val)
     rows = learning_curves(clf.config, train_df, val_df, test_df, fractions, progress=not args.quiet)
     report_dir.mkdir(parents=True, exist_ok=True)
-    metric = "subset_accuracy" if clf.multilabel else "accuracy"
-    plot_learning_curves(rows, report_dir / "learning_curves.png", metric)
+    from fusion.metrics import headline_key
+
+    plot_learning_curves(rows, report_dir / "learning_curves.png", headline_key(clf.multilabel))
     return rows, tuple(rows[0])
 
 

@@ -26,7 +26,7 @@ from fusion.config import Config
 from fusion.errors import DataError
 from fusion.gating import call_rate_table, confidence, gated_proba, threshold_for_rate
 from fusion.labels import LabelSpace
-from fusion.metrics import evaluate
+from fusion.metrics import evaluate, headline_key
 
 TABLE_KEYS = ("accuracy", "subset_accuracy", "macro_f1", "micro_f1", "ece")
 
@@ -46,64 +46,51 @@ def llm_only_proba(scores: np.ndarray, multilabel: bool) -> np.ndarray:
 
 
 def compare_methods(
-    clf: Any, df: pd.DataFrame, y: np.ndarray, emb: np.ndarray, progress: bool = False
+    clf: Any, df: pd.DataFrame, y: np.ndarray, emb: np.ndarray, batches: dict[str, Any]
 ) -> dict[str, Any]:
-    """Metrics and LLM usage of every method on ``df`` (see the module docstring)."""
+    """Metrics of every method on ``df``, from one set of LLM answers (``{name: ScoreBatch}``
+    for every LLM of the model, as :meth:`AutoFusionClassifier.score_llms` returns them)."""
     space: LabelSpace = clf.label_space
     ml = space.multilabel
-    names = list(clf.layout.llm_names)
-    n = len(y)
-    rows: list[dict[str, Any]] = []
-
-    nan = {name: np.full((n, space.n_classes), np.nan, np.float32) for name in names}
-    enc = clf.predict_proba(df, embeddings=emb, llm_scores=nan)
+    scores = {name: b.scores for name, b in batches.items()}
+    nan = {name: np.full_like(s, np.nan) for name, s in scores.items()}
+    enc = clf.predict_details(df, embeddings=emb, llm_scores=nan, gate=False).proba
+    fused = clf.predict_details(df, embeddings=emb, llm_scores=scores, gate=False).proba
+    cost = sum((np.where(b.used, b.cost_usd, 0.0) for b in batches.values()), np.zeros(len(y)))
 
     def metrics(proba: np.ndarray, thresholds: Any = clf.thresholds) -> dict[str, Any]:
         return evaluate(y, decide(proba, ml, thresholds, clf.at_least_one), proba, space)
 
-    rows.append(_row("encoder path (LLM missing)", metrics(enc), llm_texts=0, usd=0.0))
-    if not names:
-        return {"methods": rows, "llm_usage": {}, "call_rates": []}
-
-    full = clf.predict_details(df, embeddings=emb, gate=False, progress=progress)
-    scores, batches = clf.score_llms(list(df[clf.config.data.text_column]), emb)  # cache hits now, priced
-    for name in names:
-        used = batches[name].used
+    rows = [_row("encoder path (LLM missing)", metrics(enc), llm_texts=0, usd=0.0)]
+    for name, b in batches.items():
         rows.append(
             _row(
                 f"LLM-only: {name}",
-                metrics(llm_only_proba(scores[name], ml), None),
-                llm_texts=int(used.sum()),
-                usd=float(batches[name].cost_usd[used].sum()),
-                coverage=float(used.mean()),
+                metrics(llm_only_proba(b.scores, ml), None),
+                llm_texts=int(b.used.sum()),
+                usd=float(b.cost_usd[b.used].sum()),
+                coverage=float(b.used.mean()),
             )
         )
-    rows.append(
-        _row(
-            "fusion",
-            metrics(full.proba),
-            llm_texts=int(full.llm_used.any(axis=1).sum()),
-            usd=float(full.llm_cost_usd.sum()),
-        )
-    )
+    used_any = np.any([b.used for b in batches.values()], axis=0)
+    rows.append(_row("fusion", metrics(fused), llm_texts=int(used_any.sum()), usd=float(cost.sum())))
     thr, note = clf.gate_threshold, "trained threshold"
     if thr is None:
         target = clf.config.gating.target_call_rate
         thr, note = threshold_for_rate(confidence(enc, ml), target), f"threshold for {target:.0%} calls on these rows"
     call = confidence(enc, ml) < thr
-    gated = gated_proba(enc, full.proba, call)
     rows.append(
         _row(
             "gated fusion",
-            metrics(gated),
+            metrics(gated_proba(enc, fused, call)),
             llm_texts=int(call.sum()),
-            usd=float(full.llm_cost_usd[call].sum()),
+            usd=float(cost[call].sum()),
             call_rate=float(call.mean()),
             note=note,
         )
     )
-    table = call_rate_table(enc, full.proba, y, space, clf.thresholds, clf.at_least_one)
-    return {"methods": rows, "llm_usage": full.usage, "call_rates": table}
+    table = call_rate_table(enc, fused, y, space, clf.thresholds, clf.at_least_one)
+    return {"methods": rows, "call_rates": table}
 
 
 def _subsample(labels: Sequence[Any], fraction: float, seed: int, min_per_class: int = 2) -> np.ndarray:
@@ -159,7 +146,7 @@ def learning_curves(
     for name, s in scores.get("test", {}).items():
         p = llm_only_proba(s, space.multilabel)
         llm_only[name] = evaluate(ys["test"], decide(p, space.multilabel, None, False), p, space)
-    key = "subset_accuracy" if space.multilabel else "accuracy"
+    key = headline_key(space.multilabel)
     rows = []
     for frac in fractions:
         idx = _subsample(list(label_col), frac, config.train.seed)

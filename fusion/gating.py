@@ -17,7 +17,7 @@ import numpy as np
 
 from fusion.calibration import decide
 from fusion.labels import LabelSpace
-from fusion.metrics import evaluate
+from fusion.metrics import evaluate, headline_key
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def call_rate_table(
         call = conf < thr
         proba = gated_proba(enc_proba, fused_proba, call)
         m = evaluate(y, decide(proba, space.multilabel, thresholds, at_least_one), proba, space)
-        key = "subset_accuracy" if space.multilabel else "accuracy"
+        key = headline_key(space.multilabel)
         rows.append(
             {
                 "target_rate": rate,
@@ -76,7 +76,7 @@ def choose_threshold(conf: np.ndarray, table: list[dict[str, Any]], gating: Any,
     """The gate threshold for a ``GatingConfig`` from validation confidences and :func:`call_rate_table`."""
     if gating.target_accuracy is None:
         return threshold_for_rate(conf, gating.target_call_rate)
-    key = "subset_accuracy" if multilabel else "accuracy"
+    key = headline_key(multilabel)
     for row in table:  # ascending call rate
         if row[key] >= gating.target_accuracy:
             return float(row["threshold"])

@@ -25,6 +25,11 @@ N_BINS = 15
 SUMMARY_KEYS = ("accuracy", "subset_accuracy", "hamming_loss", "macro_f1", "micro_f1", "ece", "nll")
 
 
+def headline_key(multilabel: bool) -> str:
+    """The accuracy reported first: subset accuracy for multilabel, accuracy for multiclass."""
+    return "subset_accuracy" if multilabel else "accuracy"
+
+
 def _confidence_outcome(proba: np.ndarray, y: np.ndarray, multilabel: bool) -> tuple[np.ndarray, np.ndarray]:
     if multilabel:
         return proba.ravel(), (y.ravel() > 0.5).astype(np.float64)

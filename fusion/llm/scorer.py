@@ -394,10 +394,6 @@ class LLMPanel:
             LLMScorer(c, classes, multilabel, self.limits, ledger=self.ledger, cache=cache) for c in configs
         ]
 
-    @property
-    def names(self) -> list[str]:
-        return [s.name for s in self.scorers]
-
     async def ascore(
         self,
         texts: Sequence[str],
