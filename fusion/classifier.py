@@ -500,16 +500,17 @@ class AutoFusionClassifier:
 
     @classmethod
     def load(
-        cls, path: str | Path, *, device: str | None = None, encoder: TextEncoder | None = None
+        cls, path: str | Path, *, device: str | None = None, encoder: TextEncoder | None = None, ledger: Any = None
     ) -> AutoFusionClassifier:
-        """Load a bundle written by :meth:`save`; ``device`` overrides ``encoder.device``."""
+        """Load a bundle written by :meth:`save`; ``device`` overrides ``encoder.device``, ``ledger`` as in
+        the constructor."""
         contents = bundle_io.read_bundle(path)
         m = contents.manifest
         try:
             config = parse_config(m["config"], source=f"config stored in {path}")
             if device is not None:
                 config.encoder.device = device
-            clf = cls(config, encoder=encoder)
+            clf = cls(config, encoder=encoder, ledger=ledger)
             clf.label_space = LabelSpace.from_dict(m["label_space"])
             clf.layout = FeatureLayout.from_dict(m["layout"])
             t = contents.tensors

@@ -17,7 +17,7 @@ log = logging.getLogger("labelfuse")
 EPILOG = "Configuration reference: README.md#configuration. Errors exit with status 2."
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML or JSON config file (default: built-in defaults)")
     p.add_argument(
         "--set",
@@ -52,7 +52,7 @@ def parse_llm_spec(spec: str) -> dict[str, Any]:
     return entry
 
 
-def _add_llm_args(p: argparse.ArgumentParser, train: bool) -> None:
+def add_llm_args(p: argparse.ArgumentParser, train: bool) -> None:
     if train:
         p.add_argument("--llm", action="append", default=[], metavar="SPEC", help=LLM_SPEC_HELP)
         p.add_argument(
@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train on a built-in dataset (its train split; val split for early stopping and "
         "calibration) or on a file (validation held out from it unless --val is given).",
     )
-    _add_config_args(t)
+    add_config_args(t)
     g = t.add_mutually_exclusive_group(required=True)
     from fusion.datasets import BUILTIN
 
@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val", metavar="FILE", help="validation data (default: hold out train.val_fraction of --train)")
     _add_column_args(t)
     t.add_argument("--multilabel", action="store_true", help="multilabel task (config: labels.mode=multilabel)")
-    _add_llm_args(t, train=True)
+    add_llm_args(t, train=True)
     t.add_argument("--out", required=True, metavar="DIR", help="where to write the model bundle")
 
     pr = sub.add_parser("predict", help="label texts in a file with a trained model", epilog=EPILOG)
@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True, metavar="DIR", help="model bundle written by 'labelfuse train'")
     _add_data_args(e, "--data", "labelled data file to evaluate on")
     _add_column_args(e)
-    _add_llm_args(e, train=False)
+    add_llm_args(e, train=False)
     e.add_argument(
         "--train-fractions",
         metavar="F,F,..",
@@ -187,14 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     c = sub.add_parser("config", help="print the effective configuration as YAML", epilog=EPILOG)
-    _add_config_args(c)
+    add_config_args(c)
     return parser
 
 
 # -- helpers -------------------------------------------------------------------------------------------------
 
 
-def _config(args: argparse.Namespace) -> Any:
+def config_from_args(args: argparse.Namespace) -> Any:
     from fusion.config import Config, apply_overrides, load_config
 
     cfg = load_config(args.config) if args.config else Config()
@@ -220,7 +220,7 @@ def _with_columns(config: Any, args: argparse.Namespace) -> Any:
     return apply_overrides(config, extra) if extra else config
 
 
-def _with_llm_args(config: Any, args: argparse.Namespace) -> Any:
+def with_llm_args(config: Any, args: argparse.Namespace) -> Any:
     from fusion.config import parse_config
 
     data = config.model_dump()
@@ -249,7 +249,7 @@ USAGE_COLUMNS = (
 )
 
 
-def _usage_rows(usage: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def usage_rows(usage: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"llm": name, **u} for name, u in usage.items()]
 
 
@@ -268,7 +268,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from fusion.datasets import BUILTIN, builtin_split, read_table
     from fusion.report import format_summary, format_table
 
-    cfg = _config(args)
+    cfg = config_from_args(args)
     if args.dataset:
         cfg = apply_overrides(
             cfg,
@@ -289,7 +289,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         train_df = read_table(args.train)
         val_df = read_table(args.val) if args.val else None
         source = f"{args.train}" + (f" (validation {args.val})" if args.val else "")
-    cfg = _with_llm_args(cfg, args)
+    cfg = with_llm_args(cfg, args)
     llms = ", ".join(f"{c.name} ({c.provider}:{c.model})" for c in cfg.llms) or "none"
     print(
         f"training on {source}; encoder {cfg.encoder.model}, max_length {cfg.encoder.max_length}; LLMs: {llms}",
@@ -305,7 +305,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     print("validation:\n" + format_summary(clf.metrics["validation"]))
     for part, usage in clf.llm_usage.items():
-        print(f"LLM usage ({part}):\n" + format_table(_usage_rows(usage), USAGE_COLUMNS))
+        print(f"LLM usage ({part}):\n" + format_table(usage_rows(usage), USAGE_COLUMNS))
     if "gating" in clf.metrics:
         print("validation accuracy by LLM-call rate:\n" + format_table(clf.metrics["gating"], _rate_columns(clf)))
     if clf.gate_threshold is not None:
@@ -351,7 +351,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if fractions and not args.dataset and not (args.train and args.val):
         raise ConfigError("--train-fractions needs training data: use --dataset, or --train FILE and --val FILE")
     clf = AutoFusionClassifier.load(args.model)
-    clf.config = _with_llm_args(clf.config, args)
+    clf.config = with_llm_args(clf.config, args)
     if args.dataset:
         df = builtin_split(args.dataset, args.split)
         data_name = f"{args.dataset}:{args.split}"
@@ -388,7 +388,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         method_cols = ("method", headline_key(clf.multilabel), "macro_f1", "ece", "llm_texts", "usd", "call_rate")
         sections["Methods compared"] = (cmp["methods"], method_cols)
         usage = {name: b.stats.to_dict() for name, b in batches.items()}
-        sections["LLM usage in this run"] = (_usage_rows(usage), USAGE_COLUMNS)
+        sections["LLM usage in this run"] = (usage_rows(usage), USAGE_COLUMNS)
         sections["Accuracy by LLM-call rate"] = (cmp["call_rates"], _rate_columns(clf))
     if fractions:
         sections["Learning curves"] = _learning_curves(args, clf, df, fractions, report_dir)
@@ -463,7 +463,7 @@ def cmd_llm_models(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
     from fusion.config import config_to_yaml
 
-    print(config_to_yaml(_config(args)), end="")
+    print(config_to_yaml(config_from_args(args)), end="")
     return 0
 
 

@@ -1,0 +1,303 @@
+"""Classify a whole corpus with a trained bundle: read, embed, gate, LLM-score, fuse, write.
+
+    python -m data_jobs.backfill --bundle model/ --input corpus/ --output predictions/
+    ray job submit --working-dir . -- .venv/bin/python -m data_jobs.backfill --bundle ... (see README)
+
+Two actor pools: encoder actors (GPU when the cluster has one) and predictor actors that run
+the bundle's cost gate, ask the LLMs about the texts the encoder is unsure of (every call
+reserved with one shared ledger actor) and fuse. Output rows: ``id``, ``label`` (or
+``labels``), ``probabilities`` (one field per class), ``llm_used``, ``gated_out``,
+``llm_cost_usd``, ``llm_error`` and ``error`` (the row could not be classified).
+
+Resumable and exactly-once by id: each output part is written to a temporary name and
+renamed, so a part is either whole or absent; its name is a hash of its ids, so a retried
+task rewrites the same part. A re-run after a crash reads the ids already written and skips
+them. Each part's parquet metadata carries its counts, so ``_summary.json`` (rows, throughput,
+LLM calls, cache hits, tokens, dollars, errors) covers every run that wrote into ``--output``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from data_jobs import common
+from data_jobs.embed import add_pool_args, embed_dataset
+
+PARTS_PREFIX = "part-"
+META_KEY = b"labelfuse"
+SUMMARY = "_summary.json"
+# counts kept per part (parquet metadata) and summed into the summary
+COUNTS = (
+    "rows",
+    "errors",
+    "llm_used",
+    "gated_out",
+    "llm_errors",
+    "llm_calls",
+    "cache_hits",
+    "over_budget",
+    "prompt_tokens",
+    "completion_tokens",
+)
+DOLLARS = ("llm_cost_usd", "spent_usd")
+
+
+class Predictor:
+    """Ray Data callable class: the bundle's gate + LLMs + fusion head, bound to the shared ledger."""
+
+    def __init__(self, bundle: str, ledger: Any, id_column: str, use_llms: bool = True, gate: bool | None = None):
+        from fusion.classifier import AutoFusionClassifier
+
+        self.clf = AutoFusionClassifier.load(bundle, ledger=ledger, device="cpu")
+        self.id_column, self.use_llms, self.gate = id_column, use_llms, gate
+        self.classes = self.clf.classes
+        self.multilabel = self.clf.multilabel
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        n, ok = batch.num_rows, common.ok_rows(batch)
+        texts = batch.column("text").to_pylist()
+        usage: dict[str, float] = {}
+        proba = np.full((n, len(self.classes)), np.nan, dtype=np.float32)
+        labels: list[Any] = [None] * n
+        used = np.zeros(n, bool)
+        gated = np.zeros(n, bool)
+        cost = np.zeros(n)
+        llm_error: list[str | None] = [None] * n
+        if ok:
+            emb = common.embeddings(batch)[ok]
+            names = self.clf.layout.llm_names if self.clf.layout else ()
+            given = None if self.use_llms else {m: np.full((len(ok), len(self.classes)), np.nan) for m in names}
+            det = self.clf.predict_details([texts[i] for i in ok], embeddings=emb, gate=self.gate, llm_scores=given)
+            proba[ok] = det.proba
+            for i, lab in zip(ok, self.clf.decide(det.proba), strict=True):
+                labels[i] = lab
+            used[ok] = det.llm_used.any(axis=1) if det.llm_used.size else False
+            gated[ok] = det.gated_out
+            cost[ok] = det.llm_cost_usd
+            for name, errs in det.llm_errors.items():
+                for i, e in zip(ok, errs, strict=True):
+                    if e:
+                        llm_error[i] = f"{name}: {e}" if llm_error[i] is None else f"{llm_error[i]}; {name}: {e}"
+            for u in det.usage.values():
+                for k in ("llm_calls", "cache_hits", "over_budget", "prompt_tokens", "completion_tokens", "spent_usd"):
+                    usage[k] = usage.get(k, 0) + (u.get(k) or 0)
+        fields = [pa.array(proba[:, j], pa.float32()) for j in range(len(self.classes))]
+        valid = pa.array([i in set(ok) for i in range(n)])
+        cols = {
+            self.id_column: batch.column(self.id_column),
+            "labels" if self.multilabel else "label": pa.array(
+                labels, pa.list_(pa.string()) if self.multilabel else pa.string()
+            ),
+            "probabilities": pa.StructArray.from_arrays(fields, names=self.classes, mask=pc.invert(valid)),
+            "llm_used": pa.array(used),
+            "gated_out": pa.array(gated),
+            "llm_cost_usd": pa.array(cost),
+            "llm_error": pa.array(llm_error, pa.string()),
+            "error": batch.column("error"),
+            # this batch's LLM usage rides on its first row; write_part sums and drops it
+            "_usage": pa.array([json.dumps(usage)] + [None] * (n - 1), pa.string()),
+        }
+        return pa.table(cols)
+
+
+def part_counts(table: pa.Table) -> dict[str, float]:
+    usage: dict[str, float] = {}
+    for u in table.column("_usage").to_pylist():
+        for k, v in json.loads(u or "{}").items():
+            usage[k] = usage.get(k, 0) + v
+    return {
+        "rows": table.num_rows,
+        "errors": table.num_rows - table.column("error").null_count,
+        "llm_used": int(pc.sum(table.column("llm_used")).as_py() or 0),
+        "gated_out": int(pc.sum(table.column("gated_out")).as_py() or 0),
+        "llm_errors": table.num_rows - table.column("llm_error").null_count,
+        "llm_cost_usd": float(pc.sum(table.column("llm_cost_usd")).as_py() or 0.0),
+        **{
+            k: usage.get(k, 0) for k in ("llm_calls", "cache_hits", "over_budget", "prompt_tokens", "completion_tokens")
+        },
+        "spent_usd": usage.get("spent_usd", 0.0),
+    }
+
+
+def write_part(batch: pa.Table, output: str, id_column: str) -> pa.Table:
+    """Write one output part atomically (temp name, then rename); return its counts as one row."""
+    import pyarrow.parquet as pq
+
+    counts = part_counts(batch)
+    ids = sorted(batch.column(id_column).to_pylist())
+    name = PARTS_PREFIX + hashlib.sha1("\n".join(ids).encode()).hexdigest()[:24] + ".parquet"
+    table = batch.drop_columns(["_usage"]).replace_schema_metadata({META_KEY: json.dumps(counts).encode()})
+    fs, root = common.filesystem(output)
+    tmp = f"{root}/.tmp-{uuid.uuid4().hex}-{name}"
+    pq.write_table(table, tmp, filesystem=fs)
+    fs.move(tmp, f"{root}/{name}")
+    return pa.table({"part": [name], **{k: [v] for k, v in counts.items()}})
+
+
+def existing_parts(output: str) -> tuple[Any, str, list[str]]:
+    """(filesystem, root, part paths) of ``output``, creating it and removing leftover temp files."""
+    import pyarrow.fs as pafs
+
+    fs, root = common.filesystem(output)
+    fs.create_dir(root, recursive=True)
+    parts = []
+    for info in fs.get_file_info(pafs.FileSelector(root)):
+        if info.base_name.startswith(".tmp-"):
+            fs.delete_file(info.path)  # an interrupted write; its rows were never counted as done
+        elif info.base_name.startswith(PARTS_PREFIX) and info.is_file:
+            parts.append(info.path)
+    return fs, root, parts
+
+
+def done_ids(fs: Any, parts: list[str], id_column: str) -> pa.Array:
+    import pyarrow.parquet as pq
+
+    if not parts:
+        return pa.array([], pa.string())
+    tables = [pq.read_table(p, columns=[id_column], filesystem=fs) for p in parts]
+    return pa.concat_tables(tables).column(id_column).combine_chunks()
+
+
+def drop_done(batch: pa.Table, id_column: str, done: pa.Array) -> pa.Table:
+    return batch.filter(pc.invert(pc.is_in(batch.column(id_column), value_set=done)))
+
+
+def summarize(fs: Any, parts: list[str]) -> dict[str, float]:
+    """Counts summed over every part in the output (all runs), from parquet metadata only."""
+    import pyarrow.parquet as pq
+
+    total: dict[str, float] = dict.fromkeys((*COUNTS, *DOLLARS), 0)
+    for p in parts:
+        meta = pq.read_schema(p, filesystem=fs).metadata or {}
+        for k, v in json.loads(meta.get(META_KEY, b"{}")).items():
+            total[k] = total.get(k, 0) + v
+    return total
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = common.job_parser("Classify a corpus with a trained bundle (embed, gate, LLM-score, fuse); resumable by id.")
+    p.add_argument("--bundle", required=True, help="trained model bundle directory (reachable from every node)")
+    common.add_input_args(p, id_required=True)
+    p.add_argument("--output", required=True, help="predictions directory or URI; a re-run resumes into it")
+    p.add_argument("--no-llm", action="store_true", help="never call the LLMs: the encoder-only path answers")
+    gate = p.add_mutually_exclusive_group()
+    gate.add_argument("--gate", dest="gate", action="store_true", default=None, help="force the cost gate on")
+    gate.add_argument("--no-gate", dest="gate", action="store_false", help="ask the LLMs about every text")
+    p.add_argument("--llm-budget", type=float, metavar="USD", help="dollar cap for this run's LLM calls")
+    p.add_argument("--ledger-name", help="named ledger actor to share (default: a new one for this run)")
+    p.add_argument("--predictors", type=int, help="predictor (gate + LLM + fusion) actors at most (default 1)")
+    p.add_argument("--predictor-cpus", type=float, help="CPUs per predictor (default 1 with a local LLM, else 0)")
+    p.add_argument("--rows-per-file", type=int, default=1000, help="rows per output part (also the resume unit)")
+    add_pool_args(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    import ray
+
+    from data_jobs.ledger import shared_ledger
+    from fusion.bundle import read_bundle
+    from fusion.config import parse_config
+
+    config = parse_config(read_bundle(args.bundle).manifest["config"], source=f"config stored in {args.bundle}")
+    if args.llm_budget is not None:
+        config.llm_limits.budget_usd = args.llm_budget
+    common.connect(args.address)
+    fs, root, parts = existing_parts(args.output)
+    done = done_ids(fs, parts, args.id_column)
+    if len(done):
+        common.log.info("resuming: %d rows already in %d part(s) of %s are skipped", len(done), len(parts), args.output)
+    ds = common.read_corpus(args.input, args.format, args.text_column, args.id_column)
+    total = ds.count()
+    if len(done):
+        ds = ds.map_batches(
+            drop_done, batch_format="pyarrow", fn_kwargs={"id_column": args.id_column, "done": done}, **common.LIGHT
+        )
+    if args.text_column != "text":
+        ds = ds.rename_columns({args.text_column: "text"})
+    ds = embed_dataset(
+        ds,
+        bundle=args.bundle,
+        actors=args.actors,
+        threads=args.threads,
+        num_gpus=args.num_gpus,
+        batch_size=args.batch_size,
+        autoscale=True,
+    )
+    ledger_name = args.ledger_name or f"labelfuse-ledger-{uuid.uuid4().hex[:8]}"
+    ledger = shared_ledger(ledger_name, config.llm_limits)
+    local = any(c.provider == "local" for c in config.llms) and not args.no_llm
+    ds = ds.map_batches(
+        Predictor,
+        compute=common.pool(args.predictors, 1, autoscale=True),
+        fn_constructor_kwargs={
+            "bundle": args.bundle,
+            "ledger": ledger,
+            "id_column": args.id_column,
+            "use_llms": not args.no_llm,
+            "gate": args.gate,
+        },
+        batch_size=args.batch_size,
+        batch_format="pyarrow",
+        num_cpus=args.predictor_cpus if args.predictor_cpus is not None else (1.0 if local else 0.0),
+    )
+    ds = ds.map_batches(
+        write_part,
+        batch_size=args.rows_per_file,
+        batch_format="pyarrow",
+        fn_kwargs={"output": args.output, "id_column": args.id_column},
+        **common.LIGHT,
+    )
+    todo = max(total - len(done), 0)
+    common.log.info("backfill of %s: %d rows, %d to do, bundle %s", args.input, total, todo, args.bundle)
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    this_run: dict[str, float] = dict.fromkeys((*COUNTS, *DOLLARS), 0)
+    with tqdm(total=todo, desc="backfill", unit="row") as bar:
+        for part in ds.iter_rows():
+            for k in this_run:
+                this_run[k] += part[k]
+            bar.update(part["rows"])
+    elapsed = time.perf_counter() - start
+    fs, root, parts = existing_parts(args.output)
+    written = done_ids(fs, parts, args.id_column)
+    summary = {
+        "input": args.input,
+        "output": args.output,
+        "bundle": args.bundle,
+        "classes": list(read_bundle(args.bundle).manifest["label_space"]["classes"]),
+        "input_rows": total,
+        "skipped_already_done": len(done),
+        "output_rows": len(written),
+        "duplicate_ids": len(written) - len(pc.unique(written)),
+        "parts": len(parts),
+        "this_run": {**this_run, "elapsed_s": round(elapsed, 2), "rows_per_s": round(this_run["rows"] / elapsed, 2)},
+        "all_runs": summarize(fs, parts),
+        "ledger": {k: (None if v == float("inf") else v) for k, v in ledger.snapshot().items()},
+        "cluster": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")},
+    }
+    with fs.open_output_stream(f"{root}/{SUMMARY}") as f:
+        f.write(json.dumps(summary, indent=2).encode())
+    print(json.dumps(summary, indent=2))
+    if summary["output_rows"] < total:
+        common.log.warning("%d of %d input rows are not in the output", total - summary["output_rows"], total)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return common.run_main(run, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

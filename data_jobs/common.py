@@ -1,0 +1,277 @@
+"""What every data job shares: connecting to Ray, reading a corpus, per-row validation, sizing.
+
+Input rows are read as Arrow tables. Each job keeps the columns it needs plus an ``error``
+column: a row with a missing or non-string text, a missing id, or (JSONL) a line that is not
+a JSON object keeps flowing through the job with its reason in ``error`` instead of failing
+the job. Jobs skip the model work for such rows and write them out with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pyarrow as pa
+
+from fusion.errors import ConfigError, DataError, LabelfuseError
+
+__all__ = ["ConfigError", "DataError"]
+
+log = logging.getLogger("labelfuse.jobs")
+
+NAMESPACE = "labelfuse"
+LIGHT = {"num_cpus": 0}  # reading, parsing, writing: I/O that must never wait behind the model actors
+FORMATS = {
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+    ".csv": "csv",
+}
+
+
+# -- Ray -----------------------------------------------------------------------------------------------------
+def connect(address: str | None = None) -> None:
+    """Attach to a cluster (``ray job submit`` sets RAY_ADDRESS) or start a local Ray; no-op if connected."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(address=address, namespace=NAMESPACE, log_to_driver=True)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = True
+
+
+def cluster_resources() -> tuple[float, float]:
+    """(CPUs, GPUs) of the connected cluster."""
+    import ray
+
+    res = ray.cluster_resources()
+    return float(res.get("CPU", 0.0)), float(res.get("GPU", 0.0))
+
+
+def job_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument(
+        "--address",
+        help="Ray cluster address; default: RAY_ADDRESS (set by `ray job submit`), else a new local Ray. "
+        "'local' forces a new local instance.",
+    )
+    return p
+
+
+def add_input_args(p: argparse.ArgumentParser, id_required: bool = False) -> None:
+    p.add_argument("--input", required=True, help="file, directory or URI (s3://, gs://, ...) of parquet/jsonl/csv")
+    p.add_argument("--format", choices=sorted(set(FORMATS.values())), help="input format; default: from the suffix")
+    p.add_argument("--text-column", default="text", help="column with the text")
+    p.add_argument(
+        "--id-column",
+        default="id" if id_required else None,
+        help="column with a unique row id" + (" (required: resuming is by id)" if id_required else ""),
+    )
+
+
+def run_main(fn: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser, argv: Sequence[str] | None):
+    """Parse, set up logging, run; user errors exit 2 with the message, not a traceback."""
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return fn(args)
+    except LabelfuseError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+# -- input ---------------------------------------------------------------------------------------------------
+def detect_format(path: str, fmt: str | None) -> str:
+    if fmt:
+        return fmt
+    base = path.rstrip("/").rsplit("/", 1)[-1].lower()
+    for ext in (".gz", ".zst", ".bz2"):
+        base = base.removesuffix(ext)
+    suffix = "." + base.rsplit(".", 1)[-1] if "." in base else ""
+    if suffix in FORMATS:
+        return FORMATS[suffix]
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), os.path.abspath(path))
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    except (FileNotFoundError, OSError) as err:
+        raise DataError(f"cannot list input {path}: {err}") from None
+    found = {
+        FORMATS.get("." + i.base_name.rsplit(".", 1)[-1].lower())
+        for i in infos
+        if i.is_file and not i.base_name.startswith(("_", "."))
+    }
+    found.discard(None)
+    if len(found) != 1:
+        raise DataError(f"cannot tell the format of {path} (found {sorted(found) or 'no known files'}); pass --format")
+    return found.pop()
+
+
+def _parse_jsonl(batch: pa.Table, columns: list[str], id_column: str | None) -> pa.Table:
+    """Lines to rows of ``columns``; a line that is not a JSON object becomes an error row."""
+    out: dict[str, list[Any]] = {c: [] for c in columns}
+    errors: list[str | None] = []
+    for line in batch.column("text").to_pylist():
+        try:
+            obj = json.loads(line)
+            if not isinstance(obj, dict):
+                raise ValueError(f"a JSON {type(obj).__name__}, not an object")
+            for c in columns:
+                out[c].append(obj.get(c))
+            errors.append(None)
+        except ValueError as err:
+            for c in columns:
+                out[c].append(None)
+            if id_column:  # a stable id, so a resumed backfill recognises this row
+                out[id_column][-1] = "invalid-line-" + hashlib.sha1(line.encode()).hexdigest()[:16]
+            errors.append(f"invalid JSON line ({str(err)[:80]}): {line[:120]!r}")
+    data = {c: pa.array([_jsonable(v) for v in vals]) for c, vals in out.items()}
+    data["_parse_error"] = pa.array(errors, pa.string())
+    return pa.table(data)
+
+
+def _jsonable(v: Any) -> Any:
+    return v if v is None or isinstance(v, (str, int, float, bool, list)) else json.dumps(v)
+
+
+def read_corpus(
+    path: str,
+    fmt: str | None,
+    text_column: str,
+    id_column: str | None = None,
+    keep: Sequence[str] = (),
+) -> Any:
+    """A Ray Dataset of ``[id_column, text_column, *keep, error]``, ids as strings.
+
+    ``keep`` columns are carried along when the input has them. Rows that cannot be used
+    keep their place with the reason in ``error``.
+    """
+    import ray
+
+    fmt = detect_format(path, fmt)
+    wanted = list(dict.fromkeys([c for c in (id_column, text_column, *keep) if c]))
+    try:
+        if fmt == "jsonl":
+            ds = ray.data.read_text(path, **LIGHT)
+            ds = ds.map_batches(
+                _parse_jsonl, batch_format="pyarrow", fn_kwargs={"columns": wanted, "id_column": id_column}, **LIGHT
+            )
+        elif fmt == "parquet":
+            ds = ray.data.read_parquet(path, **LIGHT)
+        else:
+            ds = ray.data.read_csv(path, **LIGHT)
+        names = ds.columns()
+    except Exception as err:  # missing path, unreadable file: Ray and pyarrow raise many types
+        raise DataError(f"cannot read {path} as {fmt}: {str(err).splitlines()[0]}") from None
+    required = [c for c in (id_column, text_column) if c]
+    missing = [c for c in required if c not in names]
+    if missing:
+        raise DataError(f"{path} has no column(s) {missing}; it has {names}. Use --text-column / --id-column.")
+    columns = [c for c in wanted if c in names]
+    return ds.map_batches(
+        _validate,
+        batch_format="pyarrow",
+        fn_kwargs={"columns": columns, "text": text_column, "id": id_column},
+        **LIGHT,
+    )
+
+
+def _validate(batch: pa.Table, columns: list[str], text: str, id: str | None) -> pa.Table:
+    texts = batch.column(text).to_pylist()
+    ids = batch.column(id).to_pylist() if id else None
+    earlier = next((c for c in ("_parse_error", "error") if c in batch.column_names), None)  # reader, or an earlier job
+    parsed = batch.column(earlier).to_pylist() if earlier else None
+    errors: list[str | None] = []
+    for i, t in enumerate(texts):
+        if parsed and parsed[i]:
+            errors.append(parsed[i])
+        elif ids is not None and (ids[i] is None or ids[i] == ""):
+            errors.append(f"missing id in column {id!r}")
+        elif not isinstance(t, str):
+            errors.append(f"text is {'missing' if t is None else type(t).__name__ + ' ' + repr(t)[:60]}, not a string")
+        elif not t.strip():
+            errors.append("text is empty")
+        else:
+            errors.append(None)
+    out = {c: batch.column(c) for c in columns}
+    if id:
+        out[id] = pa.array([None if v is None else str(v) for v in ids], pa.string())
+    out[text] = pa.array([t if isinstance(t, str) else None for t in texts], pa.string())
+    out["error"] = pa.array(errors, pa.string())
+    return pa.table(out)
+
+
+def ok_rows(batch: pa.Table) -> list[int]:
+    return [i for i, e in enumerate(batch.column("error").to_pylist()) if e is None]
+
+
+# -- output --------------------------------------------------------------------------------------------------
+SIDECAR = "_labelfuse.json"  # readers skip files starting with "_"
+
+
+def filesystem(uri: str) -> tuple[Any, str]:
+    """(pyarrow filesystem, path inside it) for a local path or a URI."""
+    import pyarrow.fs as pafs
+
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def write_sidecar(output: str, info: dict[str, Any]) -> None:
+    """What a later job needs to read ``output`` right (class order, LLM names), next to the data."""
+    fs, root = filesystem(output)
+    with fs.open_output_stream(f"{root}/{SIDECAR}") as f:
+        f.write(json.dumps(info, indent=2).encode())
+
+
+def read_sidecar(path: str) -> dict[str, Any]:
+    fs, root = filesystem(path)
+    try:
+        with fs.open_input_stream(f"{root}/{SIDECAR}") as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, OSError):
+        return {}
+
+
+# -- sizing --------------------------------------------------------------------------------------------------
+def pool(actors: int | None, default: int, autoscale: bool = False) -> Any:
+    """A pool of ``actors`` (default ``default``) actors; ``autoscale`` starts with one and grows to
+    that as CPUs/GPUs free up, for pipelines where several pools share the cluster."""
+    import ray
+
+    n = max(1, actors or default)
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=n) if autoscale else ray.data.ActorPoolStrategy(size=n)
+
+
+def fixed_size_list(rows: Any, dim: int, ok: Sequence[int], n: int) -> pa.Array:
+    """(len(ok), dim) float32 rows placed at ``ok`` positions of an n-row list column; others null."""
+    import numpy as np
+
+    flat = np.zeros((n, dim), dtype=np.float32)
+    mask = np.ones(n, dtype=bool)
+    if len(ok):
+        flat[list(ok)] = rows
+        mask[list(ok)] = False
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), dim, mask=pa.array(mask))
+
+
+def embeddings(batch: pa.Table, column: str = "embedding") -> Any:
+    """The fixed-size-list column as an (n, dim) float32 array (zeros where null)."""
+    import numpy as np
+
+    col = batch.column(column).combine_chunks()
+    dim = col.type.list_size
+    flat = np.asarray(col.values, dtype=np.float32).reshape(-1, dim)
+    return flat[col.offset : col.offset + len(col)]
