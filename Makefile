@@ -55,6 +55,7 @@ lint: install
 bench: install
 	$(BIN)/python bench/encoder_throughput.py
 	$(BIN)/python bench/llm_scoring.py
+	$(BIN)/python bench/ray_data_embed.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

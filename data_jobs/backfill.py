@@ -36,20 +36,9 @@ from data_jobs.embed import add_pool_args, embed_dataset
 PARTS_PREFIX = "part-"
 META_KEY = b"labelfuse"
 SUMMARY = "_summary.json"
-# counts kept per part (parquet metadata) and summed into the summary
-COUNTS = (
-    "rows",
-    "errors",
-    "llm_used",
-    "gated_out",
-    "llm_errors",
-    "llm_calls",
-    "cache_hits",
-    "over_budget",
-    "prompt_tokens",
-    "completion_tokens",
-)
-DOLLARS = ("llm_cost_usd", "spent_usd")
+USAGE = ("llm_calls", "cache_hits", "over_budget", "prompt_tokens", "completion_tokens", "spent_usd")
+# what each part's parquet metadata records and the summary adds up
+COUNTS = ("rows", "errors", "llm_used", "gated_out", "llm_errors", "llm_cost_usd", *USAGE)
 
 
 class Predictor:
@@ -89,16 +78,17 @@ class Predictor:
                     if e:
                         llm_error[i] = f"{name}: {e}" if llm_error[i] is None else f"{llm_error[i]}; {name}: {e}"
             for u in det.usage.values():
-                for k in ("llm_calls", "cache_hits", "over_budget", "prompt_tokens", "completion_tokens", "spent_usd"):
+                for k in USAGE:
                     usage[k] = usage.get(k, 0) + (u.get(k) or 0)
         fields = [pa.array(proba[:, j], pa.float32()) for j in range(len(self.classes))]
-        valid = pa.array([i in set(ok) for i in range(n)])
+        missing = np.ones(n, bool)
+        missing[ok] = False
         cols = {
             self.id_column: batch.column(self.id_column),
             "labels" if self.multilabel else "label": pa.array(
                 labels, pa.list_(pa.string()) if self.multilabel else pa.string()
             ),
-            "probabilities": pa.StructArray.from_arrays(fields, names=self.classes, mask=pc.invert(valid)),
+            "probabilities": pa.StructArray.from_arrays(fields, names=self.classes, mask=pa.array(missing)),
             "llm_used": pa.array(used),
             "gated_out": pa.array(gated),
             "llm_cost_usd": pa.array(cost),
@@ -122,10 +112,7 @@ def part_counts(table: pa.Table) -> dict[str, float]:
         "gated_out": int(pc.sum(table.column("gated_out")).as_py() or 0),
         "llm_errors": table.num_rows - table.column("llm_error").null_count,
         "llm_cost_usd": float(pc.sum(table.column("llm_cost_usd")).as_py() or 0.0),
-        **{
-            k: usage.get(k, 0) for k in ("llm_calls", "cache_hits", "over_budget", "prompt_tokens", "completion_tokens")
-        },
-        "spent_usd": usage.get("spent_usd", 0.0),
+        **{k: usage.get(k, 0) for k in USAGE},
     }
 
 
@@ -176,7 +163,7 @@ def summarize(fs: Any, parts: list[str]) -> dict[str, float]:
     """Counts summed over every part in the output (all runs), from parquet metadata only."""
     import pyarrow.parquet as pq
 
-    total: dict[str, float] = dict.fromkeys((*COUNTS, *DOLLARS), 0)
+    total: dict[str, float] = dict.fromkeys(COUNTS, 0)
     for p in parts:
         meta = pq.read_schema(p, filesystem=fs).metadata or {}
         for k, v in json.loads(meta.get(META_KEY, b"{}")).items():
@@ -232,14 +219,13 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         num_gpus=args.num_gpus,
         batch_size=args.batch_size,
-        autoscale=True,
     )
     ledger_name = args.ledger_name or f"labelfuse-ledger-{uuid.uuid4().hex[:8]}"
     ledger = shared_ledger(ledger_name, config.llm_limits)
     local = any(c.provider == "local" for c in config.llms) and not args.no_llm
     ds = ds.map_batches(
         Predictor,
-        compute=common.pool(args.predictors, 1, autoscale=True),
+        compute=common.pool(args.predictors, 1),
         fn_constructor_kwargs={
             "bundle": args.bundle,
             "ledger": ledger,
@@ -263,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
-    this_run: dict[str, float] = dict.fromkeys((*COUNTS, *DOLLARS), 0)
+    this_run: dict[str, float] = dict.fromkeys(COUNTS, 0)
     with tqdm(total=todo, desc="backfill", unit="row") as bar:
         for part in ds.iter_rows():
             for k in this_run:

@@ -27,6 +27,9 @@ log = logging.getLogger("labelfuse.jobs")
 
 NAMESPACE = "labelfuse"
 LIGHT = {"num_cpus": 0}  # reading, parsing, writing: I/O that must never wait behind the model actors
+# Ray Data's default 128 MiB blocks hold ~50k texts: one parquet row group would be one block, one
+# actor's work, while the rest of the pool idles. 256 KiB blocks (~100-1000 texts) spread the work.
+BLOCK_BYTES = 256 * 1024
 FORMATS = {
     ".parquet": "parquet",
     ".pq": "parquet",
@@ -39,15 +42,15 @@ FORMATS = {
 
 # -- Ray -----------------------------------------------------------------------------------------------------
 def connect(address: str | None = None) -> None:
-    """Attach to a cluster (``ray job submit`` sets RAY_ADDRESS) or start a local Ray; no-op if connected."""
+    """Attach to a cluster (``ray job submit`` sets RAY_ADDRESS) or start a local Ray; no-op if connected.
+
+    The namespace makes named actors (the LLM ledger) visible to every job that shares it."""
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address=address, namespace=NAMESPACE, log_to_driver=True)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
+    ray.init(address=address, namespace=NAMESPACE)
 
 
 def cluster_resources() -> tuple[float, float]:
@@ -62,8 +65,8 @@ def job_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument(
         "--address",
-        help="Ray cluster address; default: RAY_ADDRESS (set by `ray job submit`), else a new local Ray. "
-        "'local' forces a new local instance.",
+        help="Ray cluster address; default: RAY_ADDRESS (set by `ray job submit`), else a cluster started with "
+        "`ray start` on this machine, else a new local Ray; 'local' always starts a new one",
     )
     return p
 
@@ -102,7 +105,7 @@ def detect_format(path: str, fmt: str | None) -> str:
         return FORMATS[suffix]
     import pyarrow.fs as pafs
 
-    fs, root = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), os.path.abspath(path))
+    fs, root = filesystem(path)
     try:
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     except (FileNotFoundError, OSError) as err:
@@ -118,8 +121,9 @@ def detect_format(path: str, fmt: str | None) -> str:
     return found.pop()
 
 
-def _parse_jsonl(batch: pa.Table, columns: list[str], id_column: str | None) -> pa.Table:
-    """Lines to rows of ``columns``; a line that is not a JSON object becomes an error row."""
+def _parse_jsonl(batch: pa.Table, columns: list[str], text_column: str, id_column: str | None) -> pa.Table:
+    """Lines to rows of ``columns``; a line that is not a JSON object, or whose text is not a string,
+    becomes an error row."""
     out: dict[str, list[Any]] = {c: [] for c in columns}
     errors: list[str | None] = []
     for line in batch.column("text").to_pylist():
@@ -127,22 +131,36 @@ def _parse_jsonl(batch: pa.Table, columns: list[str], id_column: str | None) -> 
             obj = json.loads(line)
             if not isinstance(obj, dict):
                 raise ValueError(f"a JSON {type(obj).__name__}, not an object")
-            for c in columns:
-                out[c].append(obj.get(c))
-            errors.append(None)
         except ValueError as err:
             for c in columns:
                 out[c].append(None)
             if id_column:  # a stable id, so a resumed backfill recognises this row
                 out[id_column][-1] = "invalid-line-" + hashlib.sha1(line.encode()).hexdigest()[:16]
             errors.append(f"invalid JSON line ({str(err)[:80]}): {line[:120]!r}")
-    data = {c: pa.array([_jsonable(v) for v in vals]) for c, vals in out.items()}
+            continue
+        for c in columns:
+            out[c].append(obj.get(c))
+        errors.append(_not_text(obj.get(text_column)))
+    data = {c: _arrow(vals, as_text=c in (id_column, text_column)) for c, vals in out.items()}
     data["_parse_error"] = pa.array(errors, pa.string())
     return pa.table(data)
 
 
-def _jsonable(v: Any) -> Any:
-    return v if v is None or isinstance(v, (str, int, float, bool, list)) else json.dumps(v)
+def _not_text(value: Any) -> str | None:
+    if isinstance(value, str):
+        return None
+    return f"text is {'missing' if value is None else type(value).__name__ + ' ' + repr(value)[:60]}, not a string"
+
+
+def _arrow(values: list[Any], as_text: bool) -> pa.Array:
+    """A column from JSON values; ids and texts become strings (non-string texts are already errors),
+    and a column whose values mix types keeps non-strings as JSON text rather than failing the batch."""
+    if as_text:
+        return pa.array([v if v is None or isinstance(v, str) else json.dumps(v) for v in values], pa.string())
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return pa.array([v if v is None or isinstance(v, str) else json.dumps(v) for v in values], pa.string())
 
 
 def read_corpus(
@@ -155,17 +173,24 @@ def read_corpus(
     """A Ray Dataset of ``[id_column, text_column, *keep, error]``, ids as strings.
 
     ``keep`` columns are carried along when the input has them. Rows that cannot be used
-    keep their place with the reason in ``error``.
+    keep their place with the reason in ``error``. Sets this driver's Ray Data block size to
+    :data:`BLOCK_BYTES` so every actor of a pool gets work.
     """
     import ray
 
+    ctx = ray.data.DataContext.get_current()
+    ctx.target_max_block_size = BLOCK_BYTES
+    ctx.target_min_block_size = min(ctx.target_min_block_size, BLOCK_BYTES)
     fmt = detect_format(path, fmt)
     wanted = list(dict.fromkeys([c for c in (id_column, text_column, *keep) if c]))
     try:
         if fmt == "jsonl":
             ds = ray.data.read_text(path, **LIGHT)
             ds = ds.map_batches(
-                _parse_jsonl, batch_format="pyarrow", fn_kwargs={"columns": wanted, "id_column": id_column}, **LIGHT
+                _parse_jsonl,
+                batch_format="pyarrow",
+                fn_kwargs={"columns": wanted, "text_column": text_column, "id_column": id_column},
+                **LIGHT,
             )
         elif fmt == "parquet":
             ds = ray.data.read_parquet(path, **LIGHT)
@@ -199,7 +224,7 @@ def _validate(batch: pa.Table, columns: list[str], text: str, id: str | None) ->
         elif ids is not None and (ids[i] is None or ids[i] == ""):
             errors.append(f"missing id in column {id!r}")
         elif not isinstance(t, str):
-            errors.append(f"text is {'missing' if t is None else type(t).__name__ + ' ' + repr(t)[:60]}, not a string")
+            errors.append(_not_text(t))
         elif not t.strip():
             errors.append("text is empty")
         else:
@@ -246,13 +271,15 @@ def read_sidecar(path: str) -> dict[str, Any]:
 
 
 # -- sizing --------------------------------------------------------------------------------------------------
-def pool(actors: int | None, default: int, autoscale: bool = False) -> Any:
-    """A pool of ``actors`` (default ``default``) actors; ``autoscale`` starts with one and grows to
-    that as CPUs/GPUs free up, for pipelines where several pools share the cluster."""
+def pool(actors: int | None, default: int) -> Any:
+    """An actor pool that starts with one actor and grows to ``actors`` (default ``default``).
+
+    Starting small matters: Ray Data's file-listing task needs a whole CPU, and a pool that
+    took every CPU up front would wait on it forever. Growing also lets two pools (encoder,
+    LLM) share a small cluster."""
     import ray
 
-    n = max(1, actors or default)
-    return ray.data.ActorPoolStrategy(min_size=1, max_size=n) if autoscale else ray.data.ActorPoolStrategy(size=n)
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, actors or default))
 
 
 def fixed_size_list(rows: Any, dim: int, ok: Sequence[int], n: int) -> pa.Array:

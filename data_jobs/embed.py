@@ -55,7 +55,6 @@ def embed_dataset(
     threads: int = 1,
     num_gpus: float | None = None,
     batch_size: int = BATCH_ROWS,
-    autoscale: bool = False,
 ) -> Any:
     """Add ``embedding`` to every row of ``ds`` (rows with an ``error`` get null)."""
     cpus, gpus = common.cluster_resources()
@@ -64,7 +63,7 @@ def embed_dataset(
     default = int(gpus / num_gpus) if num_gpus else int(cpus // threads)
     return ds.map_batches(
         Embedder,
-        compute=common.pool(actors, default, autoscale),
+        compute=common.pool(actors, default),
         fn_constructor_kwargs={"encoder": encoder, "bundle": bundle, "threads": threads},
         fn_kwargs={"text_column": text_column},
         batch_size=batch_size,
@@ -78,7 +77,9 @@ def write_parquet(ds: Any, output: str, rows_per_file: int) -> None:
     """Overwrite ``output`` with files of at least ``rows_per_file`` rows (not one file per block)."""
     import ray
 
-    ds.write_parquet(output, min_rows_per_file=rows_per_file, mode=ray.data.SaveMode.OVERWRITE)
+    ds.write_parquet(
+        output, min_rows_per_file=rows_per_file, mode=ray.data.SaveMode.OVERWRITE, ray_remote_args=common.LIGHT
+    )
 
 
 def add_pool_args(p: argparse.ArgumentParser) -> None:
@@ -91,7 +92,7 @@ def add_pool_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = common.job_parser("Embed a corpus with the text encoder on a Ray Data actor pool; write parquet.")
     common.add_input_args(p)
-    p.add_argument("--keep", default="label", help="comma-separated extra columns to carry to the output if present")
+    p.add_argument("--keep", default="id,label", help="comma-separated columns to carry to the output if present")
     p.add_argument("--output", required=True, help="output directory or URI (overwritten)")
     p.add_argument("--encoder", default="all-MiniLM-L6-v2", help="encoder model name or local directory")
     p.add_argument("--max-length", type=int, default=256, help="encoder max tokens per text")
@@ -102,14 +103,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fusion.config import EncoderConfig
+
     common.connect(args.address)
+    if args.bundle:
+        from fusion.bundle import read_bundle
+
+        encoder = read_bundle(args.bundle).manifest["config"]["encoder"]
+    else:
+        encoder = EncoderConfig(model=args.encoder, max_length=args.max_length).model_dump()
     keep = [c for c in (args.keep or "").split(",") if c]
     ds = common.read_corpus(args.input, args.format, args.text_column, args.id_column, keep=keep)
     start = time.perf_counter()
     ds = embed_dataset(
         ds,
         text_column=args.text_column,
-        encoder={"model": args.encoder, "max_length": args.max_length},
+        encoder=encoder,
         bundle=args.bundle,
         actors=args.actors,
         threads=args.threads,
@@ -117,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
     )
     write_parquet(ds, args.output, args.rows_per_file)
+    common.write_sidecar(args.output, {"encoder": encoder})  # data_jobs.train trains with this same encoder
     common.log.info("embedded %s -> %s in %.1fs", args.input, args.output, time.perf_counter() - start)
     return 0
 

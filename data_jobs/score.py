@@ -75,13 +75,12 @@ def score_dataset(
     actors: int | None = None,
     num_cpus: float | None = None,
     batch_size: int = BATCH_ROWS,
-    autoscale: bool = False,
 ) -> Any:
     """Add the LLM score columns to ``ds``; ``ledger`` is a :class:`data_jobs.ledger.RayLedger`."""
     local = any(c.provider == "local" for c in config.llms)
     return ds.map_batches(
         Scorer,
-        compute=common.pool(actors, 1, autoscale),
+        compute=common.pool(actors, 1),
         fn_constructor_kwargs={
             "llms": [c.model_dump() for c in config.llms],
             "classes": classes,
@@ -133,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     if not config.llms:
         raise common.ConfigError("no LLM to score with: pass --llm PROVIDER:MODEL or set llms in --config")
     common.connect(args.address)
-    keep = [c for c in ("embedding", args.label_column) if c]
+    keep = ["id", "embedding", args.label_column]
     ds = common.read_corpus(args.input, args.format, args.text_column, args.id_column, keep=keep)
     if args.classes:
         classes = [c.strip() for c in args.classes.split(",") if c.strip()]
@@ -158,10 +157,8 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
     )
     write_parquet(ds, args.output, args.rows_per_file)
-    common.write_sidecar(
-        args.output,
-        {"classes": classes, "multilabel": config.labels.mode == "multilabel", "llms": config.model_dump()["llms"]},
-    )
+    info = {"classes": classes, "multilabel": config.labels.mode == "multilabel", "llms": config.model_dump()["llms"]}
+    common.write_sidecar(args.output, {**common.read_sidecar(args.input), **info})  # keeps the embed job's encoder
     snap = ledger.snapshot()
     common.log.info(
         "scored %s -> %s in %.1fs: %d LLM calls, %d tokens, $%.4f spent, %d denied by the budget",

@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="training rows: output of data_jobs.embed or data_jobs.score")
     p.add_argument("--validation", help="validation rows, same layout (default: hold out train.val_fraction)")
     p.add_argument("--out", required=True, help="bundle directory to write")
-    p.add_argument("--text-column", default="text", help="column with the text (kept for few-shot examples)")
-    p.add_argument("--label-column", default="label", help="column with the label (or list of labels) per row")
+    p.add_argument("--text-column", help="column with the text, kept for few-shot examples (config: data.text_column)")
+    p.add_argument("--label-column", help="column with the label or list of labels (config: data.label_column)")
     add_config_args(p)
     add_llm_args(p, train=True)
     return p
@@ -76,8 +76,13 @@ def run(args: argparse.Namespace) -> int:
 
     common.connect(args.address)
     config = with_llm_args(config_from_args(args), args).model_dump()
-    config["data"].update(text_column=args.text_column, label_column=args.label_column, label_columns=None)
+    if args.text_column:
+        config["data"]["text_column"] = args.text_column
+    if args.label_column:
+        config["data"].update(label_column=args.label_column, label_columns=None)
     info = common.read_sidecar(args.input)
+    if info.get("encoder"):  # the embeddings came from this encoder: the bundle must embed the same way
+        config["encoder"] = info["encoder"]
     if info.get("classes"):  # score columns are in the scorer's class order: train in the same order
         config["labels"].update(classes=info["classes"], mode="multilabel" if info["multilabel"] else "multiclass")
     if not config["llms"] and info.get("llms"):
@@ -85,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     config = parse_config(config, source="data_jobs.train options")
     if config.llms and not config.labels.classes:
         raise common.ConfigError(f"{args.input} has no {common.SIDECAR}; set labels.classes to the scorer's classes")
-    columns = [args.text_column, "embedding", args.label_column, *[f"llm_{c.name}" for c in config.llms]]
+    labels = config.data.label_columns or [config.data.label_column]
+    columns = [config.data.text_column, "embedding", *labels, *[f"llm_{c.name}" for c in config.llms]]
     classes = config.labels.classes or []
     train_df, emb, scores = split_features(load_table(args.input, columns), config, classes)
     val: dict[str, Any] = {}

