@@ -9,6 +9,7 @@ The budget test alone uses the scripted stub endpoint: a paid API cannot be call
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -267,4 +268,5 @@ def test_ray_job_submit_runs_a_job_on_a_started_cluster(corpora, tmp_path):
         assert "Connected to Ray cluster" in res.stdout + res.stderr  # the job ran on our cluster, not a local one
     finally:
         _stop_own_cluster(str(temp))
+        shutil.rmtree(temp, ignore_errors=True)
     assert not _own_processes(str(temp))
