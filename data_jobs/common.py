@@ -164,12 +164,12 @@ def _not_text(value: Any) -> str | None:
 def _arrow(values: list[Any], as_text: bool) -> pa.Array:
     """A column from JSON values; ids and texts become strings (non-string texts are already errors),
     and a column whose values mix types keeps non-strings as JSON text rather than failing the batch."""
-    if as_text:
-        return pa.array([v if v is None or isinstance(v, str) else json.dumps(v) for v in values], pa.string())
-    try:
-        return pa.array(values)
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        return pa.array([v if v is None or isinstance(v, str) else json.dumps(v) for v in values], pa.string())
+    if not as_text:
+        try:
+            return pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            pass
+    return pa.array([v if v is None or isinstance(v, str) else json.dumps(v) for v in values], pa.string())
 
 
 def read_corpus(
