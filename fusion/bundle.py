@@ -99,6 +99,12 @@ def write_bundle(
     return final
 
 
+def version_of(manifest: dict[str, Any]) -> str:
+    """A short id of a bundle's content (its file checksums): equal bundles share it, any change alters it."""
+    digest = hashlib.sha256(json.dumps(manifest.get("files", {}), sort_keys=True).encode()).hexdigest()
+    return digest[:12]
+
+
 def _json_default(o: Any) -> Any:
     if isinstance(o, np.ndarray):
         return o.tolist()

@@ -18,6 +18,7 @@ also says, per text, whether each LLM was used and what its answer cost.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -106,6 +107,7 @@ class AutoFusionClassifier:
         self.metrics: dict[str, Any] = {}
         self.training: dict[str, Any] = {}
         self.llm_usage: dict[str, dict[str, Any]] = {}
+        self.version: str | None = None  # content id of the bundle saved or loaded (see fusion.bundle.version_of)
 
     # -- properties -----------------------------------------------------------------------------------------
     @property
@@ -201,7 +203,7 @@ class AutoFusionClassifier:
         idx = np.argsort(-sims, axis=1)[:, :k]
         return [[Example(texts[j], labels[j]) for j in row[::-1]] for row in idx]
 
-    def score_llms(
+    async def ascore_llms(
         self,
         texts: list[str],
         emb: np.ndarray,
@@ -215,10 +217,25 @@ class AutoFusionClassifier:
         todo = [c.name for c in self.config.llms if c.name not in out]
         if not todo or not texts:
             return out, {}
-        batches = self.llm_panel.score(texts, self._neighbours(emb, exclude_self), progress=progress, only=todo)
+        neighbours = self._neighbours(emb, exclude_self)
+        batches = await self.llm_panel.ascore(texts, neighbours, progress=progress, only=todo)
         for name, b in batches.items():
             out[name] = b.scores
         return out, batches
+
+    def score_llms(
+        self,
+        texts: list[str],
+        emb: np.ndarray,
+        given: Scores | None = None,
+        *,
+        exclude_self: bool = False,
+        progress: bool = False,
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """:meth:`ascore_llms` for synchronous callers."""
+        from fusion.llm.scorer import run_sync
+
+        return run_sync(self.ascore_llms(texts, emb, given, exclude_self=exclude_self, progress=progress))
 
     @staticmethod
     def _usage(batches: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -379,42 +396,72 @@ class AutoFusionClassifier:
         With gating on (``gate``, default ``config.gating.enabled``), LLMs are asked only
         about texts whose encoder-only confidence is below the learned threshold. LLM
         scores missing from ``llm_scores`` are fetched from the configured LLMs.
+
+        The three steps are public for callers that run them in different places (the
+        Serve graph): :meth:`ask_llms` (the gate), :meth:`ascore_llms` (the LLMs, for the
+        texts asked) and :meth:`fuse`.
         """
-        space = self._require_fitted()
-        assert self.layout is not None and self.scaler is not None
         texts, _ = self._texts_labels(X, None, require_labels=False)
         emb = self._embed(texts, embeddings, progress)
-        n, m = len(texts), self.layout.n_llms
+        ask = self.ask_llms(emb, gate=gate, calibrated=calibrated)
+        idx = np.flatnonzero(ask)
+        scores, batches = self.score_llms(
+            [texts[i] for i in idx], emb[idx], _subset(llm_scores, idx), progress=progress
+        )
+        return self.fuse(emb, ask, scores, batches, calibrated=calibrated)
+
+    def ask_llms(self, emb: np.ndarray, *, gate: bool | None = None, calibrated: bool = True) -> np.ndarray:
+        """The cost gate: a bool per text, True where the LLMs should be asked (all False without LLMs)."""
+        space = self._require_fitted()
+        assert self.layout is not None and self.scaler is not None
+        n = len(emb)
+        if not self.layout.n_llms:
+            return np.zeros(n, dtype=bool)
         gate = self.config.gating.enabled if gate is None else gate
-        ask = np.ones(n, dtype=bool)
-        if m and gate:
-            if self.gate_threshold is None:
-                raise ConfigError("this model has no gating threshold: train it with gating.enabled=true")
-            enc = self._proba(self.scaler.transform(build_features(emb, None, self.layout)), calibrated)
-            ask = confidence(enc, space.multilabel) < self.gate_threshold
+        if not gate:
+            return np.ones(n, dtype=bool)
+        if self.gate_threshold is None:
+            raise ConfigError("this model has no gating threshold: train it with gating.enabled=true")
+        enc = self._proba(self.scaler.transform(build_features(emb, None, self.layout)), calibrated)
+        return confidence(enc, space.multilabel) < self.gate_threshold
+
+    def fuse(
+        self,
+        emb: np.ndarray,
+        ask: np.ndarray,
+        scores: Scores,
+        batches: Mapping[str, Any] | None = None,
+        *,
+        calibrated: bool = True,
+    ) -> Prediction:
+        """Fuse embeddings with the LLM scores of the texts in ``ask`` (rows in ``ask`` order).
+
+        ``batches`` ({name: ScoreBatch} from :meth:`ascore_llms`) supply cost, errors and usage.
+        An LLM without scores, or a NaN row, is marked missing: the encoder-only path answers.
+        """
+        space = self._require_fitted()
+        assert self.layout is not None
+        n, m = len(emb), self.layout.n_llms
+        idx = np.flatnonzero(ask)
+        # unknown names go through too: build_features rejects them with a clear message
+        full = {
+            name: np.full((n, space.n_classes), np.nan, dtype=np.float32) for name in {*self.layout.llm_names, *scores}
+        }
+        for name, s in scores.items():
+            full[name][idx] = s
         cost = np.zeros(n)
         errors: dict[str, list[str | None]] = {}
-        usage: dict[str, dict[str, Any]] = {}
-        scores = {k: np.asarray(v, dtype=np.float32) for k, v in (llm_scores or {}).items()}
-        if m:
-            idx = np.flatnonzero(ask)
-            sub, batches = self.score_llms([texts[i] for i in idx], emb[idx], _subset(scores, idx), progress=progress)
-            for name in self.layout.llm_names:
-                full = np.full((n, space.n_classes), np.nan, dtype=np.float32)
-                if name in sub:
-                    full[idx] = sub[name]
-                scores[name] = full
-            for name, b in batches.items():
-                cost[idx] += np.where(b.used, b.cost_usd, 0.0)
-                errors[name] = [None] * n
-                for i, e in zip(idx, b.errors, strict=True):
-                    errors[name][i] = e
-            usage = self._usage(batches)
-        x = build_features(emb, scores, self.layout)
+        for name, b in (batches or {}).items():
+            cost[idx] += np.where(b.used, b.cost_usd, 0.0)
+            errors[name] = [None] * n
+            for i, e in zip(idx, b.errors, strict=True):
+                errors[name][i] = e
+        x = build_features(emb, full, self.layout)
         used = np.stack([x[:, self.layout.flag(j)] == 0 for j in range(m)], axis=1) if m else np.zeros((n, 0), bool)
         # a text the gate kept from the LLMs has missing blocks: the encoder-only path answers
         proba = self._proba(self.scaler.transform(x), calibrated)
-        return Prediction(proba, used, cost, ~ask, errors, usage)
+        gated_out = ~ask if m else np.zeros(n, dtype=bool)
+        return Prediction(proba, used, cost, gated_out, errors, self._usage(batches or {}))
 
     def predict_proba(
         self,
@@ -496,7 +543,9 @@ class AutoFusionClassifier:
             "metrics": self.metrics,
             "training": self.training,
         }
-        return bundle_io.write_bundle(path, manifest, tensors, self.encoder.save if fine_tuned else None)
+        out = bundle_io.write_bundle(path, manifest, tensors, self.encoder.save if fine_tuned else None)
+        self.version = bundle_io.version_of(json.loads((out / bundle_io.MANIFEST).read_text(encoding="utf-8")))
+        return out
 
     @classmethod
     def load(
@@ -526,6 +575,7 @@ class AutoFusionClassifier:
                 fs = m["fewshot"]
                 clf._pool = (fs["texts"], [tuple(x) for x in fs["labels"]], t["fewshot.embeddings"].numpy())
             clf.metrics, clf.training = m.get("metrics", {}), m.get("training", {})
+            clf.version = bundle_io.version_of(m)
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             raise BundleError(f"{path} has an inconsistent manifest or weights ({type(err).__name__}: {err})") from None
         if encoder is None and contents.encoder_dir is not None:

@@ -1,0 +1,505 @@
+"""The labelfuse Ray Serve application: one deployment graph for HTTP and Kafka.
+
+```
+HTTP ─► Ingress (FastAPI) ─┐
+                           ├─► Fusion ─► Embedder  (@serve.batch; GPU when the cluster has one)
+Kafka ─► KafkaTagger ──────┘      └────► LLMScorer (gate, cache, the shared ledger actor)
+```
+
+- **Fusion** holds the model bundle, set through ``user_config`` (``{"bundle": path}``):
+  a new bundle is loaded next to the old one and swapped in when ready, so a rollout
+  drops no request. Each request runs entirely on the bundle it started with: Fusion
+  names the bundle to Embedder and LLMScorer, which keep the encoders / LLM panels of
+  the last two bundles.
+- **Embedder** batches texts across requests (``@serve.batch``, sized by the number of
+  texts, not requests) and runs the encoder in a worker thread with ``threads`` torch
+  threads per replica.
+- **LLMScorer** asks the bundle's LLMs about the texts the gate lets through; every call
+  is reserved with one named ledger actor (budget, concurrency, rates) shared by all
+  replicas. When it fails, the answer degrades to the encoder-only path with the error
+  reported, never a dropped request.
+- **Ingress** reserves no CPU, so autoscaling can place a second replica of the model
+  deployments on a small machine.
+
+Deploy with ``serve run serve/config.yaml`` / ``serve deploy serve/config.yaml``, or
+``labelfuse serve --model DIR``. Application args: :class:`serve.settings.AppSettings`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from fusion import __version__
+from serve.settings import AppSettings, parse_settings
+
+log = logging.getLogger("ray.serve")
+
+EMBED_BATCH = 64  # texts per encoder forward pass, summed over the requests batched together
+KEEP_MODELS = 2  # bundles a replica keeps loaded: the current one and the one rolling out
+LLMMode = Literal["auto", "off", "all"]
+
+
+@dataclass(frozen=True)
+class BundleRef:
+    """Which bundle a request runs on: where it is, its content version, and its encoder's identity."""
+
+    path: str
+    version: str
+    encoder_key: str
+
+
+def _load(path: str, **kwargs: Any) -> Any:
+    from fusion.classifier import AutoFusionClassifier
+
+    return AutoFusionClassifier.load(path, **kwargs)
+
+
+def _ref(path: str, clf: Any) -> BundleRef:
+    from fusion.bundle import read_bundle
+
+    enc = {k: v for k, v in read_bundle(path).manifest["encoder"].items() if k != "probe"}
+    # a fine-tuned encoder lives inside its bundle; a stock one is shared by every bundle that names it
+    key = f"{path}@{clf.version}" if enc.get("embedded") else json.dumps(enc, sort_keys=True)
+    return BundleRef(path, clf.version, key)
+
+
+class _Lru:
+    """At most KEEP_MODELS objects by key, each loaded once (concurrent misses wait for one load)."""
+
+    def __init__(self) -> None:
+        self._items: OrderedDict[str, Any] = OrderedDict()
+        self._lock = asyncio.Lock()
+
+    async def get(self, key: str, load: Callable[[], Any]) -> Any:
+        if key not in self._items:
+            async with self._lock:
+                if key not in self._items:
+                    self._items[key] = await asyncio.to_thread(load)
+                    while len(self._items) > KEEP_MODELS:
+                        self._items.popitem(last=False)
+        self._items.move_to_end(key)
+        return self._items[key]
+
+
+def _n_texts(items: list[tuple[BundleRef, list[str]]]) -> int:
+    return sum(len(texts) for _, texts in items)
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 1},
+    max_ongoing_requests=64,
+    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8},
+)
+class Embedder:
+    """The encoder; batches texts across concurrent requests."""
+
+    def __init__(self, threads: int = 1):
+        import torch
+
+        torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=1; say what we mean
+        self._encoders = _Lru()
+
+    async def _encoder(self, ref: BundleRef) -> Any:
+        return await self._encoders.get(ref.encoder_key, lambda: _load(ref.path).encoder)
+
+    async def warm(self, ref: BundleRef) -> None:
+        await self._encoder(ref)
+
+    @serve.batch(max_batch_size=EMBED_BATCH, batch_wait_timeout_s=0.005, batch_size_fn=_n_texts)
+    async def embed(self, items: list[tuple[BundleRef, list[str]]]) -> list[np.ndarray]:
+        """Each item is (bundle, up to EMBED_BATCH texts); one array per item."""
+        out: list[np.ndarray | None] = [None] * len(items)
+        for key in dict.fromkeys(ref.encoder_key for ref, _ in items):
+            members = [i for i, (ref, _) in enumerate(items) if ref.encoder_key == key]
+            encoder = await self._encoder(items[members[0]][0])
+            texts = [t for i in members for t in items[i][1]]
+            emb = await asyncio.to_thread(encoder.embed, texts, batch_size=EMBED_BATCH)
+            start = 0
+            for i in members:
+                out[i] = emb[start : start + len(items[i][1])]
+                start += len(items[i][1])
+        return out  # type: ignore[return-value]
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0},
+    max_ongoing_requests=32,
+    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8},
+)
+class LLMScorer:
+    """The bundle's LLMs (cache and few-shot examples included), bounded by one shared ledger actor."""
+
+    def __init__(self, ledger_name: str):
+        self.ledger_name = ledger_name
+        self._models = _Lru()
+
+    def _load(self, ref: BundleRef) -> Any:
+        from data_jobs.common import NAMESPACE
+        from data_jobs.ledger import shared_ledger
+        from fusion.bundle import read_bundle
+        from fusion.config import parse_config
+
+        config = parse_config(read_bundle(ref.path).manifest["config"], source=f"config stored in {ref.path}")
+        ledger = shared_ledger(self.ledger_name, config.llm_limits, namespace=NAMESPACE)
+        return _load(ref.path, ledger=ledger, device="cpu")
+
+    async def warm(self, ref: BundleRef) -> None:
+        await self._models.get(ref.version, lambda: self._load(ref))
+
+    async def score(self, ref: BundleRef, texts: list[str], emb: np.ndarray) -> dict[str, Any]:
+        """{name: ScoreBatch} for every LLM of the bundle."""
+        clf = await self._models.get(ref.version, lambda: self._load(ref))
+        _, batches = await clf.ascore_llms(texts, emb)
+        return batches
+
+
+@dataclass
+class _Model:
+    clf: Any
+    ref: BundleRef
+    loaded_at: float
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0},
+    max_ongoing_requests=32,
+    max_queued_requests=64,
+    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8},
+)
+class Fusion:
+    """Holds the bundle (user_config); gate → embed → LLM scores → fusion head → labels."""
+
+    def __init__(self, embedder: DeploymentHandle, scorer: DeploymentHandle):
+        self.embedder, self.scorer = embedder, scorer
+        self.model: _Model | None = None
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        from fusion.errors import ConfigError
+
+        path = user_config.get("bundle")
+        if not isinstance(path, str) or not path:
+            raise ConfigError("Fusion's user_config needs 'bundle': the model bundle directory")
+        clf = await asyncio.to_thread(_load, path, device="cpu")
+        ref = await asyncio.to_thread(_ref, path, clf)
+        if self.model is not None and self.model.ref == ref:
+            return
+        # load the new encoder / LLM panel before the swap, so the first requests do not wait for it
+        await self.embedder.warm.remote(ref)
+        if clf.layout.n_llms:
+            await self.scorer.warm.remote(ref)
+        old, self.model = self.model, _Model(clf, ref, time.time())
+        log.info("model %s from %s is live (was %s)", ref.version, path, old.ref.version if old else None)
+
+    def _current(self) -> _Model:
+        if self.model is None:
+            raise RuntimeError("no model loaded yet")
+        return self.model
+
+    async def info(self) -> dict[str, Any]:
+        m = self._current()
+        clf = m.clf
+        val = clf.metrics.get("validation", {})
+        return {
+            "model_version": m.ref.version,
+            "bundle": m.ref.path,
+            "loaded_at": m.loaded_at,
+            "classes": clf.classes,
+            "multilabel": clf.multilabel,
+            "encoder": {k: v for k, v in clf.encoder.reference().items()},
+            "llms": [{"name": c.name, "provider": c.provider, "model": c.model} for c in clf.config.llms],
+            "gating": {"enabled": clf.config.gating.enabled, "threshold": clf.gate_threshold},
+            "validation": {k: val[k] for k in ("accuracy", "macro_f1", "micro_f1", "ece") if k in val},
+        }
+
+    async def classify(self, texts: list[str], llm: LLMMode = "auto") -> dict[str, Any]:
+        m = self._current()  # this request runs on one bundle even if a new one goes live meanwhile
+        clf, ref = m.clf, m.ref
+        start = time.perf_counter()
+        chunks = [texts[i : i + EMBED_BATCH] for i in range(0, len(texts), EMBED_BATCH)]
+        parts = await asyncio.gather(*(self.embedder.embed.remote((ref, c)) for c in chunks))
+        emb = np.concatenate(parts) if parts else np.zeros((0, clf.layout.embed_dim), np.float32)
+        n = len(texts)
+        if llm == "off" or not clf.layout.n_llms:
+            ask = np.zeros(n, dtype=bool)
+        else:
+            ask = clf.ask_llms(emb, gate=False if llm == "all" else None)
+        scores: dict[str, np.ndarray] = {}
+        batches: dict[str, Any] = {}
+        scorer_error = None
+        if ask.any():
+            idx = np.flatnonzero(ask)
+            try:
+                batches = await self.scorer.score.remote(ref, [texts[i] for i in idx], emb[idx])
+                scores = {name: b.scores for name, b in batches.items()}
+            except Exception as err:  # degrade to the encoder-only path, and say so
+                scorer_error = f"LLM scorer unavailable: {type(err).__name__}: {err}"[:500]
+                log.warning("%s", scorer_error)
+        pred = clf.fuse(emb, ask, scores, batches)
+        labels = clf.decide(pred.proba)
+        results = []
+        for i in range(n):
+            errs = [f"{name}: {e[i]}" for name, e in pred.llm_errors.items() if e[i]]
+            if scorer_error and ask[i]:
+                errs.append(scorer_error)
+            results.append(
+                {
+                    ("labels" if clf.multilabel else "label"): labels[i],
+                    "probabilities": {c: round(float(p), 6) for c, p in zip(clf.classes, pred.proba[i], strict=True)},
+                    "llm_used": bool(pred.llm_used[i].any()) if pred.llm_used.size else False,
+                    "gated_out": bool(pred.gated_out[i]),
+                    "llm_cost_usd": float(pred.llm_cost_usd[i]),
+                    "llm_error": "; ".join(errs) or None,
+                }
+            )
+        return {
+            "model_version": ref.version,
+            "results": results,
+            "llm_cost_usd": float(pred.llm_cost_usd.sum()),
+            "latency_ms": round((time.perf_counter() - start) * 1000, 2),
+        }
+
+
+# -- HTTP ---------------------------------------------------------------------------------------------------
+class BodyLimit:
+    """ASGI middleware: 413 for a request body over ``limit`` bytes (declared or streamed)."""
+
+    def __init__(self, app: Any, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[Any]], send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._too_large(send)
+        body, more = b"", True
+        while more:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return None
+            body += msg.get("body", b"")
+            more = msg.get("more_body", False)
+            if len(body) > self.limit:
+                return await self._too_large(send)
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+    async def _too_large(self, send: Any) -> None:
+        detail = f"request body is larger than {self.limit} bytes; send fewer or shorter texts"
+        body = json.dumps({"detail": detail}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str | None = Field(None, description="One text (or use 'texts').")
+    texts: list[str] | None = Field(None, description="Several texts, classified together.")
+    llm: LLMMode = Field(
+        "auto",
+        description="auto: the model's cost gate decides; off: encoder only, no LLM cost; all: ask the LLMs "
+        "about every text.",
+    )
+
+
+class ClassifyResult(BaseModel):
+    label: str | None = Field(None, description="The class (multi-class models).")
+    labels: list[str] | None = Field(None, description="The classes (multi-label models).")
+    probabilities: dict[str, float] = Field(description="Calibrated probability per class.")
+    llm_used: bool = Field(description="An LLM's scores went into this answer.")
+    gated_out: bool = Field(description="The encoder was confident enough; no LLM was asked.")
+    llm_cost_usd: float = Field(description="List-price cost of the LLM answers used (cache hits included).")
+    llm_error: str | None = Field(None, description="Why an LLM asked gave no answer (the encoder path answered).")
+
+
+class ClassifyResponse(BaseModel):
+    model_version: str
+    results: list[ClassifyResult]
+    llm_cost_usd: float
+    latency_ms: float = Field(description="Time in the graph (embed, gate, LLMs, fusion).")
+
+
+def _unavailable(detail: str, retry_after_s: int = 1) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": str(retry_after_s)})
+
+
+def http_api(fusion: DeploymentHandle, s: AppSettings, token: str | None, tagger: DeploymentHandle | None) -> Any:
+    """The FastAPI app of one Ingress replica."""
+    import hmac
+
+    from ray.serve.exceptions import BackPressureError
+
+    api = FastAPI(
+        title="labelfuse",
+        version=__version__,
+        description="Text classification fusing a transformer encoder with LLM class scores (LabelFusion).",
+    )
+    api.add_middleware(BodyLimit, limit=s.limits.max_body_bytes)
+    lim = s.limits
+
+    def check_token(request: Request) -> None:
+        if token is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            headers = {"WWW-Authenticate": "Bearer"}
+            raise HTTPException(401, "missing bearer token: send 'Authorization: Bearer <token>'", headers)
+        if not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise HTTPException(403, "invalid API token")
+
+    auth = [Depends(check_token)]
+
+    @api.post("/v1/classify", response_model=ClassifyResponse, response_model_exclude_none=True, dependencies=auth)
+    async def classify(req: ClassifyRequest) -> Any:
+        """Classify one text or many: labels, calibrated probabilities, LLM use and cost per text."""
+        if (req.text is None) == (req.texts is None):
+            raise HTTPException(422, "give exactly one of 'text' or 'texts'")
+        texts = [req.text] if req.text is not None else req.texts or []
+        if not texts:
+            raise HTTPException(422, "'texts' is empty")
+        if len(texts) > lim.max_texts:
+            raise HTTPException(422, f"{len(texts)} texts in one request; the limit is {lim.max_texts}")
+        for i, t in enumerate(texts):
+            if not t.strip():
+                raise HTTPException(422, f"text {i} is empty")
+            if len(t) > lim.max_chars:
+                raise HTTPException(422, f"text {i} has {len(t)} characters; the limit is {lim.max_chars}")
+        try:
+            return await fusion.classify.remote(texts, req.llm)
+        except BackPressureError:
+            return _unavailable("over capacity: too many requests queued; retry later")
+
+    @api.get("/v1/model", dependencies=auth)
+    async def model() -> Any:
+        """The model being served: version, bundle, classes, encoder, LLMs, gate, validation metrics."""
+        return await fusion.info.remote()
+
+    @api.get("/v1/kafka", dependencies=auth)
+    async def kafka() -> Any:
+        """Counters of one Kafka tagger replica (consumed, tagged, dead-lettered, commits, its partitions)."""
+        if tagger is None:
+            raise HTTPException(404, "this application tags no Kafka topics (no 'kafka' in its args)")
+        return await tagger.stats.remote()
+
+    @api.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """Liveness: this process answers."""
+        return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz() -> Any:
+        """Readiness: a model is loaded and the graph answers a probe end to end."""
+        try:
+            probe = await asyncio.wait_for(fusion.classify.remote(["readiness probe"], "off"), 30)
+        except Exception as err:
+            return _unavailable(f"not ready: {type(err).__name__}: {err}"[:300], 5)
+        return {"status": "ready", "model_version": probe["model_version"]}
+
+    return api
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0},
+    max_ongoing_requests=64,
+    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16},
+)
+@serve.ingress()
+class Ingress:
+    """HTTP API: POST /v1/classify, GET /v1/model, GET /v1/kafka, GET /healthz, GET /readyz, /docs."""
+
+    def __init__(self, fusion: DeploymentHandle, settings: dict[str, Any], tagger: DeploymentHandle | None = None):
+        import os
+
+        from fusion.errors import ConfigError
+
+        self.fusion, self.tagger, self.settings = fusion, tagger, parse_settings(settings)
+        self.token = None
+        if env := self.settings.auth_token_env:
+            self.token = os.environ.get(env, "").strip()
+            if not self.token:
+                raise ConfigError(f"auth_token_env is {env!r} but that environment variable is empty on this node")
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return http_api(self.fusion, self.settings, self.token, self.tagger)
+
+
+# -- Kafka --------------------------------------------------------------------------------------------------
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0},
+    num_replicas=1,
+    health_check_period_s=5,
+    graceful_shutdown_timeout_s=60,
+)
+class KafkaTagger:
+    """Tags Kafka messages in real time through Fusion; replicas share one consumer group."""
+
+    def __init__(self, fusion: DeploymentHandle, settings: dict[str, Any]):
+        from serve.kafka import TaggerLoop
+        from serve.settings import KafkaSettings
+
+        s = KafkaSettings.model_validate(settings)
+        timeout = s.max_poll_interval_ms / 1000
+
+        def classify(texts: list[str]) -> dict[str, Any]:
+            return fusion.classify.remote(texts, s.llm).result(timeout_s=timeout)
+
+        self.loop = TaggerLoop(s, classify, name=f"tagger-{serve.get_replica_context().replica_id.unique_id}")
+        self.loop.start()
+
+    def check_health(self) -> None:
+        if not self.loop.alive:
+            raise RuntimeError(f"the Kafka loop stopped: {self.loop.stats()['error']}")
+
+    def stats(self) -> dict[str, Any]:
+        return self.loop.stats()
+
+    async def __del__(self) -> None:
+        await asyncio.to_thread(self.loop.stop)
+
+
+# -- the application ------------------------------------------------------------------------------------------
+def build(settings: AppSettings | dict[str, Any], options: dict[str, dict[str, Any]] | None = None) -> Any:
+    """The graph as a Serve application; ``options`` overrides deployment options by name (tests, tuning)."""
+    s = parse_settings(settings)
+    opts = options or {}
+
+    def bind(dep: Any, *args: Any, **extra: Any) -> Any:
+        return dep.options(**{**extra, **opts.get(dep.name, {})}).bind(*args)
+
+    embedder = bind(Embedder, s.threads)
+    scorer = bind(LLMScorer, s.ledger_name)
+    fusion = bind(Fusion, embedder, scorer, user_config={"bundle": s.bundle})
+    # the tagger is bound into the graph through Ingress, which serves its counters at GET /v1/kafka
+    tagger = None
+    if s.kafka is not None:
+        tagger = bind(KafkaTagger, fusion, s.kafka.model_dump(), num_replicas=s.kafka.replicas)
+    return bind(Ingress, fusion, s.model_dump(exclude={"kafka"}), tagger)
+
+
+def build_app(args: dict[str, Any]) -> Any:
+    """Application builder for ``serve run serve.app:build_app bundle=...`` and serve/config.yaml."""
+    return build(args)

@@ -1,0 +1,268 @@
+"""Real-time Kafka tagging: consume input topics, classify through the graph, produce results.
+
+One :class:`TaggerLoop` runs in a background thread of each ``KafkaTagger`` replica (see
+:mod:`serve.app`); all replicas share one consumer group, so the partitions are split
+between them. Per batch of polled messages:
+
+1. decode each message; an undecodable, malformed, empty or over-long one is routed to
+   the dead-letter topic (original key and bytes, the reason in the ``labelfuse.error``
+   header) and never blocks its partition;
+2. classify the rest through the Fusion deployment (retried on failure);
+3. produce one JSON result per message to the output topic and wait for the acks;
+4. commit the batch's offsets, in the order the batches were polled.
+
+Offsets are committed only after every result (and dead letter) of the batch is
+acknowledged, so a crash anywhere re-delivers instead of losing (at-least-once). At most
+``max_in_flight`` batches are in the graph; beyond that the assigned partitions are paused
+while the loop keeps polling, so a slow LLM never exceeds ``max.poll.interval.ms``. A batch
+that still fails after its retries stops the loop without committing: the replica reports
+unhealthy, Serve replaces it, and the new consumer starts from the last commit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from serve.settings import KafkaSettings
+
+log = logging.getLogger("labelfuse.kafka")
+
+ERROR_HEADER = "labelfuse.error"
+Classify = Callable[[list[str]], dict[str, Any]]  # texts -> Fusion.classify's answer
+
+
+@dataclass
+class Decoded:
+    record: Any
+    text: str | None = None
+    id: Any = None
+    error: str | None = None
+
+
+def decode(record: Any, s: KafkaSettings) -> Decoded:
+    """The text (and id) of one message, or why it cannot be classified."""
+    raw = record.value
+    if raw is None:
+        return Decoded(record, error="empty message (null value)")
+    try:
+        value = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return Decoded(record, error=f"value is not valid UTF-8 ({err.reason} at byte {err.start})")
+    msg_id = None
+    if s.value_format == "json":
+        try:
+            obj = json.loads(value)
+        except json.JSONDecodeError as err:
+            return Decoded(record, error=f"value is not valid JSON ({err.msg} at char {err.pos})")
+        if not isinstance(obj, dict):
+            return Decoded(record, error=f"JSON value is a {type(obj).__name__}, expected an object")
+        text, msg_id = obj.get(s.text_field), obj.get(s.id_field)
+        if not isinstance(text, str):
+            what = "missing" if text is None else f"a {type(text).__name__}, not a string"
+            return Decoded(record, id=msg_id, error=f"field {s.text_field!r} is {what}")
+    else:
+        text = value
+    if not text.strip():
+        return Decoded(record, id=msg_id, error="empty text")
+    if len(text) > s.max_chars:
+        return Decoded(record, id=msg_id, error=f"text has {len(text)} characters; the limit is {s.max_chars}")
+    return Decoded(record, text=text, id=msg_id)
+
+
+def _key(record: Any) -> str | None:
+    return None if record.key is None else record.key.decode("utf-8", errors="replace")
+
+
+class TaggerLoop:
+    """The consume → classify → produce → commit loop of one replica (runs in its own thread)."""
+
+    def __init__(self, settings: KafkaSettings, classify: Classify, name: str = "tagger"):
+        self.s = settings
+        self.classify = classify
+        self.name = name
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.error: BaseException | None = None
+        self.counts = dict.fromkeys(
+            ("consumed", "tagged", "dead_lettered", "batches", "commits", "commit_failures", "retries", "pauses"), 0
+        )
+        self.assignment: list[str] = []
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    def start(self) -> TaggerLoop:
+        self._thread = threading.Thread(target=self._run, name=f"labelfuse-{self.name}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """Stop polling, finish the batches in flight, commit, leave the group."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "replica": self.name,
+                **self.counts,
+                "assignment": list(self.assignment),
+                "alive": self.alive,
+                "error": _str(self.error),
+            }
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self.counts[key] += n
+
+    # -- clients -----------------------------------------------------------------------------------------
+    def _clients(self) -> tuple[Any, Any]:
+        from kafka import KafkaConsumer, KafkaProducer
+
+        s = self.s
+        consumer = KafkaConsumer(
+            *s.input_topics,
+            bootstrap_servers=s.bootstrap_servers,
+            group_id=s.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset=s.auto_offset_reset,
+            max_poll_records=s.batch_size,
+            session_timeout_ms=s.session_timeout_ms,
+            heartbeat_interval_ms=s.heartbeat_interval_ms,
+            max_poll_interval_ms=s.max_poll_interval_ms,
+            **s.client,
+        )
+        producer = KafkaProducer(bootstrap_servers=s.bootstrap_servers, acks="all", linger_ms=5, **s.client)
+        return consumer, producer
+
+    # -- the loop ------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        consumer = producer = None
+        inflight: deque[tuple[Future[None], dict[Any, int]]] = deque()
+        pool = ThreadPoolExecutor(self.s.max_in_flight, thread_name_prefix=f"labelfuse-{self.name}-batch")
+        try:
+            consumer, producer = self._clients()
+            log.info("%s: consuming %s as group %r", self.name, self.s.input_topics, self.s.group_id)
+            while not self._stop.is_set():
+                self._finish_done(consumer, inflight, block=False)
+                full = len(inflight) >= self.s.max_in_flight
+                if full:
+                    if set(consumer.assignment()) - set(consumer.paused()):
+                        self._count("pauses")
+                    consumer.pause(*consumer.assignment())  # keep polling (group membership), fetch nothing
+                elif consumer.paused():
+                    consumer.resume(*consumer.paused())
+                polled = consumer.poll(timeout_ms=100 if full else self.s.linger_ms or 1)
+                with self._lock:
+                    self.assignment = sorted(f"{tp.topic}:{tp.partition}" for tp in consumer.assignment())
+                records = [r for batch in polled.values() for r in batch]
+                if records:
+                    self._count("consumed", len(records))
+                    offsets: dict[Any, int] = {}
+                    for tp, batch in polled.items():
+                        offsets[tp] = batch[-1].offset + 1
+                    inflight.append((pool.submit(self._process, records, producer), offsets))
+                elif full:
+                    self._finish_done(consumer, inflight, block=True, timeout_s=0.1)
+            # clean shutdown: no new polls; finish what is in flight, commit it, leave the group
+            while inflight:
+                self._finish_done(consumer, inflight, block=True, timeout_s=None)
+        except BaseException as err:  # reported by check_health; Serve replaces the replica
+            self.error = err
+            log.exception("%s: stopped without committing the batches in flight", self.name)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+            if consumer is not None:
+                consumer.close(autocommit=False)  # leaves the group: its partitions move at once
+            if producer is not None:
+                producer.close(timeout=10)
+
+    def _finish_done(self, consumer: Any, inflight: deque[Any], block: bool, timeout_s: float | None = 0.1) -> None:
+        """Commit the oldest batches that are done, in poll order (offsets only move forward)."""
+        from kafka.errors import CommitFailedError, KafkaError
+        from kafka.structs import OffsetAndMetadata
+
+        while inflight:
+            fut, offsets = inflight[0]
+            if not fut.done():
+                if not block:
+                    return
+                try:
+                    fut.result(timeout_s)
+                except TimeoutError:
+                    return
+            inflight.popleft()
+            fut.result()  # a batch that failed after its retries: stop here, nothing more is committed
+            try:
+                consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()})
+                self._count("commits")
+            except (CommitFailedError, KafkaError) as err:
+                # the partitions moved to another replica (rebalance): it re-reads from the last commit,
+                # so these results may appear twice; nothing is lost
+                self._count("commit_failures")
+                log.warning("%s: commit failed after a rebalance (%s); the batch may be re-delivered", self.name, err)
+            block = False
+
+    def _process(self, records: list[Any], producer: Any) -> None:
+        """Classify one batch and produce its results and dead letters; returns once all are acked."""
+        s = self.s
+        decoded = [decode(r, s) for r in records]
+        good = [d for d in decoded if d.error is None]
+        answer = self._classify([d.text for d in good]) if good else None
+        futures = []
+        for d in decoded:
+            r = d.record
+            if d.error is not None:
+                headers = [
+                    (ERROR_HEADER, d.error.encode()),
+                    ("labelfuse.source", f"{r.topic}:{r.partition}:{r.offset}".encode()),
+                ]
+                futures.append(producer.send(s.dead_letter_topic, key=r.key, value=r.value, headers=headers))
+        if answer is not None:
+            for d, res in zip(good, answer["results"], strict=True):
+                r = d.record
+                out = {
+                    "key": _key(r),
+                    "id": d.id,
+                    "topic": r.topic,
+                    "partition": r.partition,
+                    "offset": r.offset,
+                    "model_version": answer["model_version"],
+                    **res,
+                }
+                futures.append(producer.send(s.output_topic, key=r.key, value=json.dumps(out).encode()))
+        deadline = time.monotonic() + s.produce_timeout_s
+        for f in futures:
+            f.get(timeout=max(0.1, deadline - time.monotonic()))  # raises if a result was not acknowledged
+        self._count("tagged", len(good))
+        self._count("dead_lettered", len(decoded) - len(good))
+        self._count("batches")
+
+    def _classify(self, texts: list[str]) -> dict[str, Any]:
+        for attempt in range(self.s.max_retries + 1):
+            try:
+                return self.classify(texts)
+            except Exception as err:
+                if attempt == self.s.max_retries:
+                    raise
+                self._count("retries")
+                delay = min(0.5 * 2**attempt, 10.0)
+                log.warning("%s: classifying a batch failed (%s); retry in %.1f s", self.name, err, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+
+def _str(err: BaseException | None) -> str | None:
+    return None if err is None else f"{type(err).__name__}: {err}"
