@@ -1,4 +1,8 @@
-"""The ``labelfuse`` command: train, predict, eval, config, llm-server, llm-models."""
+"""The ``labelfuse`` command: train, predict, eval, config, llm-server, llm-models.
+
+``serve`` and ``dev-kafka`` come from :mod:`serve.cli` through the ``labelfuse.commands``
+entry point group, so this library never imports the Ray parts.
+"""
 
 from __future__ import annotations
 
@@ -188,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("config", help="print the effective configuration as YAML", epilog=EPILOG)
     add_config_args(c)
+    # commands of the Ray parts (serve, dev-kafka) register themselves: fusion does not import them
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="labelfuse.commands"):
+        ep.load()(sub)
     return parser
 
 
@@ -484,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        return COMMANDS[args.command](args)
+        run = getattr(args, "run", None) or COMMANDS[args.command]  # plugins set `run`
+        return run(args)
     except LabelfuseError as err:
         print(f"labelfuse {args.command}: error: {err}", file=sys.stderr)
         return 2

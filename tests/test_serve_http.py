@@ -1,0 +1,202 @@
+"""The Serve graph over real HTTP: a real Ray, real Serve replicas, the real encoder and bundles.
+
+The one fake is the LLM in the capacity test: a scripted OpenAI-compatible stub standing in
+for a paid remote API (it gives a steady latency, which a real provider cannot here).
+"""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+from conftest import TEST_MAX_LENGTH, sample
+from ray import serve
+
+from fusion.classifier import AutoFusionClassifier
+from fusion.llm.stub_server import StubServer
+from serve.app import build
+
+pytestmark = pytest.mark.slow
+APP = "labelfuse-http"
+LIMITS = {"max_texts": 8, "max_chars": 2000, "max_body_bytes": 65536}
+
+
+def deploy(settings: dict, options: dict | None = None) -> None:
+    serve.run(build(settings, options), name=APP, route_prefix="/")
+
+
+@pytest.fixture(scope="module")
+def bundles(bbc_model, encoder, bbc, bbc_emb, tmp_path_factory):
+    """Two different bundles of the same encoder: the one served first and its replacement."""
+    root = tmp_path_factory.mktemp("bundles")
+    bbc_model.save(root / "a")
+    other = AutoFusionClassifier(
+        {"encoder": {"max_length": TEST_MAX_LENGTH}, "fusion": {"hidden_dims": [64]}, "train": {"seed": 7}},
+        encoder=encoder,
+    )
+    other.fit(bbc["train"], validation=bbc["val"], embeddings=bbc_emb["train"], validation_embeddings=bbc_emb["val"])
+    other.save(root / "b")
+    assert bbc_model.version != other.version
+    return {"a": (str(root / "a"), bbc_model), "b": (str(root / "b"), other)}
+
+
+@pytest.fixture(scope="module")
+def url(serve_url, bundles):
+    deploy({"bundle": bundles["a"][0], "limits": LIMITS})
+    yield serve_url
+    serve.delete(APP)
+
+
+def test_classify_matches_the_library_and_reports_the_model(url, bundles, bbc):
+    clf = bundles["a"][1]
+    texts = sample(bbc["test"], 6, seed=1)["text"].str.slice(0, 1500).tolist()
+    r = requests.post(f"{url}/v1/classify", json={"texts": texts}, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model_version"] == clf.version and body["latency_ms"] > 0 and body["llm_cost_usd"] == 0
+    expected = clf.predict_proba(texts)
+    got = np.array([[res["probabilities"][c] for c in clf.classes] for res in body["results"]])
+    assert np.allclose(got, expected, atol=1e-4)
+    assert [res["label"] for res in body["results"]] == clf.predict(texts)
+    assert not any(res["llm_used"] for res in body["results"])
+
+    one = requests.post(f"{url}/v1/classify", json={"text": texts[0]}, timeout=60).json()
+    assert one["results"][0]["label"] == body["results"][0]["label"] and len(one["results"]) == 1
+
+    model = requests.get(f"{url}/v1/model", timeout=30).json()
+    assert model["model_version"] == clf.version and model["classes"] == clf.classes
+    assert model["encoder"]["max_length"] == TEST_MAX_LENGTH and model["llms"] == []
+    assert requests.get(f"{url}/healthz", timeout=30).json() == {"status": "ok"}
+    ready = requests.get(f"{url}/readyz", timeout=30)
+    assert ready.status_code == 200 and ready.json()["model_version"] == clf.version
+    assert "/v1/classify" in requests.get(f"{url}/openapi.json", timeout=30).json()["paths"]
+    assert requests.get(f"{url}/docs", timeout=30).status_code == 200
+    assert requests.get(f"{url}/v1/kafka", timeout=30).status_code == 404  # no Kafka in this app
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"texts": ["a"] * 9}, "9 texts in one request; the limit is 8"),
+        ({"texts": ["x" * 2001]}, "text 0 has 2001 characters; the limit is 2000"),
+        ({"texts": ["ok", "  "]}, "text 1 is empty"),
+        ({"texts": []}, "'texts' is empty"),
+        ({}, "give exactly one of 'text' or 'texts'"),
+        ({"text": "a", "texts": ["b"]}, "give exactly one of 'text' or 'texts'"),
+        ({"texts": "not a list"}, "list"),
+        ({"text": "a", "llm": "sometimes"}, "auto"),
+        ({"text": "a", "colour": "red"}, "Extra inputs are not permitted"),
+    ],
+)
+def test_bad_requests_get_422_with_the_reason(url, body, message):
+    r = requests.post(f"{url}/v1/classify", json=body, timeout=30)
+    assert r.status_code == 422 and message in r.text, r.text
+
+
+def test_oversized_bodies_get_413_declared_or_streamed(url):
+    big = {"texts": ["word " * 300] * 60}  # ~90 KB > 64 KiB, before any per-text check
+    r = requests.post(f"{url}/v1/classify", json=big, timeout=30)
+    assert r.status_code == 413 and "larger than 65536 bytes" in r.json()["detail"]
+
+    def chunks():  # no Content-Length: the limit must hold on the streamed body too
+        yield b'{"texts": ['
+        for i in range(60):
+            yield (b"," if i else b"") + b'"' + b"word " * 300 + b'"'
+        yield b"]}"
+
+    r = requests.post(f"{url}/v1/classify", data=chunks(), headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 413
+    assert requests.post(f"{url}/v1/classify", json={"text": "still serving"}, timeout=30).status_code == 200
+
+
+def test_a_new_bundle_rolls_out_through_user_config_without_failing_requests(url, bundles):
+    a, (path_b, b) = bundles["a"][1], bundles["b"]
+    seen: list[tuple[int, str | None]] = []
+    stop = threading.Event()
+
+    def traffic():
+        while not stop.is_set():
+            r = requests.post(f"{url}/v1/classify", json={"text": "The striker scored twice"}, timeout=60)
+            seen.append((r.status_code, r.json().get("model_version") if r.ok else r.text))
+
+    t = threading.Thread(target=traffic)
+    t.start()
+    try:
+        while len(seen) < 5:
+            time.sleep(0.05)
+        deploy({"bundle": path_b, "limits": LIMITS})  # only Fusion's user_config changes: no replica restarts
+        after = len(seen)
+        while len(seen) < after + 10:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        t.join()
+    assert all(code == 200 for code, _ in seen), [s for s in seen if s[0] != 200][:3]
+    versions = [v for _, v in seen]
+    assert versions[0] == a.version and versions[-1] == b.version
+    switch = versions.index(b.version)
+    assert set(versions[switch:]) == {b.version}  # once live, the new bundle answers every request
+    assert requests.get(f"{url}/v1/model", timeout=30).json()["bundle"] == path_b
+
+
+def test_bearer_token_auth(serve_url, bundles):
+    env = {"runtime_env": {"env_vars": {"LABELFUSE_TEST_TOKEN": "s3cret-token"}}}
+    deploy(
+        {"bundle": bundles["a"][0], "auth_token_env": "LABELFUSE_TEST_TOKEN"},
+        {"Ingress": {"ray_actor_options": {"num_cpus": 0, **env}}},
+    )
+    try:
+        body = {"text": "Parliament passed the bill"}
+        r = requests.post(f"{serve_url}/v1/classify", json=body, timeout=30)
+        assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer"
+        r = requests.post(f"{serve_url}/v1/classify", json=body, headers={"Authorization": "Bearer nope"}, timeout=30)
+        assert r.status_code == 403 and "invalid API token" in r.text
+        ok = {"Authorization": "Bearer s3cret-token"}
+        assert requests.post(f"{serve_url}/v1/classify", json=body, headers=ok, timeout=30).status_code == 200
+        assert requests.get(f"{serve_url}/v1/model", timeout=30).status_code == 401
+        assert requests.get(f"{serve_url}/healthz", timeout=30).status_code == 200  # probes need no token
+    finally:
+        serve.delete(APP)
+
+
+def test_llm_path_and_over_capacity_503(serve_url, encoder, bbc, bbc_emb, tmp_path):
+    """Fusion takes one request at a time with one queued: the rest get 503 + Retry-After, not a queue."""
+    train = sample(bbc["train"], 150, seed=2)
+    classes = sorted(bbc["train"]["label"].unique())
+    truth = dict(zip(train["text"], train["label"], strict=True))
+    with StubServer(classes, answer=lambda text: classes.index(truth.get(text, "tech"))) as stub:
+        llm = {"name": "paid", "provider": "custom", "model": "m", "base_url": stub.base_url, "price_input": 1.0}
+        cfg = {"encoder": {"max_length": TEST_MAX_LENGTH}, "llms": [llm], "llm_limits": {"cache": False}}
+        clf = AutoFusionClassifier(cfg, encoder=encoder).fit(train, validation=sample(bbc["val"], 60))
+        clf.save(tmp_path / "llm-model")
+        stub.latency_s = 1.0
+        one = {"num_replicas": 1, "autoscaling_config": None}
+        deploy(
+            {"bundle": str(tmp_path / "llm-model")},
+            {"Fusion": {**one, "max_ongoing_requests": 1, "max_queued_requests": 1}, "Ingress": one},
+        )
+        try:
+            r = requests.post(f"{serve_url}/v1/classify", json={"text": "Parliament passed the bill"}, timeout=60)
+            res = r.json()["results"][0]
+            assert res["llm_used"] and res["llm_cost_usd"] > 0 and not res["gated_out"]
+            off = requests.post(f"{serve_url}/v1/classify", json={"text": "a text", "llm": "off"}, timeout=60)
+            assert not off.json()["results"][0]["llm_used"] and off.json()["llm_cost_usd"] == 0
+
+            codes, retry = [], []
+
+            def call(i):
+                r = requests.post(f"{serve_url}/v1/classify", json={"text": f"request {i}", "llm": "all"}, timeout=60)
+                codes.append(r.status_code)
+                retry.append(r.headers.get("Retry-After"))
+
+            threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            serve.delete(APP)
+    assert sorted(set(codes)) == [200, 503], codes
+    assert all(ra == "1" for code, ra in zip(codes, retry, strict=True) if code == 503)
+    assert 1 <= codes.count(200) <= 3  # one running, one queued (a third may slip in as the first finishes)
