@@ -1,0 +1,71 @@
+"""serve/config.yaml, the application args and the `labelfuse dev-kafka` command."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from kafka import KafkaConsumer, KafkaProducer
+
+from fusion.errors import ConfigError
+from fusion.llm.local import free_port
+from serve.dev_kafka import DEV_CLIENT, _listening
+from serve.settings import parse_settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_shipped_serve_config_is_valid_for_serve_and_for_us():
+    from ray.serve.schema import ServeDeploySchema
+
+    cfg = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(cfg)
+    app = schema.applications[0]
+    assert app.import_path == "serve.app:build_app"
+    deployments = {d.name: d for d in app.deployments}
+    assert set(deployments) == {"Embedder", "LLMScorer", "Fusion", "Ingress"}
+    assert all(d.autoscaling_config for d in deployments.values())
+    assert deployments["Ingress"].ray_actor_options.num_cpus == 0
+    settings = parse_settings(cfg["applications"][0]["args"])
+    assert settings.kafka is not None and settings.kafka.bootstrap_servers == ["127.0.0.1:9092"]
+
+
+def test_bad_application_args_name_every_field():
+    with pytest.raises(ConfigError) as err:
+        parse_settings({"bundle": "m", "limits": {"max_texts": 0}, "kafka": {"input_topics": [], "colour": 1}})
+    msg = str(err.value)
+    for field in ("limits.max_texts", "kafka.bootstrap_servers", "kafka.input_topics", "kafka.colour"):
+        assert field in msg, msg
+    assert parse_settings({"bundle": "m", "kafka": {
+        "bootstrap_servers": "a:1, b:2", "input_topics": ["t"], "output_topic": "o", "dead_letter_topic": "d",
+    }}).kafka.bootstrap_servers == ["a:1", "b:2"]  # fmt: skip
+
+
+def test_dev_kafka_command_runs_a_broker_until_sigterm():
+    port = free_port()
+    topic = f"t-{uuid.uuid4().hex[:6]}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fusion.cli", "dev-kafka", "--port", str(port), "--topics", topic, "--partitions", "2"],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert f"127.0.0.1:{port}" in line and topic in line, line
+        p = KafkaProducer(bootstrap_servers=f"127.0.0.1:{port}")
+        p.send(topic, value=json.dumps({"text": "hello"}).encode()).get(timeout=30)
+        p.close()
+        c = KafkaConsumer(topic, bootstrap_servers=f"127.0.0.1:{port}", auto_offset_reset="earliest", **DEV_CLIENT)
+        got = [r.value for rs in c.poll(10_000).values() for r in rs]
+        c.close()
+        assert got == [b'{"text": "hello"}']
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(20) == 0
+    assert not _listening(port)  # the broker went with it
