@@ -62,6 +62,14 @@ class BundleRef:
     encoder_key: str
 
 
+def _one_torch_thread() -> None:
+    """For replicas whose torch work is tiny (the fusion head): idle OpenMP threads would spin on the
+    cores the Embedder needs."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def _load(path: str, **kwargs: Any) -> Any:
     from fusion.classifier import AutoFusionClassifier
 
@@ -102,7 +110,8 @@ def _n_texts(items: list[tuple[BundleRef, list[str]]]) -> int:
 @serve.deployment(
     ray_actor_options={"num_cpus": 1},
     max_ongoing_requests=64,
-    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8},
+    # a request carries up to EMBED_BATCH texts and batches run one at a time: 2 waiting means a queue
+    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2, "upscale_delay_s": 5},
 )
 class Embedder:
     """The encoder; batches texts across concurrent requests."""
@@ -144,6 +153,7 @@ class LLMScorer:
     """The bundle's LLMs (cache and few-shot examples included), bounded by one shared ledger actor."""
 
     def __init__(self, ledger_name: str):
+        _one_torch_thread()
         self.ledger_name = ledger_name
         self._models = _Lru()
 
@@ -176,14 +186,15 @@ class _Model:
 
 @serve.deployment(
     ray_actor_options={"num_cpus": 0},
-    max_ongoing_requests=32,
-    max_queued_requests=64,
-    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8},
+    max_ongoing_requests=128,  # cheap per request; the Embedder's batch queue is where work waits
+    max_queued_requests=256,
+    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 32},
 )
 class Fusion:
     """Holds the bundle (user_config); gate → embed → LLM scores → fusion head → labels."""
 
     def __init__(self, embedder: DeploymentHandle, scorer: DeploymentHandle):
+        _one_torch_thread()
         self.embedder, self.scorer = embedder, scorer
         self.model: _Model | None = None
 
@@ -226,15 +237,15 @@ class Fusion:
         }
 
     async def classify(self, texts: list[str], llm: LLMMode = "auto") -> dict[str, Any]:
+        """Labels, probabilities, LLM use and cost for ``texts``; ``llm``: auto (the model's gate), off, all."""
         m = self._current()  # this request runs on one bundle even if a new one goes live meanwhile
         clf, ref = m.clf, m.ref
         start = time.perf_counter()
         chunks = [texts[i : i + EMBED_BATCH] for i in range(0, len(texts), EMBED_BATCH)]
         parts = await asyncio.gather(*(self.embedder.embed.remote((ref, c)) for c in chunks))
         emb = np.concatenate(parts) if parts else np.zeros((0, clf.layout.embed_dim), np.float32)
-        n = len(texts)
         if llm == "off" or not clf.layout.n_llms:
-            ask = np.zeros(n, dtype=bool)
+            ask = np.zeros(len(texts), dtype=bool)
         else:
             ask = clf.ask_llms(emb, gate=False if llm == "all" else None)
         scores: dict[str, np.ndarray] = {}
@@ -251,7 +262,7 @@ class Fusion:
         pred = clf.fuse(emb, ask, scores, batches)
         labels = clf.decide(pred.proba)
         results = []
-        for i in range(n):
+        for i in range(len(texts)):
             errs = [f"{name}: {e[i]}" for name, e in pred.llm_errors.items() if e[i]]
             if scorer_error and ask[i]:
                 errs.append(scorer_error)
@@ -424,8 +435,8 @@ def http_api(fusion: DeploymentHandle, s: AppSettings, token: str | None, tagger
 
 @serve.deployment(
     ray_actor_options={"num_cpus": 0},
-    max_ongoing_requests=64,
-    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16},
+    max_ongoing_requests=128,
+    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 32},
 )
 @serve.ingress()
 class Ingress:

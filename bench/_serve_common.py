@@ -1,0 +1,44 @@
+"""What the Serve benchmarks share: a bundle, the texts, and the raw model's throughput."""
+
+import os
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from fusion.classifier import AutoFusionClassifier
+from fusion.datasets import load_builtin, split
+
+
+def texts(kind: str, n: int) -> list[str]:
+    """bbc-news test texts: ``long`` whole articles (cut at the encoder's max_length) or ``short``
+    (their first 24 words: ticket- or headline-sized)."""
+    df = split(load_builtin("bbc-news"))["test"].sample(frac=1.0, random_state=0)
+    out = df["text"].tolist()
+    if kind == "short":
+        out = [" ".join(t.split()[:24]) for t in out]
+    return (out * (n // len(out) + 1))[:n]
+
+
+def bundle(path: str | None) -> str:
+    """``path``, or a fresh encoder-only bundle trained on a bbc-news sample (about a minute)."""
+    if path:
+        return path
+    d = split(load_builtin("bbc-news"))
+    out = os.path.join(tempfile.mkdtemp(prefix="labelfuse-bench-"), "model")
+    print("training a bench bundle on 300 bbc-news texts ...", flush=True)
+    clf = AutoFusionClassifier().fit(
+        d["train"].sample(300, random_state=0), validation=d["val"].sample(100, random_state=0)
+    )
+    clf.save(out)
+    return out
+
+
+def raw_rate(model: str, sample: list[str]) -> float:
+    """Texts/s of the raw model in this process (all cores): encoder.embed in batches of 64, then the head."""
+    clf = AutoFusionClassifier.load(model, device="cpu")
+    clf.predict_proba(sample[:64])  # warm-up
+    t = time.perf_counter()
+    clf.predict_proba(sample)
+    return len(sample) / (time.perf_counter() - t)

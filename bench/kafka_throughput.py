@@ -1,0 +1,96 @@
+"""Kafka tagging through the Serve graph vs the raw model on the same machine, side by side in one run.
+
+A local tansu broker, the labelfuse application with its default sizing and ``--replicas``
+tagger replicas. ``--messages`` JSON messages (bbc-news texts) are produced up front; the
+clock runs from the first result read back to the last, so the group join is left out and
+the steady state is measured. The raw side is ``AutoFusionClassifier.predict_proba`` in
+batches of 64 in this process on all cores, measured before and after. Printed ratio:
+tagged messages/s over raw texts/s.
+
+    python bench/kafka_throughput.py [--bundle DIR] [--kind long|short] [--messages 1500] [--replicas 1]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import uuid
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _serve_common import bundle, raw_rate, texts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bundle", help="model bundle (default: train a small one)")
+    ap.add_argument("--kind", choices=["long", "short"], default="long")
+    ap.add_argument("--messages", type=int, default=1500)
+    ap.add_argument("--replicas", type=int, default=1, help="tagger replicas")
+    ap.add_argument("--batch-size", type=int, default=64)
+    args = ap.parse_args()
+
+    import ray
+    from kafka import KafkaConsumer, KafkaProducer
+    from ray import serve
+
+    from serve.app import build
+    from serve.dev_kafka import DEV_CLIENT, DevBroker, create_topics
+
+    model = bundle(args.bundle)
+    sample = texts(args.kind, args.messages)
+    raw = [raw_rate(model, sample[:256] if args.kind == "long" else sample)]
+    with DevBroker() as broker:
+        run = uuid.uuid4().hex[:6]
+        topics = {"input_topics": [f"in-{run}"], "output_topic": f"out-{run}", "dead_letter_topic": f"dlq-{run}"}
+        create_topics(broker.bootstrap, topics["input_topics"], 4)
+        create_topics(broker.bootstrap, [topics["output_topic"], topics["dead_letter_topic"]], 1)
+        ray.init(include_dashboard=False, log_to_driver=False)
+        kafka = {
+            "bootstrap_servers": broker.bootstrap,
+            **topics,
+            "replicas": args.replicas,
+            "batch_size": args.batch_size,
+        }
+        serve.run(build({"bundle": model, "kafka": {**kafka, **DEV_CLIENT}}), name="bench", route_prefix="/")
+        p = KafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=20)
+        for i, t in enumerate(sample):
+            p.send(topics["input_topics"][0], key=str(i).encode(), value=json.dumps({"text": t}).encode())
+        p.flush()
+        c = KafkaConsumer(
+            topics["output_topic"],
+            bootstrap_servers=broker.bootstrap,
+            auto_offset_reset="earliest",
+            group_id=f"bench-{run}",
+            **DEV_CLIENT,
+        )
+        seen: set[bytes] = set()
+        first = last = None
+        deadline = time.time() + 1800
+        while len(seen) < len(sample) and time.time() < deadline:
+            for records in c.poll(200).values():
+                for r in records:
+                    now = time.perf_counter()
+                    first = first or now
+                    last = now
+                    seen.add(r.key)
+        c.close()
+        serve.shutdown()
+        ray.shutdown()
+    raw.append(raw_rate(model, sample[:256] if args.kind == "long" else sample))
+    rate = (len(seen) - 1) / (last - first) if first and last and last > first else 0.0
+    raw_mean = statistics.mean(raw)
+    print(
+        f"\nKafka tagging vs raw model, {os.cpu_count()} CPUs, {args.kind} texts, {args.replicas} tagger replica(s), "
+        f"batch {args.batch_size}"
+    )
+    print(
+        f"tagged {len(seen)}/{len(sample)} messages: {rate:.1f} msg/s; raw model {raw_mean:.1f} texts/s "
+        f"({raw[0]:.1f} before, {raw[1]:.1f} after); ratio {rate / raw_mean:.2f} (target >= 0.8)"
+    )
+
+
+if __name__ == "__main__":
+    main()
