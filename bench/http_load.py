@@ -78,13 +78,9 @@ async def _load(url: str, sample: list[str], per_request: int, concurrency: int,
 
 def loadgen(args: argparse.Namespace) -> None:
     sample = texts(args.kind, 2000)
-    print(
-        json.dumps(
-            asyncio.run(
-                _load(args.loadgen, sample, args.texts_per_request, args.concurrency, args.warmup, args.seconds)
-            )
-        )
-    )
+    per_request = int(args.texts_per_request)
+    result = asyncio.run(_load(args.loadgen, sample, per_request, args.concurrency, args.warmup, args.seconds))
+    print(json.dumps(result))
 
 
 def main() -> None:
