@@ -13,7 +13,9 @@ export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 export RAY_USAGE_STATS_ENABLED = 0
 
-.PHONY: install models-qwen demo test lint bench clean
+SERVE_MODEL ?= runs/serve/model
+
+.PHONY: install models-qwen demo serve test lint bench clean
 
 install: $(STAMP)
 
@@ -42,6 +44,13 @@ demo: install models-qwen
 	$(BIN)/labelfuse train --dataset bbc-news --llm $(DEMO_LLM) --gate-rate 0.3 --out $(RUN)/model
 	$(BIN)/labelfuse eval --model $(RUN)/model --dataset bbc-news --split test --report $(RUN)/report
 
+# local Ray + a local Kafka-protocol broker + the Serve app (HTTP on :8000, Kafka on :9092); Ctrl-C stops all.
+# Without a bundle at SERVE_MODEL, an encoder-only one is trained first (~3 min); SERVE_MODEL=runs/demo/model
+# serves the LLM-fused model of `make demo`.
+serve: install
+	test -f $(SERVE_MODEL)/manifest.json || $(BIN)/labelfuse train --dataset bbc-news --out $(SERVE_MODEL)
+	$(BIN)/labelfuse serve --model $(SERVE_MODEL) --dev-kafka
+
 # pytest exits 5 when it collected no tests: that is a broken run, not a pass.
 test: install
 	$(BIN)/ruff check $(LINT)
@@ -56,6 +65,8 @@ bench: install
 	$(BIN)/python bench/encoder_throughput.py
 	$(BIN)/python bench/llm_scoring.py
 	$(BIN)/python bench/ray_data_embed.py
+	$(BIN)/python bench/http_load.py
+	$(BIN)/python bench/kafka_throughput.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -41,6 +41,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.serve.config import BackpressureConfig
 from ray.serve.handle import DeploymentHandle
 
 from fusion import __version__
@@ -436,6 +437,8 @@ def http_api(fusion: DeploymentHandle, s: AppSettings, token: str | None, tagger
 @serve.deployment(
     ray_actor_options={"num_cpus": 0},
     max_ongoing_requests=128,
+    max_queued_requests=256,  # at the HTTP proxy; beyond it: 503 with Retry-After
+    backpressure_config=BackpressureConfig(status_code=503, retry_after_s=1),
     autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 32},
 )
 @serve.ingress()

@@ -23,7 +23,11 @@ def register(sub: Any) -> None:
     s.add_argument("--model", required=True, metavar="DIR", help="model bundle written by 'labelfuse train'")
     s.add_argument("--host", default="127.0.0.1", help="HTTP address (default: 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
-    s.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    s.add_argument(
+        "--address",
+        help="Ray cluster address; default: RAY_ADDRESS, else a cluster started with `ray start` on this machine, "
+        "else a new local Ray; 'local' always starts a new one",
+    )
     s.add_argument("--threads", type=int, default=1, help="torch threads per Embedder replica (default: 1)")
     s.add_argument("--token-env", metavar="VAR", help="require 'Authorization: Bearer $VAR' on /v1/*")
     k = s.add_argument_group("Kafka tagging")

@@ -39,16 +39,18 @@ class KafkaSettings(_Strict):
     value_format: Literal["json", "text"] = Field(
         "json", description="json: an object with text_field (and optionally id_field); text: the UTF-8 text itself."
     )
-    text_field: str = "text"
-    id_field: str = "id"
+    text_field: str = Field("text", description="JSON field holding the text.")
+    id_field: str = Field("id", description="JSON field copied into the result as 'id' (optional in messages).")
     max_chars: int = Field(20_000, ge=1, description="Longer texts go to the dead-letter topic.")
     batch_size: int = Field(64, ge=1, le=64, description="Messages per batch through the graph (max_poll_records).")
     linger_ms: int = Field(50, ge=0, description="How long a poll waits for a batch to fill.")
     max_in_flight: int = Field(4, ge=1, description="Batches in the graph at once; beyond it, partitions are paused.")
     llm: Literal["auto", "off", "all"] = Field("auto", description="LLM use per message (see POST /v1/classify).")
-    session_timeout_ms: int = Field(10_000, ge=1000)
-    heartbeat_interval_ms: int = Field(3_000, ge=100)
-    max_poll_interval_ms: int = Field(300_000, ge=1000)
+    session_timeout_ms: int = Field(10_000, ge=1000, description="Consumer group session timeout.")
+    heartbeat_interval_ms: int = Field(3_000, ge=100, description="Consumer heartbeat interval.")
+    max_poll_interval_ms: int = Field(
+        300_000, ge=1000, description="Kafka's poll deadline; also how long one batch may take in the graph."
+    )
     auto_offset_reset: Literal["earliest", "latest"] = Field(
         "earliest", description="Where a group with no committed offset starts."
     )

@@ -36,3 +36,11 @@ def test_every_cli_subcommand_is_documented():
 def test_first_screen_has_the_two_commands():
     first = "\n".join(README.splitlines()[:40])
     assert "make demo" in first and "make test" in first
+
+
+def test_every_serve_app_arg_is_in_the_readme():
+    from serve.settings import AppSettings
+
+    section = README.split("## Serving on Ray Serve", 1)[1].split("\n## ", 1)[0]
+    missing = [f for f in _fields(AppSettings) if f"`{f}`" not in section]
+    assert not missing, f"README serving section lacks {missing}"

@@ -1,5 +1,6 @@
 """serve/config.yaml, the application args and the `labelfuse dev-kafka` command."""
 
+import contextlib
 import json
 import os
 import signal
@@ -69,3 +70,49 @@ def test_dev_kafka_command_runs_a_broker_until_sigterm():
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(20) == 0
     assert not _listening(port)  # the broker went with it
+
+
+@pytest.mark.slow
+def test_labelfuse_serve_one_command_serves_http_and_tags_kafka(bbc_model, tmp_path):
+    """`labelfuse serve --dev-kafka`: its own Ray, a local broker and the app; SIGTERM stops them."""
+    import requests
+
+    bbc_model.save(tmp_path / "model")
+    port, kafka_port = free_port(), free_port()
+    cmd = [sys.executable, "-m", "fusion.cli", "serve", "--model", str(tmp_path / "model"), "--address", "local"]
+    cmd += ["--port", str(port), "--dev-kafka", "--kafka-port", str(kafka_port)]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO, env=env, start_new_session=True)
+    try:
+        lines = []
+        while not lines or lines[-1] != "Ctrl-C stops it.\n":
+            lines.append(proc.stdout.readline())
+            assert lines[-1], f"labelfuse serve exited early: {lines}"
+        r = requests.post(f"http://127.0.0.1:{port}/v1/classify", json={"text": "The striker scored twice"}, timeout=60)
+        assert (
+            r.status_code == 200
+            and r.json()["results"][0]["label"] == bbc_model.predict(["The striker scored twice"])[0]
+        )
+
+        bootstrap = f"127.0.0.1:{kafka_port}"
+        p = KafkaProducer(bootstrap_servers=bootstrap)
+        p.send("labelfuse-in", key=b"k1", value=json.dumps({"id": 7, "text": "Parliament passed the budget"}).encode())
+        p.flush()
+        p.close()
+        c = KafkaConsumer("labelfuse-out", bootstrap_servers=bootstrap, auto_offset_reset="earliest", **DEV_CLIENT)
+        got = []
+        for _ in range(60):
+            got += [json.loads(m.value) for ms in c.poll(1000).values() for m in ms]
+            if got:
+                break
+        c.close()
+        assert [(g["key"], g["id"]) for g in got] == [("k1", 7)] and got[0]["label"] in bbc_model.classes
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(90)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # whatever Ray left behind in its session
+    assert rc == 0
+    assert not _listening(kafka_port)
