@@ -231,7 +231,7 @@ class Fusion:
             "loaded_at": m.loaded_at,
             "classes": clf.classes,
             "multilabel": clf.multilabel,
-            "encoder": {k: v for k, v in clf.encoder.reference().items()},
+            "encoder": clf.encoder.reference(),
             "llms": [{"name": c.name, "provider": c.provider, "model": c.model} for c in clf.config.llms],
             "gating": {"enabled": clf.config.gating.enabled, "threshold": clf.gate_threshold},
             "validation": {k: val[k] for k in ("accuracy", "macro_f1", "micro_f1", "ece") if k in val},
