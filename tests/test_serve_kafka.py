@@ -54,7 +54,11 @@ def replica_stats(handle, want: int = 2, timeout_s: float = 60) -> dict[str, dic
     seen: dict[str, dict] = {}
     deadline = time.time() + timeout_s
     while time.time() < deadline:
-        s = handle.stats.remote().result(timeout_s=30)
+        try:
+            s = handle.stats.remote().result(timeout_s=30)
+        except ray.exceptions.RayError:  # routed to a replica that just died, before Serve noticed
+            time.sleep(0.5)
+            continue
         seen[s["replica"]] = s
         if len(seen) >= want and all(s["assignment"] for s in seen.values()):
             return seen
