@@ -80,11 +80,9 @@ def _load(path: str, **kwargs: Any) -> Any:
 
 
 def _ref(path: str, clf: Any) -> BundleRef:
-    from fusion.bundle import read_bundle
-
-    enc = {k: v for k, v in read_bundle(path).manifest["encoder"].items() if k != "probe"}
     # a fine-tuned encoder lives inside its bundle; a stock one is shared by every bundle that names it
-    key = f"{path}@{clf.version}" if enc.get("embedded") else json.dumps(enc, sort_keys=True)
+    fine_tuned = clf.config.encoder.fine_tune
+    key = f"{path}@{clf.version}" if fine_tuned else json.dumps(clf.encoder.reference(), sort_keys=True)
     return BundleRef(path, clf.version, key)
 
 
@@ -208,7 +206,7 @@ class Fusion:
         if not isinstance(path, str) or not path:
             raise ConfigError("Fusion's user_config needs 'bundle': the model bundle directory")
         clf = await asyncio.to_thread(_load, path, device="cpu")
-        ref = await asyncio.to_thread(_ref, path, clf)
+        ref = _ref(path, clf)
         if self.model is not None and self.model.ref == ref:
             return
         # load the new encoder / LLM panel before the swap, so the first requests do not wait for it

@@ -170,9 +170,7 @@ class TaggerLoop:
                 records = [r for batch in polled.values() for r in batch]
                 if records:
                     self._count("consumed", len(records))
-                    offsets: dict[Any, int] = {}
-                    for tp, batch in polled.items():
-                        offsets[tp] = batch[-1].offset + 1
+                    offsets = {tp: batch[-1].offset + 1 for tp, batch in polled.items()}
                     inflight.append((pool.submit(self._process, records, producer), offsets))
                 elif full:
                     self._finish_done(consumer, inflight, block=True, timeout_s=0.1)
