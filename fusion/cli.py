@@ -190,6 +190,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="assemble (if split) and sha256-check these models (none: all installed)",
     )
 
+    pb = sub.add_parser(
+        "prepare",
+        help="write the paper's train/val/test split of AG News or Reuters-10 from your copy of the files",
+        description="ag-news: DIR with train.csv and test.csv of the AG News CSV release -> 4,000/500/500 "
+        "balanced. reuters-10: DIR with the original reut2-*.sgm files of Reuters-21578 -> ModApte, the 10 most "
+        "frequent topics, multi-label, 5,842/647/2,545. Writes DIR_OUT/{train,val,test}.jsonl (id, text, label).",
+        epilog="Then: labelfuse train --train OUT/train.jsonl --val OUT/val.jsonl [--multilabel] --out MODEL; "
+        "labelfuse eval --model MODEL --data OUT/test.jsonl. See README.md#public-benchmarks.",
+    )
+    pb.add_argument("benchmark", choices=("ag-news", "reuters-10"))
+    pb.add_argument("--source", required=True, metavar="DIR", help="where your copy of the original files is")
+    pb.add_argument("--out", required=True, metavar="DIR", help="where the three JSON-lines files go")
+    pb.add_argument("--seed", type=int, default=42, help="seed of the sampled splits (default: 42)")
+
     c = sub.add_parser("config", help="print the effective configuration as YAML", epilog=EPILOG)
     add_config_args(c)
     # commands of the Ray parts (serve, dev-kafka) register themselves: fusion does not import them
@@ -469,6 +483,17 @@ def cmd_llm_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from fusion.benchmarks import prepare
+    from fusion.datasets import read_table
+
+    for split, path in prepare(args.benchmark, args.source, args.out, args.seed).items():
+        df = read_table(path)
+        labels = df["label"].explode().value_counts()
+        print(f"{split:<5} {len(df):>6} rows -> {path}  ({len(labels)} classes: {', '.join(labels.index)})")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from fusion.config import config_to_yaml
 
@@ -481,6 +506,7 @@ COMMANDS = {
     "predict": cmd_predict,
     "eval": cmd_eval,
     "config": cmd_config,
+    "prepare": cmd_prepare,
     "llm-server": cmd_llm_server,
     "llm-models": cmd_llm_models,
 }

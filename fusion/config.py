@@ -170,6 +170,13 @@ class TrainConfig(_Strict):
         0.15, gt=0.0, lt=0.9, description="Share of training rows held out for validation when none is given."
     )
     seed: int = Field(42, description="Seed for splits, initialisation, shuffling and dropout.")
+    llm_fraction: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="Share of training and validation rows sent to the LLMs (stratified sample); the rest train "
+        "with the LLM-missing flag, as gated-off texts are predicted. Bounds training-time LLM spend.",
+    )
     calibrate: bool = Field(True, description="Fit temperature scaling (and multilabel thresholds) on validation data.")
 
 

@@ -97,13 +97,14 @@ def write_report(
     space: LabelSpace,
     y_true: np.ndarray,
     proba: np.ndarray,
-    proba_uncalibrated: np.ndarray,
+    proba_uncalibrated: np.ndarray | None,
     info: dict[str, Any],
     sections: dict[str, tuple[list[dict[str, Any]], tuple[str, ...]]] | None = None,
 ) -> dict[str, Path]:
     """Write report.json, report.md, reliability.png and (multiclass) confusion_matrix.png.
 
-    ``sections`` adds titled tables ``{title: (rows, columns)}`` (method comparison, LLM
+    ``proba_uncalibrated`` None (only calibrated answers known, e.g. from a live endpoint) leaves
+    the uncalibrated curve and column out. ``sections`` adds titled tables ``{title: (rows, columns)}`` (method comparison, LLM
     usage, call rates, learning curves) to both files."""
     sections = sections or {}
     import matplotlib
@@ -112,13 +113,13 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "report.json", "markdown": out / "report.md", "reliability": out / "reliability.png"}
-    curves = {
-        "uncalibrated": reliability(proba_uncalibrated, y_true, space.multilabel),
-        "calibrated": reliability(proba, y_true, space.multilabel),
-    }
-    _plot_reliability(
-        curves, {"uncalibrated": metrics["uncalibrated"]["ece"], "calibrated": metrics["ece"]}, paths["reliability"]
-    )
+    curves, eces = {}, {}
+    if proba_uncalibrated is not None:
+        curves["uncalibrated"] = reliability(proba_uncalibrated, y_true, space.multilabel)
+        eces["uncalibrated"] = metrics["uncalibrated"]["ece"]
+    curves["calibrated"] = reliability(proba, y_true, space.multilabel)
+    eces["calibrated"] = metrics["ece"]
+    _plot_reliability(curves, eces, paths["reliability"])
     if "confusion_matrix" in metrics:
         paths["confusion"] = out / "confusion_matrix.png"
         _plot_confusion(metrics["confusion_matrix"], space.classes, paths["confusion"])
@@ -132,12 +133,8 @@ def write_report(
     md += [f"- {k}: {v}" for k, v in info.items()]
     md += ["", "## Summary", "", "| metric | uncalibrated | calibrated |", "|---|---|---|"]
     md += [f"| {k} | {_fmt(u)} | {_fmt(c)} |" for k, u, c in summary_rows(metrics)]
-    md += [
-        "",
-        f"Temperature: {metrics.get('temperature', 1.0):.3f}. "
-        "ECE: 15 equal-width bins; definitions in `fusion/metrics.py`.",
-        "",
-    ]
+    temperature = f"Temperature: {metrics['temperature']:.3f}. " if "temperature" in metrics else ""
+    md += ["", temperature + "ECE: 15 equal-width bins; definitions in `fusion/metrics.py`.", ""]
     for title, (rows, cols) in sections.items():
         md += [f"## {title}", "", format_table(rows, cols, markdown=True), ""]
         if title == "Learning curves":

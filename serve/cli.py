@@ -53,6 +53,10 @@ def register(sub: Any) -> None:
     d.add_argument("--partitions", type=int, default=4, help="partitions per topic (default: 4)")
     d.set_defaults(run=cmd_dev_kafka)
 
+    from serve import demo
+
+    demo.register(sub)
+
 
 def _wait_for_signal() -> None:
     done = threading.Event()

@@ -207,3 +207,38 @@ def test_fine_tuning_updates_encoder_and_roundtrips(tmp_path, bbc):
     np.testing.assert_allclose(loaded.predict_proba(texts), clf.predict_proba(texts), atol=1e-6)
     with pytest.raises(ConfigError, match="fine_tune needs texts"):
         AutoFusionClassifier(cfg, encoder=clf.encoder).fit(df, embeddings=np.zeros((len(df), 384)))
+
+
+def test_llm_fraction_scores_a_stratified_sample_and_marks_the_rest_missing(encoder, bbc, bbc_emb, tmp_path):
+    """The LLM is a local stub HTTP server (an OpenAI-compatible endpoint) answering with the true class."""
+    from fusion.llm.stub_server import StubServer
+
+    classes = sorted(bbc["train"]["label"].unique())
+    truth = {
+        " ".join(t.split())[:60]: classes.index(label)
+        for part in ("train", "val")
+        for t, label in zip(bbc[part]["text"], bbc[part]["label"], strict=True)
+    }
+    idx = np.random.default_rng(2).choice(len(bbc["train"]), 80, replace=False)
+    train = bbc["train"].iloc[idx]
+    with StubServer(classes, lambda prompt: next(c for t, c in truth.items() if t in prompt)) as stub:
+        llm = {"name": "stub", "provider": "custom", "model": "m", "base_url": stub.base_url}
+        cfg = {"llms": [llm], "llm_limits": {"cache": False}, "train": {"llm_fraction": 0.25}}
+        clf = AutoFusionClassifier(cfg, encoder=encoder).fit(
+            train, validation=bbc["val"], embeddings=bbc_emb["train"][idx], validation_embeddings=bbc_emb["val"]
+        )
+    per_class = train["label"].value_counts()
+    expected_train = int(sum(max(1, round(0.25 * n)) for n in per_class))
+    assert clf.llm_usage["train"]["stub"]["llm_calls"] == expected_train < len(train)
+    n_val = clf.llm_usage["validation"]["stub"]["llm_calls"]
+    assert 0.2 * len(bbc["val"]) <= n_val <= 0.3 * len(bbc["val"]) + len(classes)
+    assert stub.requests == expected_train + n_val
+    # the sampled rows taught the head to use the LLM block; the others to answer without it
+    y = class_ids(bbc["test"], classes)
+    perfect = np.eye(len(classes), dtype=np.float32)[y]
+    missing = np.full_like(perfect, np.nan)
+    acc = {
+        name: clf.evaluate(bbc["test"], embeddings=bbc_emb["test"], llm_scores={"stub": s})["accuracy"]
+        for name, s in (("perfect", perfect), ("missing", missing))
+    }
+    assert acc["perfect"] > acc["missing"] > 0.8, acc

@@ -116,7 +116,7 @@ def test_classifier_with_the_local_llm_gates_calls_and_round_trips(encoder, bbc,
     assert clf.llm_usage["train"]["smol"]["llm_calls"] == 20 and clf.llm_usage["validation"]["smol"]["texts"] == 12
     assert clf.gate_threshold is not None and [r["target_rate"] for r in clf.metrics["gating"]][-1] == 1.0
     # few-shot: the nearest training text, never the text itself
-    ex = clf._neighbours(encoder.embed(train["text"].tolist()[:1]), exclude_self=True)
+    ex = clf._neighbours(encoder.embed(train["text"].tolist()[:1]), np.array([0]))
     assert ex is not None and ex[0][0].text != " ".join(train["text"][0].split()[:60])
 
     enc = clf.predict_proba(test, llm_scores={"smol": np.full((len(test), 5), np.nan)})  # encoder-only path

@@ -10,7 +10,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-import yaml
 from kafka import KafkaConsumer, KafkaProducer
 
 from fusion.errors import ConfigError
@@ -19,26 +18,6 @@ from serve.dev_kafka import DEV_CLIENT, _listening
 from serve.settings import parse_settings
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def test_the_shipped_serve_config_is_valid_for_serve_and_for_us():
-    """Serve accepts the file, its import path builds our graph from its args, and every deployment it
-    tunes exists in that graph (a renamed deployment would silently drop its settings)."""
-    import importlib
-
-    from ray.serve.schema import ServeDeploySchema
-
-    from serve import app as serve_app
-
-    cfg = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
-    schema = ServeDeploySchema.model_validate(cfg)
-    app = schema.applications[0]
-    module, _, attr = app.import_path.partition(":")
-    built = getattr(importlib.import_module(module), attr)(cfg["applications"][0]["args"])
-    assert type(built).__name__ == "Application"
-    graph = {d.name for d in (serve_app.Embedder, serve_app.LLMScorer, serve_app.Fusion, serve_app.Ingress)}
-    tuned = {d.name for d in app.deployments}
-    assert tuned <= graph and all(d.autoscaling_config for d in app.deployments)
 
 
 def test_bad_application_args_name_every_field():
