@@ -28,8 +28,7 @@ import pandas as pd
 from fusion.errors import DataError
 
 AG_CLASSES = ("World", "Sports", "Business", "Sci/Tech")
-PAPER_SIZES = {"ag-news": (4000, 500, 500), "reuters-10": (5842, 647, 2545)}
-BENCHMARKS = tuple(PAPER_SIZES)
+AG_SIZES = (4000, 500, 500)  # the paper's train / val / test, balanced over the 4 classes
 
 
 # -- AG News ------------------------------------------------------------------------------------------------
@@ -76,17 +75,16 @@ def _balanced(df: pd.DataFrame, per_class: int, seed: int, what: str) -> pd.Data
     return df.groupby("label", group_keys=False).sample(n=per_class, random_state=seed)
 
 
-def ag_news_splits(source: str | Path, sizes: tuple[int, int, int], seed: int = 42) -> dict[str, pd.DataFrame]:
+def ag_news_splits(source: str | Path, seed: int = 42) -> dict[str, pd.DataFrame]:
     source = Path(source)
     classes = _ag_classes(source)
     k = len(classes)
-    if any(n % k for n in sizes):
-        raise DataError(f"AG News: balanced split sizes must be multiples of {k} classes, got {sizes}")
+    sizes = [n // k for n in AG_SIZES]
     train_all = read_ag_news_csv(source / "train.csv", classes)
-    picked = _balanced(train_all, (sizes[0] + sizes[1]) // k, seed, "AG News train.csv")
-    val = picked.groupby("label", group_keys=False).sample(n=sizes[1] // k, random_state=seed)
+    picked = _balanced(train_all, sizes[0] + sizes[1], seed, "AG News train.csv")
+    val = picked.groupby("label", group_keys=False).sample(n=sizes[1], random_state=seed)
     train = picked.drop(val.index)
-    test = _balanced(read_ag_news_csv(source / "test.csv", classes), sizes[2] // k, seed, "AG News test.csv")
+    test = _balanced(read_ag_news_csv(source / "test.csv", classes), sizes[2], seed, "AG News test.csv")
     return {"train": train, "val": val, "test": test}
 
 
@@ -160,11 +158,11 @@ def reuters_splits(
 def prepare(name: str, source: str | Path, out: str | Path, seed: int = 42) -> dict[str, Path]:
     """Write the paper's train/val/test split of ``name`` as JSON lines under ``out``."""
     if name == "ag-news":
-        parts = ag_news_splits(source, PAPER_SIZES[name], seed)
+        parts = ag_news_splits(source, seed)
     elif name == "reuters-10":
         parts = reuters_splits(source, 10, seed=seed)
     else:
-        raise DataError(f"unknown benchmark {name!r}; use one of {', '.join(BENCHMARKS)}")
+        raise DataError(f"unknown benchmark {name!r}; use ag-news or reuters-10")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}

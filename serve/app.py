@@ -47,10 +47,13 @@ from ray.serve.config import BackpressureConfig
 from ray.serve.handle import DeploymentHandle
 
 from fusion import __version__
+from serve.metrics import HttpMetrics, KafkaMetrics, LLMMetrics, TextMetrics
 from serve.settings import AppSettings, parse_settings
 
 log = logging.getLogger("ray.serve")
 
+# structured logs: one JSON object per line in the replica logs, with Serve's request_id, route and replica
+LOGGING = {"encoding": "JSON"}
 EMBED_BATCH = 64  # texts per encoder forward pass, summed over the requests batched together
 KEEP_MODELS = 2  # bundles a replica keeps loaded: the current one and the one rolling out
 LLMMode = Literal["auto", "off", "all"]
@@ -157,6 +160,8 @@ class LLMScorer:
         _one_torch_thread()
         self.ledger_name = ledger_name
         self._models = _Lru()
+        self._ledger: Any = None
+        self.metrics = LLMMetrics()
 
     def _load(self, ref: BundleRef) -> Any:
         from data_jobs.common import NAMESPACE
@@ -166,6 +171,7 @@ class LLMScorer:
 
         config = parse_config(read_bundle(ref.path).manifest["config"], source=f"config stored in {ref.path}")
         ledger = shared_ledger(self.ledger_name, config.llm_limits, namespace=NAMESPACE)
+        self._ledger = ledger.actor
         return _load(ref.path, ledger=ledger, device="cpu")
 
     async def warm(self, ref: BundleRef) -> None:
@@ -175,6 +181,10 @@ class LLMScorer:
         """{name: ScoreBatch} for every LLM of the bundle."""
         clf = await self._models.get(ref.version, lambda: self._load(ref))
         _, batches = await clf.ascore_llms(texts, emb)
+        try:
+            self.metrics.observe(batches, await self._ledger.snapshot.remote())
+        except Exception:  # metrics never fail a request
+            log.exception("recording LLM metrics failed")
         return batches
 
 
@@ -372,6 +382,18 @@ def http_api(fusion: DeploymentHandle, s: AppSettings, token: str | None, tagger
     )
     api.add_middleware(BodyLimit, limit=s.limits.max_body_bytes)
     lim = s.limits
+    http_metrics, text_metrics = HttpMetrics(), TextMetrics()
+
+    @api.middleware("http")  # added last, so outermost: it also sees BodyLimit's 413s
+    async def observe(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
+        start, status = time.perf_counter(), 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")  # the route template: bounded label values
+            http_metrics.observe(getattr(route, "path", "unmatched"), status, time.perf_counter() - start)
 
     def check_token(request: Request) -> None:
         if token is None:
@@ -401,9 +423,24 @@ def http_api(fusion: DeploymentHandle, s: AppSettings, token: str | None, tagger
             if len(t) > lim.max_chars:
                 raise HTTPException(422, f"text {i} has {len(t)} characters; the limit is {lim.max_chars}")
         try:
-            return await fusion.classify.remote(texts, req.llm)
+            out = await fusion.classify.remote(texts, req.llm)
         except BackPressureError:
             return _unavailable("over capacity: too many requests queued; retry later")
+        results = out["results"]
+        text_metrics.observe("http", results)
+        log.info(  # Serve adds request_id, route, replica; JSON logs keep these fields
+            "classified %d texts",
+            len(texts),
+            extra={
+                "texts": len(texts),
+                "llm": req.llm,
+                "llm_used": sum(bool(r["llm_used"]) for r in results),
+                "llm_cost_usd": out["llm_cost_usd"],
+                "model_version": out["model_version"],
+                "latency_ms": out["latency_ms"],
+            },
+        )
+        return out
 
     @api.get("/v1/model", dependencies=auth)
     async def model() -> Any:
@@ -477,11 +514,15 @@ class KafkaTagger:
 
         s = KafkaSettings.model_validate(settings)
         timeout = s.max_poll_interval_ms / 1000
+        text_metrics = TextMetrics()
 
         def classify(texts: list[str]) -> dict[str, Any]:
-            return fusion.classify.remote(texts, s.llm).result(timeout_s=timeout)
+            out = fusion.classify.remote(texts, s.llm).result(timeout_s=timeout)
+            text_metrics.observe("kafka", out["results"])
+            return out
 
-        self.loop = TaggerLoop(s, classify, name=f"tagger-{serve.get_replica_context().replica_id.unique_id}")
+        name = f"tagger-{serve.get_replica_context().replica_id.unique_id}"
+        self.loop = TaggerLoop(s, classify, name=name, metrics=KafkaMetrics())
         self.loop.start()
 
     def check_health(self) -> None:

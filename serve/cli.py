@@ -126,13 +126,13 @@ def _run(args: argparse.Namespace, settings: dict[str, Any]) -> None:
     from ray import serve
 
     from data_jobs.common import connect
-    from serve.app import build
+    from serve.app import LOGGING, build
 
     settings["bundle"] = str(Path(settings["bundle"]).resolve())
     connect(args.address)
     serve.start(http_options={"host": args.host, "port": args.port})
     try:
-        serve.run(build(settings), name="labelfuse", route_prefix="/")
+        serve.run(build(settings), name="labelfuse", route_prefix="/", logging_config=LOGGING)
         url = f"http://{args.host}:{args.port}"
         example = json.dumps({"texts": ["Shares in BP fell 3% after oil prices dropped"]})
         print(f"labelfuse is serving {args.model} at {url} (docs: {url}/docs)")

@@ -45,13 +45,13 @@ def register(sub: Any) -> None:
     d.add_argument(
         "--llm-fraction",
         type=float,
-        default=0.03,
+        default=0.02,
         help="share of training rows the LLM reads (train.llm_fraction); the rest train as LLM-missing",
     )
-    d.add_argument("--gate-rate", type=float, default=0.08, help="share of streamed texts the gate sends to the LLM")
+    d.add_argument("--gate-rate", type=float, default=0.06, help="share of streamed texts the gate sends to the LLM")
     d.add_argument("--max-length", type=int, default=128, help="encoder tokens per text (encoder.max_length)")
     d.add_argument("--limit", type=int, metavar="N", help="use a random N rows of each split (a quick look)")
-    d.add_argument("--window", type=int, default=64, help="messages outstanding in the stream at once")
+    d.add_argument("--window", type=int, default=32, help="messages outstanding in the stream at once")
     d.add_argument("--port", type=int, default=0, help="HTTP port of the Serve app (default: a free one)")
     d.add_argument("--stall-s", type=float, default=300.0, help="give up when no result arrives for this long")
     d.set_defaults(run=cmd_demo)
@@ -224,7 +224,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from data_jobs.common import NAMESPACE
     from fusion.llm.local import free_port
-    from serve.app import build
+    from serve.app import LOGGING, build
     from serve.dev_kafka import DEV_CLIENT, DevBroker, create_topics
 
     broker = DevBroker()
@@ -248,7 +248,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             **DEV_CLIENT,
         }
         settings = {"bundle": str(model_dir.resolve()), "ledger_name": LEDGER, "kafka": kafka}
-        serve.run(build(settings), name="labelfuse-demo", route_prefix="/")
+        serve.run(build(settings), name="labelfuse-demo", route_prefix="/", logging_config=LOGGING)
         deadline = time.monotonic() + 60
         while not _get(f"{url}/v1/kafka").get("assignment"):  # the tagger joined its group
             if time.monotonic() > deadline:

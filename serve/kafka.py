@@ -84,10 +84,12 @@ def _key(record: Any) -> str | None:
 class TaggerLoop:
     """The consume → classify → produce → commit loop of one replica (runs in its own thread)."""
 
-    def __init__(self, settings: KafkaSettings, classify: Classify, name: str = "tagger"):
+    def __init__(self, settings: KafkaSettings, classify: Classify, name: str = "tagger", metrics: Any = None):
         self.s = settings
         self.classify = classify
         self.name = name
+        self.metrics = metrics  # serve.metrics.KafkaMetrics, or None
+        self.uncommitted = 0  # messages consumed whose offsets are not committed yet
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -118,6 +120,7 @@ class TaggerLoop:
             return {
                 "replica": self.name,
                 **self.counts,
+                "uncommitted": self.uncommitted,
                 "assignment": list(self.assignment),
                 "alive": self.alive,
                 "error": _str(self.error),
@@ -126,6 +129,14 @@ class TaggerLoop:
     def _count(self, key: str, n: int = 1) -> None:
         with self._lock:
             self.counts[key] += n
+        if self.metrics is not None:
+            self.metrics.count(key, n)
+
+    def _uncommitted(self, delta: int) -> None:
+        with self._lock:
+            self.uncommitted += delta
+        if self.metrics is not None:
+            self.metrics.uncommitted(self.uncommitted)
 
     # -- clients -----------------------------------------------------------------------------------------
     def _clients(self) -> tuple[Any, Any]:
@@ -150,7 +161,7 @@ class TaggerLoop:
     # -- the loop ------------------------------------------------------------------------------------------
     def _run(self) -> None:
         consumer = producer = None
-        inflight: deque[tuple[Future[None], dict[Any, int]]] = deque()
+        inflight: deque[tuple[Future[None], dict[Any, int], int]] = deque()
         pool = ThreadPoolExecutor(self.s.max_in_flight, thread_name_prefix=f"labelfuse-{self.name}-batch")
         try:
             consumer, producer = self._clients()
@@ -170,8 +181,9 @@ class TaggerLoop:
                 records = [r for batch in polled.values() for r in batch]
                 if records:
                     self._count("consumed", len(records))
+                    self._uncommitted(len(records))
                     offsets = {tp: batch[-1].offset + 1 for tp, batch in polled.items()}
-                    inflight.append((pool.submit(self._process, records, producer), offsets))
+                    inflight.append((pool.submit(self._process, records, producer), offsets, len(records)))
                 elif full:
                     self._finish_done(consumer, inflight, block=True, timeout_s=0.1)
             # clean shutdown: no new polls; finish what is in flight, commit it, leave the group
@@ -193,7 +205,7 @@ class TaggerLoop:
         from kafka.structs import OffsetAndMetadata
 
         while inflight:
-            fut, offsets = inflight[0]
+            fut, offsets, n = inflight[0]
             if not fut.done():
                 if not block:
                     return
@@ -211,6 +223,7 @@ class TaggerLoop:
                 # so these results may appear twice; nothing is lost
                 self._count("commit_failures")
                 log.warning("%s: commit failed after a rebalance (%s); the batch may be re-delivered", self.name, err)
+            self._uncommitted(-n)  # committed, or now another replica's to commit
             block = False
 
     def _process(self, records: list[Any], producer: Any) -> None:

@@ -66,13 +66,28 @@ def class_ids(df, classes) -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A real local Ray runtime, started once per session."""
+    """A real local Ray runtime, started once per session (Prometheus metrics: the metrics_url fixture)."""
     import ray
 
+    from fusion.llm.local import free_port
+
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="labelfuse-tests")
-    yield ray
+    port = free_port()
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        namespace="labelfuse-tests",
+        _metrics_export_port=port,
+    )
+    yield ray, f"http://127.0.0.1:{port}/metrics"
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def metrics_url(ray_local) -> str:
+    """Where this session's Ray serves its Prometheus metrics."""
+    return ray_local[1]
 
 
 @pytest.fixture(scope="session")

@@ -158,6 +158,7 @@ def _big_corpus(path: Path, n: int) -> list[str]:
     return write_corpus(path, df, "row", bad=False)
 
 
+@pytest.mark.reliability
 def test_a_killed_backfill_resumes_and_writes_every_id_exactly_once(ray_local, bbc_model, tmp_path):
     model, out, corpus = tmp_path / "model", tmp_path / "pred", tmp_path / "corpus.jsonl"
     bbc_model.save(model)

@@ -8,7 +8,8 @@ from pydantic import BaseModel
 from fusion.cli import build_parser
 from fusion.config import Config
 
-README = (Path(__file__).parent.parent / "README.md").read_text()
+REPO = Path(__file__).parent.parent
+README = (REPO / "README.md").read_text()
 
 
 def _fields(model: type[BaseModel], prefix: str = ""):
@@ -44,3 +45,10 @@ def test_every_serve_app_arg_is_in_the_readme():
     section = README.split("## Serving on Ray Serve", 1)[1].split("\n## ", 1)[0]
     missing = [f for f in _fields(AppSettings) if f"`{f}`" not in section]
     assert not missing, f"README serving section lacks {missing}"
+
+
+def test_every_serve_metric_is_in_the_readme():
+    names = set(re.findall(r'"(labelfuse_[a-z_]+)"', (REPO / "serve" / "metrics.py").read_text()))
+    assert len(names) >= 10
+    missing = [n for n in sorted(names) if f"`{n}`" not in README]
+    assert not missing, f"metrics missing from the README table: {missing}"

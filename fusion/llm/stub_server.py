@@ -12,13 +12,15 @@ with StubServer(classes, answer=lambda text: 0, latency_s=0.05, script=["429", "
 
 ``script`` entries apply to successive requests: ``"429"`` (with ``Retry-After: 1``),
 ``"429ms"`` (with ``retry-after-ms: 50``), ``"500"``, ``"401"``, ``"badjson"`` (an answer
-that fails validation), ``"ok"``. After the script runs out every request succeeds.
+that fails validation), ``"ok"``. After the script runs out, a request fails with 500 with
+probability ``fail_rate`` (seeded), else succeeds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import random
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -37,6 +39,8 @@ class StubServer:
         script: Sequence[str] = (),
         logprobs: bool = True,
         prompt_tokens: int | None = None,
+        fail_rate: float = 0.0,
+        seed: int = 0,
     ):
         self.classes = list(classes)
         self.answer = answer
@@ -44,7 +48,10 @@ class StubServer:
         self.script = list(script)
         self.logprobs = logprobs
         self.prompt_tokens = prompt_tokens
+        self.fail_rate = fail_rate
+        self._rng = random.Random(seed)
         self.requests = 0
+        self.failed = 0  # requests answered 500 because of fail_rate
         self.in_flight = 0
         self.max_in_flight = 0
         self.port = free_port()
@@ -58,7 +65,12 @@ class StubServer:
     def _next_action(self) -> str:
         with self._lock:
             self.requests += 1
-            return self.script.pop(0) if self.script else "ok"
+            if self.script:
+                return self.script.pop(0)
+            if self.fail_rate and self._rng.random() < self.fail_rate:
+                self.failed += 1
+                return "500"
+            return "ok"
 
     def _completion(self, body: dict[str, Any], action: str) -> dict[str, Any]:
         text = body["messages"][-1]["content"]

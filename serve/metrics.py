@@ -1,0 +1,80 @@
+"""Prometheus metrics of the Serve application, through Ray's metrics API.
+
+Each replica records into ``ray.serve.metrics`` objects, which add the ``application``,
+``deployment`` and ``replica`` tags; Ray's metrics agent on every node serves them for
+Prometheus (``ray start --metrics-export-port``) with a ``ray_`` prefix (counters also get
+``_total``). The README's "Metrics" paragraph under "Serving on Ray Serve" lists them all.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+
+
+def _serve_metrics() -> Any:
+    from ray.serve import metrics
+
+    return metrics
+
+
+class HttpMetrics:
+    def __init__(self) -> None:
+        m = _serve_metrics()
+        self.requests = m.Counter("labelfuse_http_requests", "HTTP requests answered.", ("route", "status"))
+        self.latency = m.Histogram(
+            "labelfuse_http_request_seconds", "HTTP request latency (s).", LATENCY_BUCKETS_S, ("route",)
+        )
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        self.requests.inc(1, {"route": route, "status": str(status)})
+        self.latency.observe(seconds, {"route": route})
+
+
+class TextMetrics:
+    def __init__(self) -> None:
+        self.texts = _serve_metrics().Counter("labelfuse_texts", "Texts classified.", ("path", "llm_used"))
+
+    def observe(self, path: str, results: list[dict[str, Any]]) -> None:
+        used = sum(bool(r["llm_used"]) for r in results)
+        if used:
+            self.texts.inc(used, {"path": path, "llm_used": "true"})
+        if len(results) - used:
+            self.texts.inc(len(results) - used, {"path": path, "llm_used": "false"})
+
+
+class LLMMetrics:
+    def __init__(self) -> None:
+        m = _serve_metrics()
+        tags = ("llm",)
+        self.calls = m.Counter("labelfuse_llm_calls", "LLM requests made (cache hits excluded).", tags)
+        self.cache_hits = m.Counter("labelfuse_llm_cache_hits", "LLM answers taken from the cache.", tags)
+        self.errors = m.Counter("labelfuse_llm_errors", "Texts an LLM failed on.", tags)
+        self.spent = m.Counter("labelfuse_llm_spent_usd", "Dollars spent on LLM calls.", tags)
+        self.budget_left = m.Gauge("labelfuse_llm_budget_left_usd", "Budget of the shared ledger not yet spent.")
+
+    def observe(self, batches: dict[str, Any], ledger: dict[str, float] | None) -> None:
+        for name, b in batches.items():
+            s, tag = b.stats, {"llm": name}
+            for counter, value in ((self.calls, s.calls), (self.cache_hits, s.cache_hits), (self.errors, s.errors)):
+                if value:
+                    counter.inc(value, tag)
+            if s.spent_usd:
+                self.spent.inc(s.spent_usd, tag)
+        if ledger is not None and ledger["budget_usd"] != float("inf"):
+            self.budget_left.set(max(0.0, ledger["budget_usd"] - ledger["spent_usd"]))
+
+
+class KafkaMetrics:
+    def __init__(self) -> None:
+        m = _serve_metrics()
+        self.events = m.Counter("labelfuse_kafka_messages", "Kafka tagger events, by kind.", ("event",))
+        self.lag = m.Gauge("labelfuse_kafka_commit_lag", "Messages consumed and not yet committed.")
+
+    def count(self, event: str, n: int) -> None:
+        if n > 0:  # Ray's Counter refuses 0
+            self.events.inc(n, {"event": event})
+
+    def uncommitted(self, n: int) -> None:
+        self.lag.set(n)

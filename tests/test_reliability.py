@@ -1,0 +1,216 @@
+"""The reliability suite (`pytest -m reliability`; CI runs it with the rest): sustained HTTP load, Kafka
+taggers killed mid-stream while the LLM fails 30% of its calls, and bad input everywhere. Each test prints
+its figures. The killed-and-resumed backfill is tests/test_data_jobs.py::test_a_killed_backfill_resumes_...
+
+The one fake is the LLM in the Kafka test: a scripted OpenAI-compatible stub standing in for a flaky paid
+API (fail_rate=0.3), which no real endpoint here can be made to be."""
+
+import json
+import threading
+import time
+import uuid
+from collections import Counter
+
+import pytest
+import ray
+import requests
+from conftest import TEST_MAX_LENGTH, sample
+from kafka import KafkaConsumer, KafkaProducer
+from ray import serve
+
+from fusion import cli
+from fusion.classifier import AutoFusionClassifier
+from fusion.llm.stub_server import StubServer
+from serve.app import build
+from serve.dev_kafka import DEV_CLIENT, create_topics
+
+pytestmark = [pytest.mark.slow, pytest.mark.reliability]
+
+
+def report(capsys, line: str) -> None:
+    with capsys.disabled():
+        print(f"\n[reliability] {line}")
+
+
+def test_http_sustained_load_for_60s_gives_no_5xx_but_intended_503s(serve_url, bbc_model, bbc, tmp_path, capsys):
+    bbc_model.save(tmp_path / "model")
+    serve.run(build({"bundle": str(tmp_path / "model")}), name="labelfuse-load", route_prefix="/")
+    texts = sample(bbc["test"], 64, seed=9)["text"].str.slice(0, 1500).tolist()
+    codes: Counter = Counter()
+    wrong: list[str] = []
+    stop = time.monotonic() + 60
+
+    def client(i: int) -> None:
+        s = requests.Session()
+        k = 0
+        while time.monotonic() < stop:
+            batch = [texts[(i * 7 + k + j) % len(texts)] for j in range(1 + k % 4)]
+            k += 1
+            try:
+                r = s.post(f"{serve_url}/v1/classify", json={"texts": batch}, timeout=60)
+            except requests.RequestException as err:
+                codes[type(err).__name__] += 1
+                continue
+            codes[r.status_code] += 1
+            if r.status_code == 200 and len(r.json()["results"]) != len(batch):
+                wrong.append(r.text[:200])
+
+    start = time.monotonic()
+    try:
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        serve.delete("labelfuse-load")
+    seconds = time.monotonic() - start
+    report(capsys, f"HTTP 16 clients x {seconds:.0f} s: {dict(codes)}; {codes[200] / seconds:.1f} ok requests/s")
+    assert set(codes) <= {200, 503}, codes  # no 5xx but the intended 503, no connection errors
+    assert codes[200] >= 100 and not wrong
+
+
+def test_kafka_taggers_killed_twice_with_a_flaky_llm_lose_nothing(
+    serve_url, kafka_broker, encoder, bbc, tmp_path, capsys
+):
+    n = 300
+    run = uuid.uuid4().hex[:6]
+    topics = [f"rel-{run}-{t}" for t in ("in", "out", "dead")]
+    create_topics(kafka_broker.bootstrap, [topics[0]], 4)
+    create_topics(kafka_broker.bootstrap, topics[1:], 1)
+    classes = sorted(bbc["train"]["label"].unique())
+    with StubServer(classes, answer=lambda text: 0, latency_s=0.02, fail_rate=0.3, seed=1) as stub:
+        llm = {"name": "flaky", "provider": "custom", "model": "m", "base_url": stub.base_url}
+        limits = {"cache": False, "max_retries": 2, "retry_base_s": 0.05, "retry_max_s": 0.2}
+        cfg = {"encoder": {"max_length": TEST_MAX_LENGTH}, "llms": [llm], "llm_limits": limits}
+        clf = AutoFusionClassifier(cfg, encoder=encoder)
+        clf.fit(sample(bbc["train"], 100, seed=4), validation=sample(bbc["val"], 40, seed=4))
+        clf.save(tmp_path / "model")
+        kafka = {
+            "bootstrap_servers": kafka_broker.bootstrap, "input_topics": [topics[0]], "output_topic": topics[1],
+            "dead_letter_topic": topics[2], "group_id": f"rel-{run}", "replicas": 2, "batch_size": 16,
+            "max_in_flight": 2, "llm": "all", **DEV_CLIENT,
+        }  # fmt: skip
+        settings = {"bundle": str(tmp_path / "model"), "kafka": kafka, "ledger_name": f"rel-{run}"}
+        serve.run(build(settings), name="labelfuse-rel", route_prefix="/")
+        handle = serve.get_deployment_handle("KafkaTagger", app_name="labelfuse-rel")
+        try:
+            texts = sample(bbc["test"], n, seed=6)["text"].str.slice(0, 800).tolist()
+            p = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap)
+            for i, t in enumerate(texts):
+                p.send(topics[0], key=f"{run}-{i}".encode(), value=json.dumps({"id": i, "text": t}).encode())
+            p.flush()
+            p.close()
+            c = KafkaConsumer(topics[1], topics[2], bootstrap_servers=kafka_broker.bootstrap, group_id=None,
+                              auto_offset_reset="earliest", **DEV_CLIENT)  # fmt: skip
+            results, dead, kills = [], [], 0
+            start = time.monotonic()
+            deadline = start + 300
+            while len({r["id"] for r in results}) < n and time.monotonic() < deadline:
+                for tp, recs in c.poll(500).items():
+                    for r in recs:
+                        (results if tp.topic == topics[1] else dead).append(
+                            json.loads(r.value) if tp.topic == topics[1] else r
+                        )
+                if kills < 2 and len(results) >= (kills + 1) * n // 3:
+                    actors = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                              if "labelfuse-rel#KafkaTagger" in a["name"]]  # fmt: skip
+                    ray.kill(ray.get_actor(actors[0], namespace="serve"), no_restart=True)  # like kill -9
+                    kills += 1
+            c.close()
+            seconds = time.monotonic() - start
+            for _ in range(20):  # a call may be routed to the replica just killed, before Serve notices
+                try:
+                    stats = handle.stats.remote().result(timeout_s=30)
+                    break
+                except ray.exceptions.RayError:
+                    time.sleep(1)
+        finally:
+            serve.delete("labelfuse-rel")
+    ids = [r["id"] for r in results]
+    fallback = sum(1 for r in results if r["llm_error"])
+    report(
+        capsys,
+        f"Kafka {n} messages, {kills} tagger kills, LLM failing {stub.failed}/{stub.requests} calls: "
+        f"{len(set(ids))}/{n} ids arrived in {seconds:.0f} s, {len(ids) - len(set(ids))} repeats, "
+        f"{len(dead)} dead letters, {fallback} answered by the encoder after the LLM's retries ran out",
+    )
+    assert kills == 2 and set(ids) == set(range(n)) and not dead
+    assert stub.failed > 0.2 * stub.requests  # the LLM really was flaky
+    assert all(r["llm_used"] or r["llm_error"] for r in results)  # every message asked it; failures said so
+    assert stats["alive"]
+
+
+def test_bad_inputs_get_clear_errors_and_lose_nothing(serve_url, kafka_broker, bbc_model, tmp_path, capsys):
+    bbc_model.save(tmp_path / "model")
+    run = uuid.uuid4().hex[:6]
+    topics = [f"bad-{run}-{t}" for t in ("in", "out", "dead")]
+    create_topics(kafka_broker.bootstrap, topics, 1)
+    kafka = {
+        "bootstrap_servers": kafka_broker.bootstrap, "input_topics": [topics[0]], "output_topic": topics[1],
+        "dead_letter_topic": topics[2], "group_id": f"bad-{run}", **DEV_CLIENT,
+    }  # fmt: skip
+    serve.run(build({"bundle": str(tmp_path / "model"), "kafka": kafka}), name="labelfuse-bad", route_prefix="/")
+    try:
+        # HTTP: each bad body gets a 4xx that names the problem
+        post = lambda **kw: requests.post(f"{serve_url}/v1/classify", timeout=60, **kw)  # noqa: E731
+        http = {
+            "empty text": (post(json={"text": "  "}), 422, "text 0 is empty"),
+            "1 MB text": (post(json={"text": "word " * 200_000}), 422, "1000000 characters; the limit is 20000"),
+            "invalid UTF-8": (
+                post(data=b'{"text": "\xff\xfe"}', headers={"content-type": "application/json"}),
+                400,
+                "error parsing the body",
+            ),
+            "text is a number": (post(json={"text": 5}), 422, "string"),
+            "texts is a string": (post(json={"texts": "one text"}), 422, "list"),
+            "3 MB body": (post(json={"texts": ["x" * 1_000_000] * 3}), 413, "larger than"),
+        }
+        for name, (r, code, words) in http.items():
+            assert r.status_code == code and words in r.text, (name, r.status_code, r.text[:300])
+        assert post(json={"text": "Shares in BP fell"}).status_code == 200  # and the service still answers
+
+        # Kafka: bad messages go to the dead-letter topic with the reason; the good ones around them are tagged
+        bad = {
+            "invalid UTF-8": b"\xff\xfe{",
+            "not JSON": b"{text: unquoted}",
+            "text is a number": json.dumps({"text": 5}).encode(),
+            "a JSON list": json.dumps(["a", "b"]).encode(),
+            "empty text": json.dumps({"text": " "}).encode(),
+            "over max_chars": json.dumps({"text": "word " * 5000}).encode(),
+        }
+        p = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, max_request_size=4_000_000)
+        for i, (name, value) in enumerate(bad.items()):
+            p.send(topics[0], key=f"good-{i}".encode(), value=json.dumps({"text": f"Election result {i}"}).encode())
+            p.send(topics[0], key=name.encode(), value=value)
+        p.flush()
+        p.close()
+        c = KafkaConsumer(topics[1], topics[2], bootstrap_servers=kafka_broker.bootstrap, group_id=None,
+                          auto_offset_reset="earliest", **DEV_CLIENT)  # fmt: skip
+        good, dead = set(), {}
+        deadline = time.monotonic() + 120
+        while (len(good) < len(bad) or len(dead) < len(bad)) and time.monotonic() < deadline:
+            for tp, recs in c.poll(500).items():
+                for r in recs:
+                    if tp.topic == topics[1]:
+                        good.add(r.key.decode())
+                    else:
+                        dead[r.key.decode()] = (r.value, dict(r.headers)["labelfuse.error"].decode())
+        c.close()
+    finally:
+        serve.delete("labelfuse-bad")
+    assert good == {f"good-{i}" for i in range(len(bad))}
+    assert set(dead) == set(bad) and all(dead[k][0] == v for k, v in bad.items())  # original bytes kept
+    reasons = {k: why for k, (_, why) in dead.items()}
+    for name, words in (("invalid UTF-8", "UTF-8"), ("text is a number", "text"), ("over max_chars", "characters")):
+        assert words in reasons[name], reasons
+
+    # training: labels outside the declared classes are refused by name, with exit status 2 and no bundle
+    data = tmp_path / "train.csv"
+    data.write_text("text,label\nthe match,sport\nthe vote,politics\nthe chip,tech\nthe goal,sport\n")
+    out = tmp_path / "refused"
+    rc = cli.main(["-q", "train", "--train", str(data), "--set", "labels.classes=[sport,politics]", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "unknown label(s)" in err and "tech" in err and not out.exists()
+    report(capsys, f"bad input: {len(http)} HTTP cases -> 4xx, {len(dead)} Kafka cases dead-lettered with reasons, "
+                   f"{len(good)} good messages between them tagged, unknown training label refused")  # fmt: skip
