@@ -8,9 +8,27 @@ Prometheus (``ray start --metrics-export-port``) with a ``ray_`` prefix (counter
 
 from __future__ import annotations
 
+import functools
+import logging
+from collections.abc import Callable
 from typing import Any
 
+log = logging.getLogger("ray.serve")
+
 LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+
+
+def _never_raises(fn: Callable[..., None]) -> Callable[..., None]:
+    """Recording a metric must never fail the request or the Kafka loop that records it."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            fn(*args, **kwargs)
+        except Exception:
+            log.exception("recording metrics failed in %s", fn.__qualname__)
+
+    return wrapper
 
 
 def _serve_metrics() -> Any:
@@ -27,6 +45,7 @@ class HttpMetrics:
             "labelfuse_http_request_seconds", "HTTP request latency (s).", LATENCY_BUCKETS_S, ("route",)
         )
 
+    @_never_raises
     def observe(self, route: str, status: int, seconds: float) -> None:
         self.requests.inc(1, {"route": route, "status": str(status)})
         self.latency.observe(seconds, {"route": route})
@@ -36,6 +55,7 @@ class TextMetrics:
     def __init__(self) -> None:
         self.texts = _serve_metrics().Counter("labelfuse_texts", "Texts classified.", ("path", "llm_used"))
 
+    @_never_raises
     def observe(self, path: str, results: list[dict[str, Any]]) -> None:
         used = sum(bool(r["llm_used"]) for r in results)
         if used:
@@ -54,6 +74,7 @@ class LLMMetrics:
         self.spent = m.Counter("labelfuse_llm_spent_usd", "Dollars spent on LLM calls.", tags)
         self.budget_left = m.Gauge("labelfuse_llm_budget_left_usd", "Budget of the shared ledger not yet spent.")
 
+    @_never_raises
     def observe(self, batches: dict[str, Any], ledger: dict[str, float] | None) -> None:
         for name, b in batches.items():
             s, tag = b.stats, {"llm": name}
@@ -72,9 +93,11 @@ class KafkaMetrics:
         self.events = m.Counter("labelfuse_kafka_messages", "Kafka tagger events, by kind.", ("event",))
         self.lag = m.Gauge("labelfuse_kafka_commit_lag", "Messages consumed and not yet committed.")
 
+    @_never_raises
     def count(self, event: str, n: int) -> None:
         if n > 0:  # Ray's Counter refuses 0
             self.events.inc(n, {"event": event})
 
+    @_never_raises
     def uncommitted(self, n: int) -> None:
         self.lag.set(n)
