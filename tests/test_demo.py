@@ -15,7 +15,7 @@ import pytest
 from fusion.classifier import AutoFusionClassifier
 from serve.dev_kafka import _listening
 
-N = 40
+N = 30
 
 
 @pytest.mark.slow

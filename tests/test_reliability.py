@@ -73,7 +73,7 @@ def test_http_sustained_load_for_60s_gives_no_5xx_but_intended_503s(serve_url, b
 def test_kafka_taggers_killed_twice_with_a_flaky_llm_lose_nothing(
     serve_url, kafka_broker, encoder, bbc, tmp_path, capsys
 ):
-    n = 300
+    n = 160
     run = uuid.uuid4().hex[:6]
     topics = [f"rel-{run}-{t}" for t in ("in", "out", "dead")]
     create_topics(kafka_broker.bootstrap, [topics[0]], 4)
