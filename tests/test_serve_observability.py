@@ -120,7 +120,8 @@ def test_metrics_and_request_id_logs_from_http_and_kafka(serve_url, metrics_url,
             assert not short, short
             spent = value(m, "ray_labelfuse_llm_spent_usd_total", llm="paid")
             assert spent > 0
-            assert value(m, "ray_labelfuse_llm_budget_left_usd") == pytest.approx(BUDGET - spent, abs=1e-6)
+            # the gauge is the ledger as the last batch to finish saw it: concurrent batches may settle later
+            assert BUDGET - spent - 1e-9 <= value(m, "ray_labelfuse_llm_budget_left_usd") < BUDGET
             assert value(m, "ray_labelfuse_http_request_seconds_count", route="/v1/classify") >= 2
             assert value(m, "ray_labelfuse_kafka_commit_lag") == 0
 
