@@ -59,7 +59,6 @@ def test_cluster_yaml_passes_the_schema_shipped_with_ray():
         jsonschema.validate(broken, schema)
 
     types = cfg["available_node_types"]
-    assert types[cfg["head_node_type"]]["resources"] == {"CPU": 0}  # nothing CPU-hungry on the head
     workers = [t for name, t in types.items() if name != cfg["head_node_type"]]
     assert all(t["min_workers"] <= t["max_workers"] <= cfg["max_workers"] for t in workers)
     assert any(t["node_config"]["InstanceType"].startswith(("g", "p")) for t in workers)  # a GPU group
@@ -79,8 +78,6 @@ def test_cluster_offers_every_resource_the_cluster_serve_config_asks_for():
     offered = {name for t in cluster["available_node_types"].values() for name in t["resources"]}
     for d in check_serve_config(_load("deploy/serve-cluster.yaml")):
         assert _custom(d) <= offered, (d.name, _custom(d))
-        if d.name == "Embedder":
-            assert d.ray_actor_options.num_gpus == 1
 
 
 def _check_ray_cluster_spec(spec: dict) -> set[str]:
