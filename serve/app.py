@@ -181,10 +181,12 @@ class LLMScorer:
         """{name: ScoreBatch} for every LLM of the bundle."""
         clf = await self._models.get(ref.version, lambda: self._load(ref))
         _, batches = await clf.ascore_llms(texts, emb)
-        try:
-            ledger = await self._ledger.snapshot.remote()
-        except Exception:  # the ledger actor is unreachable: no budget gauge this time (the LLM calls say why)
-            ledger = None
+        ledger = None
+        if clf.config.llm_limits.budget_usd is not None:  # the gauge needs it; skip the round trip otherwise
+            try:
+                ledger = await self._ledger.snapshot.remote()
+            except Exception:  # the ledger actor is unreachable: no gauge this time (the LLM calls say why)
+                pass
         self.metrics.observe(batches, ledger)
         return batches
 

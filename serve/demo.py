@@ -189,11 +189,10 @@ def http_pass(url: str, texts: list[str], batch: int = 16) -> tuple[list[dict[st
     return results, latency, time.monotonic() - start
 
 
-def score_rows(results: list[dict[str, Any]], labels: list[str], classes: list[str]) -> dict[str, Any]:
-    from fusion.labels import LabelSpace
+def score_rows(results: list[dict[str, Any]], labels: list[str], space: Any) -> dict[str, Any]:
     from fusion.metrics import evaluate
 
-    space = LabelSpace(classes, multilabel=False)
+    classes = space.classes
     proba = np.array([[r["probabilities"][c] for c in classes] for r in results], dtype=np.float64)
     y = np.array([classes.index(label) for label in labels])
     pred = np.array([classes.index(r["label"]) for r in results])
@@ -279,16 +278,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
         timings["shutdown_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - total
 
-    classes = list(clf.classes)
     k_results = [by_id[i] for i in range(len(texts))]
     baseline = list(k_results)
     for i, res in zip(asked, h_results, strict=True):
         baseline[i] = res
-    kafka_eval = score_rows(k_results, labels, classes)
+    kafka_eval = score_rows(k_results, labels, clf.label_space)
     rows = []
     for name, ev, res, lat, rate in (
         ("kafka: gated fusion", kafka_eval, k_results, k_lat, len(texts) / k_secs),
-        ("encoder only", score_rows(baseline, labels, classes), baseline, h_lat, len(asked) / max(h_secs, 1e-9)),
+        (
+            "encoder only",
+            score_rows(baseline, labels, clf.label_space),
+            baseline,
+            h_lat,
+            len(asked) / max(h_secs, 1e-9),
+        ),
     ):
         m = ev["metrics"]
         p50, p99 = _quantiles(lat)
