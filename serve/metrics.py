@@ -3,7 +3,7 @@
 Each replica records into ``ray.serve.metrics`` objects, which add the ``application``,
 ``deployment`` and ``replica`` tags; Ray's metrics agent on every node serves them for
 Prometheus (``ray start --metrics-export-port``) with a ``ray_`` prefix (counters also get
-``_total``). The README's "Metrics" paragraph under "Serving on Ray Serve" lists them all.
+``_total``). docs/operations.md lists them all (tests/test_docs.py checks it).
 """
 
 from __future__ import annotations

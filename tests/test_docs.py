@@ -1,31 +1,23 @@
-"""The README documents what the code does."""
+"""The README and docs/ document what the code does."""
 
+import argparse
+import importlib
+import json
+import os
 import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
+from typing import get_args
 
 from pydantic import BaseModel
 
 from fusion.cli import build_parser
-from fusion.config import Config
 
 REPO = Path(__file__).parent.parent
 README = (REPO / "README.md").read_text()
-
-
-def _fields(model: type[BaseModel], prefix: str = ""):
-    for name, f in model.model_fields.items():
-        ann = f.annotation
-        inner = [a for a in (ann, *getattr(ann, "__args__", ())) if isinstance(a, type) and issubclass(a, BaseModel)]
-        if inner and name != "llms":
-            yield from _fields(inner[0], f"{prefix}{name}.")
-        else:
-            yield f"{prefix}{name}"
-
-
-def test_every_config_field_is_in_the_configuration_reference():
-    section = README.split("## Configuration", 1)[1]
-    missing = [f for f in _fields(Config) if f"`{f}`" not in section]
-    assert not missing, f"README configuration reference lacks {missing}"
 
 
 def test_every_cli_subcommand_is_documented():
@@ -39,16 +31,240 @@ def test_first_screen_has_the_two_commands():
     assert "make demo" in first and "make test" in first
 
 
-def test_every_serve_app_arg_is_in_the_readme():
-    from serve.settings import AppSettings
-
-    section = README.split("## Serving on Ray Serve", 1)[1].split("\n## ", 1)[0]
-    missing = [f for f in _fields(AppSettings) if f"`{f}`" not in section]
-    assert not missing, f"README serving section lacks {missing}"
-
-
-def test_every_serve_metric_is_in_the_readme():
+def test_every_serve_metric_is_in_the_operations_guide():
     names = set(re.findall(r'"(labelfuse_[a-z_]+)"', (REPO / "serve" / "metrics.py").read_text()))
     assert len(names) >= 10
-    missing = [n for n in sorted(names) if f"`{n}`" not in README]
-    assert not missing, f"metrics missing from the README table: {missing}"
+    guide = (REPO / "docs" / "operations.md").read_text()
+    missing = [n for n in sorted(names) if f"| `{n}` |" not in guide]
+    assert not missing, f"metrics missing from the table in docs/operations.md: {missing}"
+
+
+# -- generated references ------------------------------------------------------------------------------------
+def test_generated_references_are_current():
+    """docs/configuration.md, http-api.md, openapi.json and the price table are what docs/generate.py writes."""
+    out = subprocess.run(
+        [sys.executable, str(REPO / "docs" / "generate.py"), "--check"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+
+
+def _keys(model: type[BaseModel], prefix: str = ""):
+    for name, f in model.model_fields.items():
+        args = (f.annotation, *get_args(f.annotation), *(a for t in get_args(f.annotation) for a in get_args(t)))
+        inner = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+        if inner:
+            yield from _keys(inner[0], f"{prefix}{name}{'[]' if name == 'llms' else ''}.")
+        else:
+            yield f"{prefix}{name}"
+
+
+def test_the_configuration_reference_has_every_setting_with_its_default():
+    from fusion.config import Config
+    from serve.settings import AppSettings
+
+    ref = (REPO / "docs" / "configuration.md").read_text()
+    keys = [*_keys(Config), *_keys(AppSettings)]
+    assert "llms[].provider" in keys and "kafka.bootstrap_servers" in keys and len(keys) > 70
+    missing = [k for k in keys if f"| `{k}` |" not in ref]
+    assert not missing, f"docs/configuration.md lacks {missing}"
+    assert "| `encoder.max_length` | integer | `256` |" in ref
+    assert "| `kafka.batch_size` | integer | `64` |" in ref and "Allowed: >= `1`, <= `64`." in ref
+
+
+def test_the_http_reference_lists_every_route_and_status_the_app_answers():
+    spec = json.loads((REPO / "docs" / "openapi.json").read_text())
+    ref = (REPO / "docs" / "http-api.md").read_text()
+    for path, item in spec["paths"].items():
+        for method, op in item.items():
+            assert f"## {method.upper()} {path}" in ref
+            assert set(op["responses"]) >= {"200"}
+    assert set(spec["paths"]["/v1/classify"]["post"]["responses"]) == {"200", "400", "401", "403", "413", "422", "503"}
+    assert "| `probabilities` | object of number | yes |" in ref
+
+
+# -- the error reference ---------------------------------------------------------------------------------------
+def test_every_error_class_and_http_status_is_in_the_error_reference():
+    import fusion.llm.scorer  # noqa: F401  (defines LLMCallError)
+    from fusion.errors import LabelfuseError
+
+    guide = (REPO / "docs" / "operations.md").read_text()
+    classes = {c.__name__ for c in LabelfuseError.__subclasses__()}
+    assert {"ConfigError", "DataError", "BundleError", "LLMCallError"} <= classes
+    assert not [c for c in classes if f"| `{c}` |" not in guide]
+    spec = json.loads((REPO / "docs" / "openapi.json").read_text())
+    statuses = {int(s) for item in spec["paths"].values() for op in item.values() for s in op["responses"]}
+    assert not [s for s in statuses - {200} if f"\n| {s} |" not in guide]
+
+
+PLACEHOLDERS = {"(...)": r"\(.*\)", "N": r"\d+", "M": r"\d+", "TYPE": r"\w+"}  # in the guide's reason table
+
+
+def test_every_dead_letter_reason_is_in_the_kafka_guide():
+    from serve.kafka import decode
+    from serve.settings import KafkaSettings
+
+    s = KafkaSettings(
+        bootstrap_servers="x:9092", input_topics=["in"], output_topic="o", dead_letter_topic="d", max_chars=50
+    )
+    bad = [
+        None,
+        b"\xff\xfe",
+        b"{not json",
+        b"[1, 2]",
+        b"7",
+        b"{}",
+        b'{"text": 5}',
+        b'{"text": ["a"]}',
+        b'{"text": " "}',
+    ]
+    bad.append(json.dumps({"text": "x" * 51}).encode())
+    reasons = [decode(SimpleNamespace(value=v), s).error for v in bad]
+    assert all(reasons)
+    guide = (REPO / "docs" / "kafka.md").read_text()
+    table = guide.split("| reason (`labelfuse.error`) | cause |", 1)[1].split("\n\n", 1)[0]
+    cells = re.findall(r"^\| `([^`]+)` \|", table, re.M)
+    patterns = [
+        "".join(PLACEHOLDERS.get(t, re.escape(t)) for t in re.split(r"(\(\.\.\.\)|\b(?:N|M|TYPE)\b)", c)) for c in cells
+    ]
+    unlisted = [r for r in reasons if not any(re.fullmatch(p, r) for p in patterns)]
+    assert not unlisted, f"dead-letter reasons missing from docs/kafka.md: {unlisted}"
+
+
+# -- every command in the docs ---------------------------------------------------------------------------------
+# Each command in the docs' ```bash blocks is checked against the code below; and each one is run by the test
+# named here (or by `make demo`, which runs `labelfuse demo`), or it is listed in NOT_RUN_HERE with the reason.
+RUN_BY = {
+    "make demo": "tests/test_demo.py::test_demo_trains_serves_streams_reports_and_stops_only_what_it_started",
+    "make test": ".ci/run",
+    "make lint": ".ci/run",
+    "make docs": "tests/test_docs.py::test_generated_references_are_current",
+    "make serve": "tests/test_serve_config.py::test_labelfuse_serve_one_command_serves_http_and_tags_kafka",
+    "labelfuse train": "tests/test_cli.py::test_train_predict_eval",
+    "labelfuse predict": "tests/test_cli.py::test_train_predict_eval",
+    "labelfuse eval": "tests/test_llm_local.py::test_cli_train_and_eval_with_the_local_llm",
+    "labelfuse config": "tests/test_cli.py::test_config_command_prints_effective_yaml",
+    "labelfuse llm-server": "tests/test_llm_local.py::test_llm_server_stops_cleanly_on_sigterm",
+    "labelfuse llm-models": "tests/test_cli.py::test_llm_models_lists_bundled_models_and_bad_llm_flags_exit_2",
+    "labelfuse demo": "tests/test_demo.py::test_demo_trains_serves_streams_reports_and_stops_only_what_it_started",
+    "labelfuse prepare": "tests/test_benchmarks.py::test_reuters_recipe_trains_and_evaluates_multilabel",
+    "labelfuse serve": "tests/test_serve_config.py::test_labelfuse_serve_one_command_serves_http_and_tags_kafka",
+    "labelfuse dev-kafka": "tests/test_serve_config.py::test_dev_kafka_command_runs_a_broker_until_sigterm",
+    "data_jobs.embed": "tests/test_data_jobs.py::test_embed_job_writes_embeddings_and_keeps_bad_rows_with_a_reason",
+    "data_jobs.score": "tests/test_data_jobs.py::test_score_train_and_backfill_with_the_local_llm",
+    "data_jobs.train": "tests/test_data_jobs.py::test_score_train_and_backfill_with_the_local_llm",
+    "data_jobs.backfill": "tests/test_data_jobs.py::test_a_killed_backfill_resumes_and_writes_every_id_exactly_once",
+    "ray start": "tests/test_data_jobs.py::test_ray_job_submit_runs_a_job_on_a_started_cluster",
+    "ray get-auth-token": "tests/test_data_jobs.py::test_ray_job_submit_runs_a_job_on_a_started_cluster",
+    "ray job submit": "tests/test_data_jobs.py::test_ray_job_submit_runs_a_job_on_a_started_cluster",
+    "curl /v1/classify": "tests/test_serve_http.py::test_classify_matches_the_library_and_reports_the_model",
+    "python -c": "tests/test_serve_config.py::test_labelfuse_serve_one_command_serves_http_and_tags_kafka",
+    "pytest": ".ci/run",
+}
+NOT_RUN_HERE = {
+    "make bench": "benchmarks take minutes and their figures vary by machine; the README gives the measured ratios",
+    "ray up": "needs a cloud account; tests/test_deploy.py validates cluster.yaml",
+    "ray exec": "needs a cloud account",
+    "ray down": "needs a cloud account",
+    "ray job logs": "Ray's own CLI, a view of a running job",
+    "docker": "no Docker daemon on the test machine; the Dockerfile's base image is Ray's",
+    "kubectl": "no Kubernetes here; tests/test_deploy.py validates the manifests",
+    "serve deploy": "serve/config.yaml and deploy/serve-cluster.yaml are built by tests/test_deploy.py",
+    "grep": "a shell utility",
+    "export": "a shell builtin",
+}
+
+
+def _expand(arg: str, env: dict[str, str]) -> str:
+    """``$NAME`` from the block's own ``NAME=value`` lines, then from the environment (``$PWD``)."""
+    return os.path.expandvars(re.sub(r"\$(\w+)", lambda m: env.get(m[1], m[0]), arg))
+
+
+def _doc_commands():
+    """(file, argv) for every command line in the ```bash blocks of README.md and docs/*.md."""
+    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for block in re.findall(r"```bash\n(.*?)```", path.read_text(), re.S):
+            env: dict[str, str] = {}
+            for line in block.replace("\\\n", " ").splitlines():
+                argv = [_expand(a, env) for a in shlex.split(line, comments=True)]
+                if len(argv) == 1 and re.fullmatch(r"\w+=\S+", argv[0]):
+                    name, _, value = argv[0].partition("=")
+                    env[name] = value
+                elif argv:
+                    yield path.relative_to(REPO), argv
+
+
+def _strict(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """No abbreviated flags: a misspelt `--gate-rat` in the docs must not pass as `--gate-rate`."""
+    parser.allow_abbrev = False
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _strict(sub)
+    return parser
+
+
+def _check_python(argv: list[str]) -> str:
+    """The RUN_BY key of a python command line, after checking it against the code."""
+    if argv[0] == "-m" and argv[1].startswith("data_jobs."):
+        module = importlib.import_module(argv[1])
+        _strict(module.build_parser()).parse_args(argv[2:])  # SystemExit (argparse's error) fails the test
+        return argv[1]
+    if argv[0] == "-m" and argv[1] == "pytest":
+        assert all((REPO / a.split("::")[0]).exists() for a in argv[2:] if not a.startswith("-"))
+        return "pytest"
+    if argv[0] == "-c":
+        compile(argv[1], "<docs>", "exec")
+        return "python -c"
+    raise AssertionError(f"no rule for python {argv}")
+
+
+def _check(argv: list[str]) -> str:
+    cmd, args = Path(argv[0]).name, argv[1:]
+    if cmd == "labelfuse":
+        _strict(build_parser()).parse_args(args)
+        return f"labelfuse {next(a for a in args if not a.startswith('-'))}"
+    if cmd.startswith("python"):
+        return _check_python(args)
+    if cmd == "make":
+        targets = re.findall(r"^([\w-]+):", (REPO / "Makefile").read_text(), re.M)
+        assert args[0] in targets, f"no make target {args[0]}"
+        return f"make {args[0]}"
+    if cmd == "curl":
+        from serve.app import ClassifyRequest
+
+        url = next(a for a in args if "localhost" in a or a.startswith("http"))
+        path = "/" + url.split("//")[-1].split("/", 1)[1]
+        assert path in json.loads((REPO / "docs" / "openapi.json").read_text())["paths"], path
+        if "-d" in args:
+            ClassifyRequest.model_validate_json(args[args.index("-d") + 1])
+        return f"curl {path}"
+    if cmd == "ray" and args[:2] == ["job", "submit"]:
+        _check(args[args.index("--") + 1 :])  # the entrypoint
+        return "ray job submit"
+    if cmd == "ray":
+        for a in args:  # files named on the command line exist: cluster.yaml, serve configs
+            for f in re.findall(r"[\w/.-]+\.ya?ml", a):
+                assert (REPO / f).is_file(), f
+        return f"ray {args[0]}" if args[0] != "job" else f"ray job {args[1]}"
+    if cmd in ("docker", "kubectl", "serve"):
+        for f in [a for a in args if a.endswith((".yaml", "Dockerfile"))]:
+            assert (REPO / f).is_file(), f
+        return cmd if cmd != "serve" else f"serve {args[0]}"
+    return cmd
+
+
+def test_every_command_in_the_docs_matches_the_code_and_is_run_by_a_test():
+    commands = list(_doc_commands())
+    assert len(commands) > 40
+    seen = set()
+    for where, argv in commands:
+        try:
+            key = _check(argv)
+        except (SystemExit, Exception) as err:
+            raise AssertionError(f"{where}: `{shlex.join(argv)}` does not match the code: {err!r}") from None
+        assert key in RUN_BY or key in NOT_RUN_HERE, f"{where}: `{shlex.join(argv)}`: no test runs {key!r}"
+        seen.add(key)
+    for test in {RUN_BY[k] for k in seen & RUN_BY.keys()}:
+        file, _, name = test.partition("::")
+        assert (REPO / file).is_file() and (not name or f"def {name}(" in (REPO / file).read_text()), test
+    assert {"labelfuse serve", "data_jobs.backfill", "curl /v1/classify", "ray job submit"} <= seen
