@@ -256,7 +256,7 @@ def http_reference(spec: dict[str, Any]) -> str:
             continue
         seen.add(name)
         lines += _schema_table(name, schemas[name])
-        used += _refs(schemas[name])
+        used[:0] = _refs(schemas[name])  # depth first: a schema's parts right after it
     lines += _schema_table("ErrorDetail", schemas["ErrorDetail"])
     return "\n".join(lines).rstrip() + "\n"
 

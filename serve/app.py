@@ -373,7 +373,7 @@ class ModelInfo(BaseModel):
     bundle: str = Field(description="The bundle directory (the app's `bundle` arg).")
     loaded_at: float = Field(description="When this replica loaded it (Unix time).")
     classes: list[str] = Field(description="Class names, in the order of every probability vector.")
-    multilabel: bool
+    multilabel: bool = Field(description="Results carry `labels` (a list) instead of `label`.")
     encoder: dict[str, Any] = Field(description="model, dim, max_length, pooling, normalize.")
     llms: list[dict[str, str]] = Field(description="name, provider and model of each fused LLM.")
     gating: dict[str, Any] = Field(description="enabled, and threshold: encoder confidence below which LLMs are asked.")
@@ -385,7 +385,7 @@ class KafkaStats(BaseModel):
     consumed: int = Field(description="Messages polled.")
     tagged: int = Field(description="Results produced and acknowledged.")
     dead_lettered: int = Field(description="Messages sent to the dead-letter topic.")
-    batches: int
+    batches: int = Field(description="Batches finished (results and dead letters acknowledged).")
     commits: int = Field(description="Offset commits (each after its batch's results were acknowledged).")
     commit_failures: int = Field(description="Commits refused (e.g. by a rebalance); those messages come again.")
     retries: int = Field(description="Batches classified again after a failure.")

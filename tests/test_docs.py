@@ -266,3 +266,23 @@ def test_every_command_in_the_docs_matches_the_code_and_is_run_by_a_test():
         file, _, name = test.partition("::")
         assert (REPO / file).is_file() and (not name or f"def {name}(" in (REPO / file).read_text()), test
     assert {"labelfuse serve", "data_jobs.backfill", "curl /v1/classify", "ray job submit"} <= seen
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation other than - and _ dropped, spaces to -."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_link_between_the_docs_leads_to_a_file_and_heading():
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    anchors = {p.resolve(): {_slug(h) for h in re.findall(r"^#+ (.+)$", p.read_text(), re.M)} for p in pages}
+    broken, links = [], 0
+    for page in pages:
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]+))?\)", page.read_text()):
+            if target.startswith(("http:", "https:")):
+                continue
+            links += 1
+            path = (page.parent / target).resolve() if target else page.resolve()
+            if not path.exists() or (anchor and anchor not in anchors.get(path, set())):
+                broken.append(f"{page.name}: ({target}#{anchor})")
+    assert links > 30 and not broken, broken
