@@ -286,3 +286,16 @@ def test_every_link_between_the_docs_leads_to_a_file_and_heading():
             if not path.exists() or (anchor and anchor not in anchors.get(path, set())):
                 broken.append(f"{page.name}: ({target}#{anchor})")
     assert links > 30 and not broken, broken
+
+
+def test_the_yaml_examples_are_valid_settings():
+    import yaml
+
+    from fusion.config import parse_config
+    from serve.settings import KafkaSettings
+
+    example = README.split("## Configuration", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    config = parse_config(yaml.safe_load(example))
+    assert config.labels.mode == "multilabel" and [c.name for c in config.llms] == ["qwen", "gpt"]
+    kafka = (REPO / "docs" / "kafka.md").read_text().split("```yaml\n", 1)[1].split("```", 1)[0]
+    assert KafkaSettings.model_validate(yaml.safe_load(kafka)["kafka"]).replicas == 2
