@@ -224,7 +224,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from data_jobs.common import NAMESPACE
     from fusion.llm.local import free_port
     from serve.app import LOGGING, build
-    from serve.dev_kafka import DEV_CLIENT, DevBroker, create_topics
+    from serve.dev_kafka import DevBroker, create_topics, dev_kafka_args
 
     broker = DevBroker()
     try:
@@ -237,15 +237,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         port = args.port or free_port()
         url = f"http://127.0.0.1:{port}"
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        kafka = {
-            "bootstrap_servers": broker.bootstrap,
-            "input_topics": [TOPICS[0]],
-            "output_topic": TOPICS[1],
-            "dead_letter_topic": TOPICS[2],
-            "group_id": f"labelfuse-demo-{uuid.uuid4().hex[:8]}",
-            "batch_size": 16,  # small batches keep several in flight: one waits on the LLM while others embed
-            **DEV_CLIENT,
-        }
+        # small batches keep several in flight: one waits on the LLM while others embed
+        kafka = dev_kafka_args(broker.bootstrap, TOPICS, f"labelfuse-demo-{uuid.uuid4().hex[:8]}", batch_size=16)
         settings = {"bundle": str(model_dir.resolve()), "ledger_name": LEDGER, "kafka": kafka}
         serve.run(build(settings), name="labelfuse-demo", route_prefix="/", logging_config=LOGGING)
         deadline = time.monotonic() + 60

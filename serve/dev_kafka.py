@@ -22,8 +22,9 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from fusion.errors import ConfigError
 from fusion.llm.local import free_port
@@ -32,6 +33,20 @@ log = logging.getLogger("labelfuse.kafka")
 
 # What the tests and the demo use: a group join on tansu takes about half the session timeout.
 DEV_CLIENT = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}
+
+
+def dev_kafka_args(bootstrap: str, topics: Sequence[str], group_id: str, **extra: Any) -> dict[str, Any]:
+    """The Serve app's ``kafka`` args against the local broker; ``topics``: input, output, dead letter."""
+    inp, out, dead = topics
+    return {
+        "bootstrap_servers": bootstrap,
+        "input_topics": [inp],
+        "output_topic": out,
+        "dead_letter_topic": dead,
+        "group_id": group_id,
+        **DEV_CLIENT,
+        **extra,
+    }
 
 
 def broker_binary() -> str:

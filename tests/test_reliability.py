@@ -22,7 +22,7 @@ from fusion import cli
 from fusion.classifier import AutoFusionClassifier
 from fusion.llm.stub_server import StubServer
 from serve.app import build
-from serve.dev_kafka import DEV_CLIENT, create_topics
+from serve.dev_kafka import DEV_CLIENT, create_topics, dev_kafka_args
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 
@@ -86,11 +86,9 @@ def test_kafka_taggers_killed_twice_with_a_flaky_llm_lose_nothing(
         clf = AutoFusionClassifier(cfg, encoder=encoder)
         clf.fit(sample(bbc["train"], 100, seed=4), validation=sample(bbc["val"], 40, seed=4))
         clf.save(tmp_path / "model")
-        kafka = {
-            "bootstrap_servers": kafka_broker.bootstrap, "input_topics": [topics[0]], "output_topic": topics[1],
-            "dead_letter_topic": topics[2], "group_id": f"rel-{run}", "replicas": 2, "batch_size": 16,
-            "max_in_flight": 2, "llm": "all", **DEV_CLIENT,
-        }  # fmt: skip
+        kafka = dev_kafka_args(
+            kafka_broker.bootstrap, topics, f"rel-{run}", replicas=2, batch_size=16, max_in_flight=2, llm="all"
+        )
         settings = {"bundle": str(tmp_path / "model"), "kafka": kafka, "ledger_name": f"rel-{run}"}
         serve.run(build(settings), name="labelfuse-rel", route_prefix="/")
         handle = serve.get_deployment_handle("KafkaTagger", app_name="labelfuse-rel")
@@ -146,10 +144,7 @@ def test_bad_inputs_get_clear_errors_and_lose_nothing(serve_url, kafka_broker, b
     run = uuid.uuid4().hex[:6]
     topics = [f"bad-{run}-{t}" for t in ("in", "out", "dead")]
     create_topics(kafka_broker.bootstrap, topics, 1)
-    kafka = {
-        "bootstrap_servers": kafka_broker.bootstrap, "input_topics": [topics[0]], "output_topic": topics[1],
-        "dead_letter_topic": topics[2], "group_id": f"bad-{run}", **DEV_CLIENT,
-    }  # fmt: skip
+    kafka = dev_kafka_args(kafka_broker.bootstrap, topics, f"bad-{run}")
     serve.run(build({"bundle": str(tmp_path / "model"), "kafka": kafka}), name="labelfuse-bad", route_prefix="/")
     try:
         # HTTP: each bad body gets a 4xx that names the problem

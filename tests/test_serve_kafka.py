@@ -16,7 +16,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from ray import serve
 
 from serve.app import build
-from serve.dev_kafka import DEV_CLIENT, create_topics
+from serve.dev_kafka import DEV_CLIENT, create_topics, dev_kafka_args
 
 pytestmark = pytest.mark.slow
 APP = "labelfuse-kafka"
@@ -31,18 +31,10 @@ def tagging(serve_url, kafka_broker, bbc_model, tmp_path_factory):
     bbc_model.save(bundle)
     create_topics(kafka_broker.bootstrap, [IN], PARTITIONS)
     create_topics(kafka_broker.bootstrap, [OUT, DLQ], 1)
-    kafka = {
-        "bootstrap_servers": kafka_broker.bootstrap,
-        "input_topics": [IN],
-        "output_topic": OUT,
-        "dead_letter_topic": DLQ,
-        "group_id": "labelfuse-test-tagger",
-        "replicas": 2,
-        "batch_size": 16,
-        "max_in_flight": 2,
-        "max_chars": 5000,
-        **DEV_CLIENT,
-    }
+    kafka = dev_kafka_args(
+        kafka_broker.bootstrap, [IN, OUT, DLQ], "labelfuse-test-tagger",
+        replicas=2, batch_size=16, max_in_flight=2, max_chars=5000,
+    )  # fmt: skip
     serve.run(build({"bundle": str(bundle), "kafka": kafka}), name=APP, route_prefix="/")
     handle = serve.get_deployment_handle("KafkaTagger", app_name=APP)
     yield {"bootstrap": kafka_broker.bootstrap, "handle": handle, "model": bbc_model}

@@ -19,7 +19,7 @@ from ray import serve
 from fusion.classifier import AutoFusionClassifier
 from fusion.llm.stub_server import StubServer
 from serve.app import LOGGING, build
-from serve.dev_kafka import DEV_CLIENT, create_topics
+from serve.dev_kafka import DEV_CLIENT, create_topics, dev_kafka_args
 
 pytestmark = pytest.mark.slow
 APP = "labelfuse-obs"
@@ -58,14 +58,7 @@ def test_metrics_and_request_id_logs_from_http_and_kafka(serve_url, metrics_url,
         }
         clf = AutoFusionClassifier(cfg, encoder=encoder).fit(train, validation=sample(bbc["val"], 40))
         clf.save(tmp_path / "model")
-        kafka = {
-            "bootstrap_servers": kafka_broker.bootstrap,
-            "input_topics": [topics[0]],
-            "output_topic": topics[1],
-            "dead_letter_topic": topics[2],
-            "group_id": f"obs-{uuid.uuid4().hex[:6]}",
-            **DEV_CLIENT,
-        }
+        kafka = dev_kafka_args(kafka_broker.bootstrap, topics, f"obs-{uuid.uuid4().hex[:6]}")
         settings = {"bundle": str(tmp_path / "model"), "kafka": kafka, "ledger_name": f"obs-{uuid.uuid4().hex[:6]}"}
         serve.run(build(settings), name=APP, route_prefix="/", logging_config=LOGGING)
         try:
