@@ -32,6 +32,19 @@ def report(capsys, line: str) -> None:
         print(f"\n[reliability] {line}")
 
 
+def delete_app(name: str, timeout_s: float = 180.0) -> None:
+    """``serve.delete`` with more patience than its own 60 s. A tagger replica finishes its in-flight batches
+    before it stops (graceful_shutdown_timeout_s=60), and while the app's Fusion is torn down beside it those
+    batches can take that long; their offsets stay uncommitted, so nothing is lost either way."""
+    try:
+        serve.delete(name)
+    except TimeoutError:
+        deadline = time.monotonic() + timeout_s
+        while name in serve.status().applications and time.monotonic() < deadline:
+            time.sleep(1)
+        assert name not in serve.status().applications, f"{name} still not deleted after {timeout_s + 60:.0f} s"
+
+
 def test_http_sustained_load_for_60s_gives_no_5xx_but_intended_503s(serve_url, bbc_model, bbc, tmp_path, capsys):
     bbc_model.save(tmp_path / "model")
     serve.run(build({"bundle": str(tmp_path / "model")}), name="labelfuse-load", route_prefix="/")
@@ -124,7 +137,7 @@ def test_kafka_taggers_killed_twice_with_a_flaky_llm_lose_nothing(
                 except ray.exceptions.RayError:
                     time.sleep(1)
         finally:
-            serve.delete("labelfuse-rel")
+            delete_app("labelfuse-rel")
     ids = [r["id"] for r in results]
     fallback = sum(1 for r in results if r["llm_error"])
     report(
@@ -193,7 +206,7 @@ def test_bad_inputs_get_clear_errors_and_lose_nothing(serve_url, kafka_broker, b
                         dead[r.key.decode()] = (r.value, dict(r.headers)["labelfuse.error"].decode())
         c.close()
     finally:
-        serve.delete("labelfuse-bad")
+        delete_app("labelfuse-bad")
     assert good == {f"good-{i}" for i in range(len(bad))}
     assert set(dead) == set(bad) and all(dead[k][0] == v for k, v in bad.items())  # original bytes kept
     reasons = {k: why for k, (_, why) in dead.items()}
