@@ -34,17 +34,17 @@ from fusion import bundle as bundle_io
 from fusion.calibration import decide, to_proba
 from fusion.config import Config, load_config, parse_config
 from fusion.datasets import texts_and_labels
-from fusion.encoder import TextEncoder, check_texts
+from fusion.encoder import TextEncoder
 from fusion.errors import BundleError, ConfigError, DataError, NotFittedError
 from fusion.gating import call_rate_table, choose_threshold, confidence
 from fusion.labels import LabelSpace, normalize_labels
 from fusion.metrics import SUMMARY_KEYS, evaluate
 from fusion.model import FeatureLayout, FeatureScaler, FusionMLP, build_features
+from fusion.texts import PROBE_TEXT, check_texts
 from fusion.train import fit_head
 
 log = logging.getLogger(__name__)
 
-PROBE_TEXT = "labelfuse encoder probe: markets rallied after the election while the striker scored twice."
 Scores = Mapping[str, np.ndarray]
 
 
@@ -144,7 +144,7 @@ class AutoFusionClassifier:
     def _texts_labels(self, X: Any, y: Any, require_labels: bool) -> tuple[list[str], Any]:
         if isinstance(X, pd.DataFrame):
             texts, labels = texts_and_labels(X, self.config.data, require_labels=require_labels and y is None)
-            return texts, (y if y is not None else labels)
+            return check_texts(texts), (y if y is not None else labels)
         texts = check_texts(X.tolist() if hasattr(X, "tolist") else X)
         if require_labels and y is None:
             raise DataError("labels are required: pass y, or a DataFrame with the label column(s)")

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from fusion.config import DEFAULT_ENCODER, EncoderConfig
-from fusion.errors import DataError, EncoderError
+from fusion.errors import EncoderError, LabelfuseError
+from fusion.texts import PROBE_TEXT, TextError, check_texts, clean_text
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +56,6 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise EncoderError(f"encoder.device is {device!r} but no CUDA device is available; use 'auto' or 'cpu'")
     return torch.device(device)
-
-
-def check_texts(texts: Any) -> list[str]:
-    if isinstance(texts, str):
-        raise DataError("expected a list of texts, got a single string; wrap it in a list")
-    out = list(texts)
-    for i, t in enumerate(out):
-        if not isinstance(t, str):
-            raise DataError(f"text at row {i} is {type(t).__name__} ({t!r}), not a string")
-    return out
 
 
 class TextEncoder:
@@ -160,6 +151,34 @@ class TextEncoder:
                 bar.close()
             self.model.train(was_training)
         return out
+
+    def embed_each(self, texts: Sequence[str], *, batch_size: int | None = None) -> tuple[np.ndarray, list[str | None]]:
+        """:meth:`embed`, where a text that fails fails alone: (embeddings, reasons).
+
+        Texts are embedded together; if that fails, the encoder is checked on :data:`PROBE_TEXT`
+        (a failure there is the encoder's: :class:`EncoderError` for the caller), then each text is
+        embedded alone. A text that fails alone gets a zero row and its reason (completing "text ...").
+        """
+        texts = list(texts)
+        try:
+            return self.embed(texts, batch_size=batch_size), [None] * len(texts)
+        except Exception as batch_err:
+            try:
+                self.embed([PROBE_TEXT])
+            except Exception as err:
+                raise EncoderError(f"the encoder fails on a known-good text: {type(err).__name__}: {err}") from err
+            log.warning("a batch of %d texts failed (%s); embedding them one by one", len(texts), batch_err)
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        reasons: list[str | None] = [None] * len(texts)
+        for i, t in enumerate(texts):
+            try:
+                out[i] = self.embed([clean_text(t)])[0]
+            except TextError as err:
+                reasons[i] = err.reason
+            except Exception as err:
+                why = err if isinstance(err, LabelfuseError) else f"{type(err).__name__}: {err}"
+                reasons[i] = f"could not be embedded ({str(why)[:300]})"
+        return out, reasons
 
     def save(self, directory: str | Path) -> None:
         """Write model + tokenizer (used for fine-tuned encoders inside a bundle)."""

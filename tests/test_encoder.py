@@ -7,7 +7,7 @@ from fusion.config import EncoderConfig
 from fusion.encoder import TextEncoder, resolve_model_path
 from fusion.errors import DataError, EncoderError
 
-TEXTS = ["Shares in BP fell 3% after the results.", "The striker scored twice.", "", "a " * 400]
+TEXTS = ["Shares in BP fell 3% after the results.", "The striker scored twice.", "Ünïcødé — 漢字 🙂", "a " * 400]
 
 
 def test_default_model_comes_from_the_installed_package():
@@ -66,7 +66,7 @@ def test_bad_inputs_and_models(tmp_path):
 
 
 def test_non_string_texts_are_rejected(encoder):
-    with pytest.raises(DataError, match="row 1 is int"):
+    with pytest.raises(DataError, match="row 1 is of type int"):
         encoder.embed(["ok", 3])
     with pytest.raises(DataError, match="single string"):
         encoder.embed("just one string")
