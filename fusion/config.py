@@ -95,7 +95,12 @@ class LLMScorerConfig(_Strict):
         description="auto: first-token logprobs for multiclass, JSON for multilabel (and when an endpoint gives "
         "no logprobs); json: one probability per class in a validated JSON answer.",
     )
-    max_words: int = Field(60, ge=8, description="Words of each text sent to the LLM (bounds cost and latency).")
+    max_words: int = Field(
+        60,
+        ge=8,
+        description="Words of each text sent to the LLM, and at most 10 characters per word (texts without "
+        "spaces, e.g. Chinese, are cut too): bounds cost and latency.",
+    )
     few_shot: int = Field(0, ge=0, le=32, description="Nearest training examples (by encoder embedding) in the prompt.")
     price_input: float | None = Field(
         None, ge=0, description="$ per 1M prompt tokens; default from the built-in price table (0 for local)."

@@ -200,10 +200,20 @@ def test_invalid_json_is_asked_once_more_then_recorded(tmp_path):
 
 
 def test_endpoint_without_logprobs_falls_back_to_json(tmp_path):
+    """One answer without logprobs fails its own text; answers without them in a row switch to JSON."""
+    from fusion.llm.scorer import NO_LOGPROBS_SWITCH
+
+    texts = ["the match", "a phone"] * 3
     with StubServer(CLASSES, _answer, logprobs=False) as stub:
         scorer = _scorer(stub, tmp_path)
-        batch = asyncio.run(scorer.score(["the match", "a phone"]))
-    assert scorer.mode == "json" and batch.scores.argmax(axis=1).tolist() == [1, 2]
+        first = asyncio.run(scorer.score(texts))
+        assert scorer.mode == "json"
+        then = asyncio.run(scorer.score(["the match", "a phone"]))
+    failed = [e for e in first.errors if e]
+    assert len(failed) == NO_LOGPROBS_SWITCH - 1 and all("no logprobs" in e for e in failed)
+    ok = [i for i, e in enumerate(first.errors) if e is None]
+    assert [first.scores[i].argmax() for i in ok] == [[1, 2][i % 2] for i in ok]
+    assert then.errors == [None, None] and then.scores.argmax(axis=1).tolist() == [1, 2]
 
 
 def test_rejected_key_is_a_config_error_not_a_silent_gap(tmp_path):

@@ -14,6 +14,9 @@ import urllib.request
 
 import numpy as np
 import pytest
+from fuzz import NASTY_TEXT, budget
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fusion.classifier import AutoFusionClassifier
 from fusion.config import LLMLimitsConfig, LLMScorerConfig
@@ -21,6 +24,8 @@ from fusion.errors import ConfigError
 from fusion.llm import LLMScorer, local
 from fusion.llm.cache import ScoreCache
 from fusion.llm.local import free_port
+from fusion.llm.scorer import NO_LOGPROBS_SWITCH
+from fusion.texts import clean_texts
 from tests.conftest import TEST_MAX_LENGTH, sample
 
 CLASSES = ["business", "entertainment", "politics", "sports", "tech"]
@@ -70,6 +75,22 @@ def test_real_model_over_http_gives_distributions_and_rerun_hits_the_cache(llm_s
     again = asyncio.run(_scorer(base_url, tmp_path).score(texts))
     assert again.stats.calls == 0 and again.stats.cache_hits == 6
     np.testing.assert_array_equal(again.scores, batch.scores)
+
+
+@budget(8)
+@given(texts=st.lists(NASTY_TEXT, min_size=1, max_size=3))
+def test_fuzzed_texts_get_a_score_or_an_error(llm_server, tmp_path_factory, texts):
+    """Texts the rule lets through (any script, emoji, prompt-like markup, long texts without spaces) reach the
+    real model through the real OpenAI client: each gets a distribution or its own error, and none overflows
+    the context (max_words also caps the characters)."""
+    clean = [t for t in clean_texts(texts)[0] if t is not None]
+    scorer = _scorer(llm_server[1], tmp_path_factory.mktemp("fuzz-llm"))
+    batch = asyncio.run(scorer.score(clean))
+    for row, err in zip(batch.scores, batch.errors, strict=True):
+        assert (err is None and abs(row.sum() - 1) < 1e-4) or (err and np.isnan(row).all()), (row, err)
+        assert err is None or "context" not in err
+    no_logprobs = sum("no logprobs" in (e or "") for e in batch.errors)
+    assert scorer.mode == "logprobs" or no_logprobs == NO_LOGPROBS_SWITCH - 1  # one such text never switches all
 
 
 def test_real_model_json_mode_is_validated_per_class(llm_server, bbc, tmp_path):

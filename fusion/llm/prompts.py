@@ -36,9 +36,15 @@ class Example:
     labels: tuple[str, ...]
 
 
+CHARS_PER_WORD = 10  # the character cap per allowed word: texts without spaces (CJK, emoji) are bounded too
+
+
 def truncate_words(text: str, max_words: int) -> str:
+    """The first ``max_words`` words, and at most ``CHARS_PER_WORD * max_words`` characters of them."""
     words = text.split()
-    return " ".join(words[:max_words]) + (" ..." if len(words) > max_words else "")
+    cut = " ".join(words[:max_words])
+    limit = CHARS_PER_WORD * max_words
+    return cut[:limit] + (" ..." if len(words) > max_words or len(cut) > limit else "")
 
 
 def _norm(token: str) -> str:

@@ -32,6 +32,7 @@ from fusion.llm.providers import Endpoint, resolve_endpoint
 log = logging.getLogger(__name__)
 
 TOP_LOGPROBS = 20
+NO_LOGPROBS_SWITCH = 3  # answers in a row without logprobs after which mode "auto" asks for JSON instead
 MESSAGE_OVERHEAD_TOKENS = 8  # chat-template tokens per message, for the worst-case estimate
 
 
@@ -147,6 +148,7 @@ class LLMScorer:
         self.ledger = ledger or LocalLedger.from_limits(self.limits)
         self.cache = cache
         self._local: Any = None
+        self._no_logprobs = 0  # answers in a row without logprobs (mode auto)
 
     # -- request shape --------------------------------------------------------------------------------------
     @property
@@ -285,9 +287,16 @@ class LLMScorer:
         messages = self.messages(text, examples)
         resp, pt, ct = await self._call(client, messages, stats)
         try:
-            return self._parse(resp), pt, ct
+            scores = self._parse(resp)
+            self._no_logprobs = 0
+            return scores, pt, ct
         except InvalidAnswer as err:
             if self.mode == "logprobs" and "no logprobs" in str(err) and self.cfg.mode == "auto":
+                # one text can get no logprobs (a first token that is half an emoji): it fails alone. Only an
+                # endpoint that gives none several times in a row switches the scorer to JSON answers.
+                self._no_logprobs += 1
+                if self._no_logprobs < NO_LOGPROBS_SWITCH:
+                    raise LLMCallError(f"invalid answer: {err}") from None
                 log.warning("LLM %s gives no logprobs; switching to JSON answers", self.name)
                 self.mode = "json"
                 scores, pt2, ct2 = await self._score_one(client, text, examples, stats)
@@ -345,6 +354,12 @@ class LLMScorer:
                         self.cache.put(keys[i], scores[i], pt, ct)
                 except LLMCallError as err:
                     errors[i] = str(err)
+                    stats.errors += 1
+                except ConfigError:
+                    raise  # the LLM refused the key or model: not this text's doing
+                except Exception as err:  # anything else fails this text alone, said in its llm_error
+                    log.warning("LLM %s: unexpected error on one text", self.name, exc_info=True)
+                    errors[i] = f"unexpected {type(err).__name__}: {err}"[:300]
                     stats.errors += 1
                 finally:
                     if bar is not None:
