@@ -118,13 +118,15 @@ def _n_texts(items: list[tuple[BundleRef, list[str]]]) -> int:
     autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2, "upscale_delay_s": 5},
 )
 class Embedder:
-    """The encoder; batches texts across concurrent requests."""
+    """The encoder; batches texts across concurrent requests. A text that fails fails alone (see
+    ``TextEncoder.embed_each``); an encoder that fails on a known-good text fails its health check."""
 
     def __init__(self, threads: int = 1):
         import torch
 
         torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=1; say what we mean
         self._encoders = _Lru()
+        self._broken: str | None = None
 
     async def _encoder(self, ref: BundleRef) -> Any:
         return await self._encoders.get(ref.encoder_key, lambda: _load(ref.path).encoder)
@@ -132,20 +134,31 @@ class Embedder:
     async def warm(self, ref: BundleRef) -> None:
         await self._encoder(ref)
 
+    def check_health(self) -> None:
+        if self._broken:
+            raise RuntimeError(self._broken)
+
     @serve.batch(max_batch_size=EMBED_BATCH, batch_wait_timeout_s=0.005, batch_size_fn=_n_texts)
-    async def embed(self, items: list[tuple[BundleRef, list[str]]]) -> list[np.ndarray]:
-        """Each item is (bundle, up to EMBED_BATCH texts); one array per item."""
-        out: list[np.ndarray | None] = [None] * len(items)
+    async def embed(self, items: list[tuple[BundleRef, list[str]]]) -> list[tuple[np.ndarray, list[str | None]]]:
+        """Each item is (bundle, up to EMBED_BATCH texts); per item, (embeddings, per-text failure reasons)."""
+        from fusion.errors import EncoderError
+
+        out: list[Any] = [None] * len(items)
         for key in dict.fromkeys(ref.encoder_key for ref, _ in items):
             members = [i for i, (ref, _) in enumerate(items) if ref.encoder_key == key]
             encoder = await self._encoder(items[members[0]][0])
             texts = [t for i in members for t in items[i][1]]
-            emb = encoder.embed(texts, batch_size=EMBED_BATCH)
+            try:
+                emb, reasons = encoder.embed_each(texts, batch_size=EMBED_BATCH)
+            except EncoderError as err:  # not the texts' fault: Serve replaces this replica
+                self._broken = str(err)
+                raise
             start = 0
             for i in members:
-                out[i] = emb[start : start + len(items[i][1])]
-                start += len(items[i][1])
-        return out  # type: ignore[return-value]
+                end = start + len(items[i][1])
+                out[i] = (emb[start:end], reasons[start:end])
+                start = end
+        return out
 
 
 @serve.deployment(
@@ -251,13 +264,35 @@ class Fusion:
         }
 
     async def classify(self, texts: list[str], llm: LLMMode = "auto") -> dict[str, Any]:
-        """Labels, probabilities, LLM use and cost for ``texts``; ``llm``: auto (the model's gate), off, all."""
+        """Labels, probabilities, LLM use and cost for ``texts``; ``llm``: auto (the model's gate), off, all.
+
+        A text that fails alone (the encoder cannot embed it, the head gives no finite probabilities)
+        gets ``{"error": reason}`` in its place, the reason completing "text ..."; the others are answered.
+        """
         m = self._current()  # this request runs on one bundle even if a new one goes live meanwhile
         clf, ref = m.clf, m.ref
         start = time.perf_counter()
         chunks = [texts[i : i + EMBED_BATCH] for i in range(0, len(texts), EMBED_BATCH)]
         parts = await asyncio.gather(*(self.embedder.embed.remote((ref, c)) for c in chunks))
-        emb = np.concatenate(parts) if parts else np.zeros((0, clf.layout.embed_dim), np.float32)
+        reasons = [r for _, rs in parts for r in rs]
+        ok = np.array([i for i, r in enumerate(reasons) if r is None], dtype=int)
+        results: list[dict[str, Any]] = [{"error": r} for r in reasons]
+        cost = 0.0
+        if len(ok):
+            emb = np.concatenate([e for e, _ in parts])[ok]
+            for i, res in zip(ok, await self._answer(clf, ref, [texts[i] for i in ok], emb, llm), strict=True):
+                results[i] = res
+                cost += res.get("llm_cost_usd", 0.0)
+        return {
+            "model_version": ref.version,
+            "results": results,
+            "llm_cost_usd": cost,
+            "latency_ms": round((time.perf_counter() - start) * 1000, 2),
+        }
+
+    async def _answer(
+        self, clf: Any, ref: BundleRef, texts: list[str], emb: np.ndarray, llm: LLMMode
+    ) -> list[dict[str, Any]]:
         if llm == "off" or not clf.layout.n_llms:
             ask = np.zeros(len(texts), dtype=bool)
         else:
@@ -275,8 +310,12 @@ class Fusion:
                 log.warning("%s", scorer_error)
         pred = clf.fuse(emb, ask, scores, batches)
         labels = clf.decide(pred.proba)
+        finite = np.isfinite(pred.proba).all(axis=1)
         results = []
         for i in range(len(texts)):
+            if not finite[i]:
+                results.append({"error": "got no finite probabilities from the model"})
+                continue
             errs = [f"{name}: {e[i]}" for name, e in pred.llm_errors.items() if e[i]]
             if scorer_error and ask[i]:
                 errs.append(scorer_error)
@@ -290,12 +329,7 @@ class Fusion:
                     "llm_error": "; ".join(errs) or None,
                 }
             )
-        return {
-            "model_version": ref.version,
-            "results": results,
-            "llm_cost_usd": float(pred.llm_cost_usd.sum()),
-            "latency_ms": round((time.perf_counter() - start) * 1000, 2),
-        }
+        return results
 
 
 # -- HTTP ---------------------------------------------------------------------------------------------------
@@ -384,7 +418,9 @@ class KafkaStats(BaseModel):
     replica: str = Field(description="The tagger replica that answered (one of kafka.replicas).")
     consumed: int = Field(description="Messages polled.")
     tagged: int = Field(description="Results produced and acknowledged.")
-    dead_lettered: int = Field(description="Messages sent to the dead-letter topic.")
+    dead_lettered: int = Field(description="Messages sent to the dead-letter topic (bad input, or failed alone).")
+    failed_alone: int = Field(description="Of those, messages that passed decoding but failed alone in the model.")
+    graph_failures: int = Field(description="Batches the graph failed as a whole after their retries (the loop stops).")
     batches: int = Field(description="Batches finished (results and dead letters acknowledged).")
     commits: int = Field(description="Offset commits (each after its batch's results were acknowledged).")
     commit_failures: int = Field(description="Commits refused (e.g. by a rebalance); those messages come again.")
@@ -401,6 +437,7 @@ class ErrorDetail(BaseModel):
         description="What went wrong and what to do: a sentence, or for a request that does not match the schema "
         "FastAPI's list of problems (`loc`, `msg`, `type`)."
     )
+    request_id: str | None = Field(None, description="500 only: the request id the replica's log names.")
 
 
 def _errors(described: dict[int, str]) -> dict[int | str, dict[str, Any]]:
@@ -418,11 +455,20 @@ CLASSIFY_ERRORS = AUTH_ERRORS | _errors(
     {
         400: "The body could not be read as JSON text (e.g. invalid UTF-8).",
         413: "The body is larger than `limits.max_body_bytes` (declared or streamed).",
-        422: "The body does not match the schema; neither or both of `text` and `texts`; an empty text or list; "
-        "more than `limits.max_texts` texts; a text longer than `limits.max_chars`.",
+        422: "The body does not match the schema; neither or both of `text` and `texts`; an empty list; more than "
+        "`limits.max_texts` texts; a text the text rule refuses (empty, a lone surrogate, longer than "
+        "`limits.max_chars`) or that failed alone in the model. The detail names each such text by its index.",
+        500: "A bug or a failed deployment; `request_id` finds the traceback in the replica's log.",
         503: "Over capacity: the queues are full. Retry after the `Retry-After` seconds.",
     }
 )
+
+
+class SafeJSON(JSONResponse):
+    """JSON escaped to ASCII: a lone surrogate echoed from a request cannot break the response's encoding."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
 
 
 def _unavailable(detail: str, retry_after_s: int = 1) -> JSONResponse:
@@ -433,7 +479,11 @@ def http_api(fusion: DeploymentHandle, s: AppSettings, token: str | None, tagger
     """The FastAPI app of one Ingress replica."""
     import hmac
 
+    from fastapi.encoders import jsonable_encoder
+    from fastapi.exceptions import RequestValidationError
     from ray.serve.exceptions import BackPressureError
+
+    from fusion.texts import clean_texts
 
     api = FastAPI(
         title="labelfuse",
@@ -449,11 +499,28 @@ def http_api(fusion: DeploymentHandle, s: AppSettings, token: str | None, tagger
         start, status = time.perf_counter(), 500
         try:
             response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            route = request.scope.get("route")  # the route template: bounded label values
-            http_metrics.observe(getattr(route, "path", "unmatched"), status, time.perf_counter() - start)
+        except Exception as err:  # a bug or a failed deployment: JSON with the request id, never a bare page
+            request_id = request.headers.get("x-request-id")
+            log.exception("unexpected error answering %s", request.url.path)
+            detail = f"internal error ({type(err).__name__}); the replica's log has it under this request_id"
+            response = SafeJSON({"detail": detail, "request_id": request_id}, status_code=500)
+        status = response.status_code
+        route = request.scope.get("route")  # the route template: bounded label values
+        http_metrics.observe(getattr(route, "path", "unmatched"), status, time.perf_counter() - start)
+        return response
+
+    @api.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, err: RequestValidationError) -> Any:
+        # FastAPI's own handler echoes each bad input, which JSON may not carry back (a lone surrogate, 1e999)
+        problems = [{k: v for k, v in e.items() if k != "input"} for e in err.errors()]
+        return SafeJSON({"detail": jsonable_encoder(problems)}, status_code=422)
+
+    def refuse(reasons: list[str | None], stage: str) -> None:
+        """422 naming every text that cannot be classified (``reasons`` complete "text ...")."""
+        bad = [f"text {i} {r}" for i, r in enumerate(reasons) if r]
+        if bad:
+            text_metrics.refused("http", stage, len(bad))
+            raise HTTPException(422, "; ".join(bad))
 
     def check_token(request: Request) -> None:
         if token is None:
@@ -483,16 +550,14 @@ def http_api(fusion: DeploymentHandle, s: AppSettings, token: str | None, tagger
             raise HTTPException(422, "'texts' is empty")
         if len(texts) > lim.max_texts:
             raise HTTPException(422, f"{len(texts)} texts in one request; the limit is {lim.max_texts}")
-        for i, t in enumerate(texts):
-            if not t.strip():
-                raise HTTPException(422, f"text {i} is empty")
-            if len(t) > lim.max_chars:
-                raise HTTPException(422, f"text {i} has {len(t)} characters; the limit is {lim.max_chars}")
+        texts, reasons = clean_texts(texts, lim.max_chars)  # the one rule for texts (fusion.texts)
+        refuse(reasons, "input")
         try:
             out = await fusion.classify.remote(texts, req.llm)
         except BackPressureError:
             return _unavailable("over capacity: too many requests queued; retry later")
         results = out["results"]
+        refuse([r.get("error") for r in results], "model")  # texts that failed alone in the graph
         text_metrics.observe("http", results)
         log.info(  # Serve adds request_id, route, replica; JSON logs keep these fields
             "classified %d texts",
@@ -582,15 +647,22 @@ class KafkaTagger:
     """Tags Kafka messages in real time through Fusion; replicas share one consumer group."""
 
     def __init__(self, fusion: DeploymentHandle, settings: dict[str, Any]):
-        from serve.kafka import TaggerLoop
+        from ray.exceptions import RayActorError
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+        from serve.kafka import GraphUnavailable, TaggerLoop
         from serve.settings import KafkaSettings
 
         s = KafkaSettings.model_validate(settings)
         timeout = s.max_poll_interval_ms / 1000
         text_metrics = TextMetrics()
+        down = (RayActorError, DeploymentUnavailableError, BackPressureError, TimeoutError)
 
         def classify(texts: list[str]) -> dict[str, Any]:
-            out = fusion.classify.remote(texts, s.llm).result(timeout_s=timeout)
+            try:
+                out = fusion.classify.remote(texts, s.llm).result(timeout_s=timeout)
+            except down as err:  # the graph was not there to ask: never the messages' fault
+                raise GraphUnavailable(f"{type(err).__name__}: {err}") from err
             text_metrics.observe("kafka", out["results"])
             return out
 

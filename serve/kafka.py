@@ -4,19 +4,27 @@ One :class:`TaggerLoop` runs in a background thread of each ``KafkaTagger`` repl
 :mod:`serve.app`); all replicas share one consumer group, so the partitions are split
 between them. Per batch of polled messages:
 
-1. decode each message; an undecodable, malformed, empty or over-long one is routed to
-   the dead-letter topic (original key and bytes, the reason in the ``labelfuse.error``
-   header) and never blocks its partition;
-2. classify the rest through the Fusion deployment (retried on failure);
+1. decode each message; an undecodable or malformed one, or a text the text rule refuses
+   (:mod:`fusion.texts`: empty, a lone surrogate, over-long), is routed to the dead-letter
+   topic (original key and bytes, the reason in the ``labelfuse.error`` header) and never
+   blocks its partition;
+2. classify the rest through the Fusion deployment; a text that fails alone in the graph
+   comes back with its reason and is dead-lettered too;
 3. produce one JSON result per message to the output topic and wait for the acks;
 4. commit the batch's offsets, in the order the batches were polled.
 
 Offsets are committed only after every result (and dead letter) of the batch is
 acknowledged, so a crash anywhere re-delivers instead of losing (at-least-once). At most
 ``max_in_flight`` batches are in the graph; beyond that the assigned partitions are paused
-while the loop keeps polling, so a slow LLM never exceeds ``max.poll.interval.ms``. A batch
-that still fails after its retries stops the loop without committing: the replica reports
-unhealthy, Serve replaces it, and the new consumer starts from the last commit.
+while the loop keeps polling, so a slow LLM never exceeds ``max.poll.interval.ms``.
+
+A batch whose call fails is retried. If it still fails, each message is classified alone:
+one that fails alone is dead-lettered (``failed_alone``), the others are tagged. Only a
+failure of the whole graph stops the loop (``graph_failures``): a deployment that cannot be
+reached or does not answer in time (:class:`GraphUnavailable`), or every message failing
+alone while a known-good probe text fails too. The loop then stops without committing:
+the replica reports unhealthy, Serve replaces it, and the new consumer starts from the
+last commit.
 """
 
 from __future__ import annotations
@@ -31,12 +39,19 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from fusion.texts import PROBE_TEXT, TextError, clean_text
 from serve.settings import KafkaSettings
 
 log = logging.getLogger("labelfuse.kafka")
 
 ERROR_HEADER = "labelfuse.error"
 Classify = Callable[[list[str]], dict[str, Any]]  # texts -> Fusion.classify's answer
+COUNTERS = ("consumed", "tagged", "dead_lettered", "failed_alone", "graph_failures", "batches", "commits",
+            "commit_failures", "retries", "pauses")  # fmt: skip
+
+
+class GraphUnavailable(Exception):
+    """The graph could not be asked at all (a deployment down, a timeout): never a message's fault."""
 
 
 @dataclass
@@ -62,6 +77,10 @@ def decode(record: Any, s: KafkaSettings) -> Decoded:
             obj = json.loads(value)
         except json.JSONDecodeError as err:
             return Decoded(record, error=f"value is not valid JSON ({err.msg} at char {err.pos})")
+        except ValueError as err:  # an integer of over 4,300 digits (Python's int_max_str_digits)
+            return Decoded(record, error=f"value is not valid JSON ({str(err)[:100]})")
+        except RecursionError:
+            return Decoded(record, error="value is not valid JSON (nested too deep)")
         if not isinstance(obj, dict):
             return Decoded(record, error=f"JSON value is a {type(obj).__name__}, expected an object")
         text, msg_id = obj.get(s.text_field), obj.get(s.id_field)
@@ -70,11 +89,10 @@ def decode(record: Any, s: KafkaSettings) -> Decoded:
             return Decoded(record, id=msg_id, error=f"field {s.text_field!r} is {what}")
     else:
         text = value
-    if not text.strip():
-        return Decoded(record, id=msg_id, error="empty text")
-    if len(text) > s.max_chars:
-        return Decoded(record, id=msg_id, error=f"text has {len(text)} characters; the limit is {s.max_chars}")
-    return Decoded(record, text=text, id=msg_id)
+    try:
+        return Decoded(record, text=clean_text(text, s.max_chars), id=msg_id)
+    except TextError as err:
+        return Decoded(record, id=msg_id, error=str(err))
 
 
 def _key(record: Any) -> str | None:
@@ -94,9 +112,7 @@ class TaggerLoop:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self.error: BaseException | None = None
-        self.counts = dict.fromkeys(
-            ("consumed", "tagged", "dead_lettered", "batches", "commits", "commit_failures", "retries", "pauses"), 0
-        )
+        self.counts = dict.fromkeys(COUNTERS, 0)
         self.assignment: list[str] = []
 
     # -- lifecycle ---------------------------------------------------------------------------------------
@@ -231,35 +247,71 @@ class TaggerLoop:
         s = self.s
         decoded = [decode(r, s) for r in records]
         good = [d for d in decoded if d.error is None]
-        answer = self._classify([d.text for d in good]) if good else None
+        answers = self._classify_each([d.text for d in good]) if good else []
         futures = []
-        for d in decoded:
+        tagged = alone = 0
+        for d, (res, version) in zip(good, answers, strict=True):
+            if res.get("error"):
+                d.error = f"text {res['error']}"
+                alone += 1
+                continue
             r = d.record
+            out = {
+                "key": _key(r),
+                "id": d.id,
+                "topic": r.topic,
+                "partition": r.partition,
+                "offset": r.offset,
+                "model_version": version,
+                **res,
+            }
+            futures.append(producer.send(s.output_topic, key=r.key, value=json.dumps(out).encode()))
+            tagged += 1
+        for d in decoded:
             if d.error is not None:
+                r = d.record
                 headers = [
                     (ERROR_HEADER, d.error.encode()),
                     ("labelfuse.source", f"{r.topic}:{r.partition}:{r.offset}".encode()),
                 ]
                 futures.append(producer.send(s.dead_letter_topic, key=r.key, value=r.value, headers=headers))
-        if answer is not None:
-            for d, res in zip(good, answer["results"], strict=True):
-                r = d.record
-                out = {
-                    "key": _key(r),
-                    "id": d.id,
-                    "topic": r.topic,
-                    "partition": r.partition,
-                    "offset": r.offset,
-                    "model_version": answer["model_version"],
-                    **res,
-                }
-                futures.append(producer.send(s.output_topic, key=r.key, value=json.dumps(out).encode()))
         deadline = time.monotonic() + s.produce_timeout_s
         for f in futures:
             f.get(timeout=max(0.1, deadline - time.monotonic()))  # raises if a result was not acknowledged
-        self._count("tagged", len(good))
-        self._count("dead_lettered", len(decoded) - len(good))
+        self._count("tagged", tagged)
+        self._count("dead_lettered", len(decoded) - tagged)
+        self._count("failed_alone", alone)
         self._count("batches")
+
+    def _classify_each(self, texts: list[str]) -> list[tuple[dict[str, Any], str | None]]:
+        """(result, model version) per text; a result with ``error`` failed alone (see the module doc)."""
+        try:
+            answer = self._classify(texts)
+            return [(r, answer["model_version"]) for r in answer["results"]]
+        except GraphUnavailable:
+            self._count("graph_failures")
+            raise
+        except Exception as err:
+            log.warning("%s: a batch of %d failed after its retries (%s); classifying each alone", self.name,
+                        len(texts), err)  # fmt: skip
+            batch_err = err
+        out: list[tuple[dict[str, Any], str | None]] = []
+        for t in texts:
+            try:
+                answer = self.classify([t])
+                out.append((answer["results"][0], answer["model_version"]))
+            except GraphUnavailable:
+                self._count("graph_failures")
+                raise
+            except Exception as err:
+                out.append(({"error": f"failed alone in the model ({type(err).__name__}: {err})"[:500]}, None))
+        if all(r.get("error") for r, _ in out):
+            try:
+                self.classify([PROBE_TEXT])  # a known-good text: if it fails too, the graph is at fault
+            except Exception:
+                self._count("graph_failures")
+                raise batch_err from None
+        return out
 
     def _classify(self, texts: list[str]) -> dict[str, Any]:
         for attempt in range(self.s.max_retries + 1):

@@ -53,10 +53,22 @@ class HttpMetrics:
 
 class TextMetrics:
     def __init__(self) -> None:
-        self.texts = _serve_metrics().Counter("labelfuse_texts", "Texts classified.", ("path", "llm_used"))
+        m = _serve_metrics()
+        self.texts = m.Counter("labelfuse_texts", "Texts classified.", ("path", "llm_used"))
+        self.bad = m.Counter(
+            "labelfuse_texts_refused",
+            "Texts not classified: refused at the edge (stage=input) or failed alone in the model (stage=model).",
+            ("path", "stage"),
+        )
+
+    @_never_raises
+    def refused(self, path: str, stage: str, n: int) -> None:
+        if n > 0:  # Ray's Counter refuses 0
+            self.bad.inc(n, {"path": path, "stage": stage})
 
     @_never_raises
     def observe(self, path: str, results: list[dict[str, Any]]) -> None:
+        results = [r for r in results if not r.get("error")]
         used = sum(bool(r["llm_used"]) for r in results)
         if used:
             self.texts.inc(used, {"path": path, "llm_used": "true"})

@@ -4,13 +4,19 @@ The one fake is the LLM in the capacity test: a scripted OpenAI-compatible stub 
 for a paid remote API (it gives a steady latency, which a real provider cannot here).
 """
 
+import json
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import ray
 import requests
 from conftest import TEST_MAX_LENGTH, sample
+from fuzz import GOOD_TEXT, JSON, NASTY_TEXT, RAW, budget, dumps
+from hypothesis import given
+from hypothesis import strategies as st
 from ray import serve
 
 from fusion.classifier import AutoFusionClassifier
@@ -94,6 +100,71 @@ def test_bad_requests_get_422_with_the_reason(url, body, message):
     assert r.status_code == 422 and message in r.text, r.text
 
 
+def post_raw(url: str, body: bytes) -> requests.Response:
+    return requests.post(f"{url}/v1/classify", data=body, headers={"content-type": "application/json"}, timeout=60)
+
+
+def test_a_lone_surrogate_gets_422_while_the_requests_around_it_are_answered(url, bbc):
+    """The reported defect: one text with a lone surrogate (valid JSON) failed every request batched with it."""
+    good = sample(bbc["test"], 8, seed=3)["text"].str.slice(0, 500).tolist()
+    with ThreadPoolExecutor(9) as pool:
+        bad = pool.submit(post_raw, url, b'{"text": "\\ud800 abc"}')
+        answers = list(pool.map(lambda t: requests.post(f"{url}/v1/classify", json={"text": t}, timeout=60), good))
+    assert bad.result().status_code == 422, bad.result().text
+    assert "text 0 contains a lone surrogate (U+D800) at character 0" in bad.result().json()["detail"]
+    assert [r.status_code for r in answers] == [200] * len(good)
+    many = post_raw(url, dumps({"texts": ["fine", "\x00\u200b", "also fine \udfff"]}))
+    assert many.status_code == 422 and "text 1 is empty; text 2 contains a lone surrogate (U+DFFF)" in many.text
+    # control characters are cleaned, not refused: the same answer as the clean text
+    same = [
+        post_raw(url, dumps({"text": t})).json()["results"][0] for t in ("BP\x00 shares \x1bfell", "BP shares fell")
+    ]
+    assert same[0] == same[1]
+
+
+def test_a_text_that_fails_in_the_embedder_fails_alone_in_a_shared_batch(url, bundles, encoder):
+    """Texts from concurrent requests share the Embedder's batch. Sent straight to the Embedder (past the text
+    rule the Ingress applies), a text the real tokenizer cannot take fails its own item, not the batch."""
+    from serve.app import _ref
+
+    path, clf = bundles["a"]
+    ref = _ref(path, clf)
+    embedder = serve.get_deployment_handle("Embedder", app_name=APP)
+    items = [["Shares in BP fell"], ["\ud800 abc"], ["The striker scored", "abc \udfff", "Parliament voted"]] * 3
+    calls = [embedder.embed.remote((ref, texts)) for texts in items]  # concurrent: batched together
+    for texts, call in zip(items, calls, strict=True):
+        emb, reasons = call.result(timeout_s=60)
+        for t, row, why in zip(texts, emb, reasons, strict=True):
+            if any("\ud800" <= c <= "\udfff" for c in t):
+                assert why.startswith("contains a lone surrogate") and not row.any()
+            else:
+                assert why is None
+                np.testing.assert_allclose(row, encoder.embed([t])[0], atol=1e-5)
+
+
+REQUESTS = st.one_of(
+    st.fixed_dictionaries({"text": NASTY_TEXT}).map(dumps),
+    st.fixed_dictionaries({"texts": st.lists(st.one_of(NASTY_TEXT, GOOD_TEXT), max_size=10)}).map(dumps),
+    st.fixed_dictionaries({"text": GOOD_TEXT}, optional={"llm": JSON, "extra": JSON}).map(dumps),
+    st.dictionaries(st.sampled_from(["text", "texts", "llm", "x"]), JSON, max_size=3).map(dumps),
+    RAW,
+)
+
+
+@budget(60)
+@given(body=REQUESTS)
+def test_fuzzed_requests_never_get_a_server_error(url, body):
+    r = post_raw(url, body)
+    assert r.status_code in (200, 400, 413, 422), (r.status_code, r.text[:300])
+    answer = r.json()  # every answer is JSON, whatever the request held
+    if r.status_code == 200:
+        texts = json.loads(body)
+        texts = [texts["text"]] if "text" in texts else texts["texts"]
+        assert len(answer["results"]) == len(texts) and all(res["label"] for res in answer["results"])
+    else:
+        assert answer["detail"]
+
+
 def test_oversized_bodies_get_413_declared_or_streamed(url):
     big = {"texts": ["word " * 300] * 60}  # ~90 KB > 64 KiB, before any per-text check
     r = requests.post(f"{url}/v1/classify", json=big, timeout=30)
@@ -160,7 +231,7 @@ def test_bearer_token_auth(serve_url, bundles):
         serve.delete(APP)
 
 
-def test_llm_path_and_over_capacity_503(serve_url, encoder, bbc, bbc_emb, tmp_path):
+def test_llm_path_over_capacity_503_and_a_replica_killed_mid_request(serve_url, encoder, bbc, bbc_emb, tmp_path):
     """Fusion takes one request at a time with one queued: the rest get 503 + Retry-After, not a queue."""
     train = sample(bbc["train"], 150, seed=2)
     classes = sorted(bbc["train"]["label"].unique())
@@ -195,8 +266,22 @@ def test_llm_path_and_over_capacity_503(serve_url, encoder, bbc, bbc_emb, tmp_pa
                 t.start()
             for t in threads:
                 t.join()
+
+            # the Fusion replica dies while a request waits on the LLM: JSON with the request id, not a bare page
+            died: list[requests.Response] = []
+            headers = {"X-Request-ID": "killed-mid-request"}
+            body = {"text": "in flight", "llm": "all"}
+            t = threading.Thread(target=lambda: died.append(requests.post(f"{serve_url}/v1/classify", json=body,
+                                                                          headers=headers, timeout=60)))  # fmt: skip
+            t.start()
+            time.sleep(0.5)
+            [fusion] = [a for a in ray.util.list_named_actors(all_namespaces=True) if f"{APP}#Fusion" in a["name"]]
+            ray.kill(ray.get_actor(fusion["name"], namespace=fusion["namespace"]))
+            t.join()
         finally:
             serve.delete(APP)
     assert sorted(set(codes)) == [200, 503], codes
     assert all(ra == "1" for code, ra in zip(codes, retry, strict=True) if code == 503)
     assert 1 <= codes.count(200) <= 3  # one running, one queued (a third may slip in as the first finishes)
+    assert died[0].status_code == 500 and died[0].json()["request_id"] == "killed-mid-request", died[0].text
+    assert "internal error" in died[0].json()["detail"]
