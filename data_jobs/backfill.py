@@ -52,9 +52,38 @@ class Predictor:
         self.classes = self.clf.classes
         self.multilabel = self.clf.multilabel
 
+    def _details(self, texts: list[str], emb: np.ndarray) -> Any:
+        names = self.clf.layout.llm_names if self.clf.layout else ()
+        given = None if self.use_llms else {m: np.full((len(texts), len(self.classes)), np.nan) for m in names}
+        return self.clf.predict_details(texts, embeddings=emb, gate=self.gate, llm_scores=given)
+
+    def _isolate(self, batch: pa.Table, texts: list[str], ok: list[int]) -> pa.Table:
+        """After a failed batch: rows that fail alone get their reason in ``error``; if every row
+        fails and a known-good text fails too, the predictor itself is broken and the error is raised."""
+        from fusion.texts import PROBE_TEXT
+
+        emb = common.embeddings(batch)
+        failed: dict[int, str] = {}
+        for i in ok:
+            try:
+                self._details([texts[i]], emb[i : i + 1])
+            except Exception as err:
+                failed[i] = f"text failed alone in the model ({type(err).__name__}: {err})"[:500]
+        if len(failed) == len(ok):
+            self._details([PROBE_TEXT], self.clf.encoder.embed([PROBE_TEXT]))  # raises if the model is broken
+        return common.with_errors(batch, failed)
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         n, ok = batch.num_rows, common.ok_rows(batch)
         texts = batch.column("text").to_pylist()
+        if ok:
+            try:
+                det = self._details([texts[i] for i in ok], common.embeddings(batch)[ok])
+            except Exception as err:
+                common.log.warning("a batch of %d rows failed (%s); predicting each alone", len(ok), err)
+                batch = self._isolate(batch, texts, ok)
+                ok = common.ok_rows(batch)
+                det = self._details([texts[i] for i in ok], common.embeddings(batch)[ok]) if ok else None
         usage: dict[str, float] = {}
         proba = np.full((n, len(self.classes)), np.nan, dtype=np.float32)
         labels: list[Any] = [None] * n
@@ -63,10 +92,6 @@ class Predictor:
         cost = np.zeros(n)
         llm_error: list[str | None] = [None] * n
         if ok:
-            emb = common.embeddings(batch)[ok]
-            names = self.clf.layout.llm_names if self.clf.layout else ()
-            given = None if self.use_llms else {m: np.full((len(ok), len(self.classes)), np.nan) for m in names}
-            det = self.clf.predict_details([texts[i] for i in ok], embeddings=emb, gate=self.gate, llm_scores=given)
             proba[ok] = det.proba
             for i, lab in zip(ok, self.clf.decide(det.proba), strict=True):
                 labels[i] = lab

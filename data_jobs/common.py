@@ -1,9 +1,10 @@
 """What every data job shares: connecting to Ray, reading a corpus, per-row validation, sizing.
 
 Input rows are read as Arrow tables. Each job keeps the columns it needs plus an ``error``
-column: a row with a missing or non-string text, a missing id, or (JSONL) a line that is not
-a JSON object keeps flowing through the job with its reason in ``error`` instead of failing
-the job. Jobs skip the model work for such rows and write them out with the reason.
+column: a row whose text the text rule refuses (:mod:`fusion.texts`: missing, not a string,
+empty, a lone surrogate), a missing id, or (JSONL) a line that is not a JSON object keeps
+flowing through the job with its reason in ``error`` instead of failing the job. Jobs skip
+the model work for such rows and write them out with the reason.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import pyarrow as pa
 
 from fusion.errors import ConfigError, DataError, LabelfuseError
+from fusion.texts import TextError, clean_text, escape_surrogates
 
 __all__ = ["ConfigError", "DataError"]
 
@@ -131,45 +133,54 @@ def detect_format(path: str, fmt: str | None) -> str:
 
 
 def _parse_jsonl(batch: pa.Table, columns: list[str], text_column: str, id_column: str | None) -> pa.Table:
-    """Lines to rows of ``columns``; a line that is not a JSON object, or whose text is not a string,
-    becomes an error row."""
+    """Whole files (``bytes``) to one row of ``columns`` per line. Lines end at ``\\n`` only (JSON text may hold
+    U+2028 and other characters that str.splitlines breaks at); a line that is not UTF-8, not a JSON object,
+    or whose text the text rule refuses becomes an error row."""
     out: dict[str, list[Any]] = {c: [] for c in columns}
     errors: list[str | None] = []
-    for line in batch.column("text").to_pylist():
-        try:
-            obj = json.loads(line)
-            if not isinstance(obj, dict):
-                raise ValueError(f"a JSON {type(obj).__name__}, not an object")
-        except ValueError as err:
+    for data in batch.column("bytes").to_pylist():
+        for raw in data.split(b"\n"):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)  # bytes: UTF-8, or UnicodeDecodeError (a ValueError)
+                if not isinstance(obj, dict):
+                    raise ValueError(f"a JSON {type(obj).__name__}, not an object")
+            except (ValueError, RecursionError) as err:  # RecursionError: nesting too deep
+                for c in columns:
+                    out[c].append(None)
+                if id_column:  # a stable id, so a resumed backfill recognises this row
+                    out[id_column][-1] = "invalid-line-" + hashlib.sha1(raw).hexdigest()[:16]
+                shown = raw[:120].decode("utf-8", "backslashreplace")
+                errors.append(f"invalid JSON line ({str(err)[:80]}): {shown!r}")
+                continue
             for c in columns:
-                out[c].append(None)
-            if id_column:  # a stable id, so a resumed backfill recognises this row
-                out[id_column][-1] = "invalid-line-" + hashlib.sha1(line.encode()).hexdigest()[:16]
-            errors.append(f"invalid JSON line ({str(err)[:80]}): {line[:120]!r}")
-            continue
-        for c in columns:
-            out[c].append(obj.get(c))
-        errors.append(_not_text(obj.get(text_column)))
+                out[c].append(obj.get(c))
+            try:  # the text rule here already: a lone surrogate ("\\ud800" in JSON) cannot become an Arrow string
+                out[text_column][-1] = clean_text(obj.get(text_column))
+                errors.append(None)
+            except TextError as err:
+                out[text_column][-1] = None
+                errors.append(str(err))
     data = {c: _arrow(vals, as_text=c in (id_column, text_column)) for c, vals in out.items()}
     data["_parse_error"] = pa.array(errors, pa.string())
     return pa.table(data)
 
 
-def _not_text(value: Any) -> str | None:
-    if isinstance(value, str):
-        return None
-    return f"text is {'missing' if value is None else type(value).__name__ + ' ' + repr(value)[:60]}, not a string"
-
-
 def _arrow(values: list[Any], as_text: bool) -> pa.Array:
-    """A column from JSON values; ids and texts become strings (non-string texts are already errors),
-    and a column whose values mix types keeps non-strings as JSON text rather than failing the batch."""
+    """A column from JSON values; ids and texts become strings (bad texts are already errors), and a
+    column whose values mix types keeps non-strings as JSON text rather than failing the batch. A lone
+    surrogate in a string other than the text (JSON allows "\ud800") is kept as the escape ``\\ud800``."""
     if not as_text:
         try:
             return pa.array(values)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
+        except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeEncodeError):
             pass
-    return pa.array([v if v is None or isinstance(v, str) else json.dumps(v) for v in values], pa.string())
+    return pa.array([escape_surrogates(v) if isinstance(v, str) else _json(v) for v in values], pa.string())
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else json.dumps(value)  # ensure_ascii: surrogates become escapes
 
 
 def read_corpus(
@@ -194,7 +205,7 @@ def read_corpus(
     wanted = list(dict.fromkeys([c for c in (id_column, text_column, *keep) if c]))
     try:
         if fmt == "jsonl":
-            ds = ray.data.read_text(path, **LIGHT)
+            ds = ray.data.read_binary_files(path, **LIGHT)
             ds = ds.map_batches(
                 _parse_jsonl,
                 batch_format="pyarrow",
@@ -227,27 +238,42 @@ def _validate(batch: pa.Table, columns: list[str], text: str, id: str | None) ->
     earlier = next((c for c in ("_parse_error", "error") if c in batch.column_names), None)  # reader, or an earlier job
     parsed = batch.column(earlier).to_pylist() if earlier else None
     errors: list[str | None] = []
+    kept: list[str | None] = []  # the cleaned text, or a bad row's text as it came (when it is a string)
     for i, t in enumerate(texts):
+        missing_id = ids is not None and (ids[i] is None or ids[i] == "")
+        if missing_id:  # a stable id of its own: the row is written once, and a resumed job recognises it
+            ids[i] = "missing-id-" + hashlib.sha1(repr(t).encode("utf-8", "backslashreplace")).hexdigest()[:16]
+        kept.append(t if isinstance(t, str) else None)
         if parsed and parsed[i]:
             errors.append(parsed[i])
-        elif ids is not None and (ids[i] is None or ids[i] == ""):
+        elif missing_id:
             errors.append(f"missing id in column {id!r}")
-        elif not isinstance(t, str):
-            errors.append(_not_text(t))
-        elif not t.strip():
-            errors.append("text is empty")
         else:
-            errors.append(None)
+            try:
+                kept[-1] = clean_text(t)  # the one rule for texts (fusion.texts)
+                errors.append(None)
+            except TextError as err:
+                errors.append(str(err))
     out = {c: batch.column(c) for c in columns}
     if id:
         out[id] = pa.array([None if v is None else str(v) for v in ids], pa.string())
-    out[text] = pa.array([t if isinstance(t, str) else None for t in texts], pa.string())
+    out[text] = pa.array(kept, pa.string())
     out["error"] = pa.array(errors, pa.string())
     return pa.table(out)
 
 
 def ok_rows(batch: pa.Table) -> list[int]:
     return [i for i, e in enumerate(batch.column("error").to_pylist()) if e is None]
+
+
+def with_errors(batch: pa.Table, failed: dict[int, str]) -> pa.Table:
+    """``batch`` with the reasons of rows that failed alone in a model step put into ``error``."""
+    if not failed:
+        return batch
+    errors = batch.column("error").to_pylist()
+    for i, why in failed.items():
+        errors[i] = why
+    return batch.set_column(batch.column_names.index("error"), "error", pa.array(errors, pa.string()))
 
 
 # -- output --------------------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@
 
 The output is parquet: the input's id/text/label columns, ``embedding`` (fixed-size list of
 float32) and ``error`` (null, or why the row could not be embedded; its embedding is null).
+A text that fails in the encoder fails alone (``TextEncoder.embed_each``): the rest of its
+batch is embedded.
 """
 
 from __future__ import annotations
@@ -41,8 +43,11 @@ class Embedder:
     def __call__(self, batch: pa.Table, text_column: str = "text") -> pa.Table:
         ok = common.ok_rows(batch)
         texts = batch.column(text_column).to_pylist()
-        emb = self.encoder.embed([texts[i] for i in ok])
-        return batch.append_column("embedding", common.fixed_size_list(emb, self.encoder.dim, ok, batch.num_rows))
+        emb, reasons = self.encoder.embed_each([texts[i] for i in ok])  # a text that fails, fails alone
+        batch = common.with_errors(batch, {i: f"text {r}" for i, r in zip(ok, reasons, strict=True) if r})
+        keep = [j for j, r in enumerate(reasons) if r is None]
+        rows = common.fixed_size_list(emb[keep], self.encoder.dim, [ok[j] for j in keep], batch.num_rows)
+        return batch.append_column("embedding", rows)
 
 
 def embed_dataset(

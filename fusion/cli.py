@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--output",
         required=True,
         metavar="FILE",
-        help="result table (.csv, .jsonl or .parquet): input columns + 'prediction'",
+        help="result table (.csv, .jsonl or .parquet): input columns + 'prediction' + 'error' (why a row has none)",
     )
     pr.add_argument("--proba", action="store_true", help="also write one 'proba_<class>' column per class")
     _add_column_args(pr, labels=False)
@@ -341,25 +341,39 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
     from fusion.classifier import AutoFusionClassifier
-    from fusion.datasets import output_format, read_table, write_table
+    from fusion.datasets import BAD_LINE, output_format, read_table, require_columns, write_table
+    from fusion.texts import clean_texts
 
     fmt = output_format(args.output)
     clf = AutoFusionClassifier.load(args.model)
-    if args.text_column:
-        clf.config.data.text_column = args.text_column
-    df = read_table(args.input)
-    proba = clf.predict_proba(df, progress=not args.quiet)
-    preds = clf.decide(proba)
+    column = args.text_column or clf.config.data.text_column
+    df = read_table(args.input, keep_bad_lines=True)
+    lines = df.pop(BAD_LINE).tolist() if BAD_LINE in df.columns else [None] * len(df)
+    lines = [why if isinstance(why, str) else None for why in lines]
+    if any(why is None for why in lines):
+        require_columns(df, [column], "text")
+    # a bad row fails alone: it gets its reason in 'error' and no prediction (the text rule: fusion.texts)
+    cells = df[column].tolist() if column in df.columns else [None] * len(df)
+    missing = lambda c: c is None or (isinstance(c, float) and c != c)  # noqa: E731
+    # pandas reads '404' in a CSV as a number: that text is "404"
+    texts, reasons = clean_texts(None if missing(c) else c if isinstance(c, str) else str(c) for c in cells)
+    reasons = [line or (r and f"text {r}") for line, r in zip(lines, reasons, strict=True)]
+    ok = [i for i, r in enumerate(reasons) if r is None]
+    proba = np.full((len(df), len(clf.classes)), np.nan)
+    preds: list[Any] = [None] * len(df)
+    if ok:
+        proba[ok] = clf.predict_proba([texts[i] for i in ok], progress=not args.quiet)
+        for i, p in zip(ok, clf.decide(proba[ok]), strict=True):
+            preds[i] = "|".join(p) if clf.multilabel and fmt == "csv" else p
     out = df.copy()
-    if clf.multilabel and fmt == "csv":
-        out["prediction"] = ["|".join(p) for p in preds]
-    else:
-        out["prediction"] = preds
+    out["prediction"] = preds
+    out["error"] = reasons
     if args.proba:
         for j, c in enumerate(clf.classes):
             out[f"proba_{c}"] = np.round(proba[:, j], 6)
     write_table(out, args.output)
-    print(f"wrote {len(out)} predictions to {args.output}")
+    bad = len(df) - len(ok)
+    print(f"wrote {len(out)} rows to {args.output}: {len(ok)} predictions" + (f", {bad} errors" if bad else ""))
     return 0
 
 

