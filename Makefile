@@ -15,7 +15,7 @@ export RAY_USAGE_STATS_ENABLED = 0
 
 SERVE_MODEL ?= runs/serve/model
 
-.PHONY: install models-qwen demo serve test lint docs bench clean
+.PHONY: install models-qwen demo serve test fuzz lint docs bench clean
 
 install: $(STAMP)
 
@@ -56,6 +56,13 @@ serve: install
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+# the property tests of every edge (strategies in tests/fuzz.py) with 10x their budget and random seeds
+FUZZ_TESTS = tests/test_texts.py tests/test_serve_http.py::test_fuzzed_requests_never_get_a_server_error \
+  tests/test_serve_kafka.py::test_fuzzed_messages_are_each_tagged_or_dead_lettered_and_the_stream_moves \
+  tests/test_data_jobs.py::test_fuzzed_rows_never_fail_a_backfill tests/test_llm_local.py::test_fuzzed_texts_get_a_score_or_an_error
+fuzz: install
+	LABELFUSE_FUZZ_SCALE=10 $(BIN)/python -m pytest -q --hypothesis-show-statistics $(FUZZ_TESTS)
 
 lint: install
 	$(BIN)/ruff check $(LINT)

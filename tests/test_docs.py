@@ -123,10 +123,20 @@ def test_every_dead_letter_reason_is_in_the_kafka_guide():
         b'{"text": 5}',
         b'{"text": ["a"]}',
         b'{"text": " "}',
+        b'{"text": "\\u0000\\u200b"}',
+        b'{"text": "ok \\ud800"}',
+        b"[" * 5000,
+        b'{"text": ' + b"9" * 5000 + b"}",
     ]
     bad.append(json.dumps({"text": "x" * 51}).encode())
     reasons = [decode(SimpleNamespace(value=v), s).error for v in bad]
     assert all(reasons)
+    # and the reasons of messages that fail alone in the graph (serve.app.Fusion, serve.kafka.TaggerLoop)
+    reasons += [
+        "text could not be embedded (TypeError: TextEncodeInput must be ...)",
+        "text got no finite probabilities from the model",
+        "text failed alone in the model (ValueError: boom)",
+    ]
     guide = (REPO / "docs" / "kafka.md").read_text()
     table = guide.split("| reason (`labelfuse.error`) | cause |", 1)[1].split("\n\n", 1)[0]
     cells = re.findall(r"^\| `([^`]+)` \|", table, re.M)
@@ -169,6 +179,7 @@ RUN_BY = {
 }
 NOT_RUN_HERE = {
     "make bench": "benchmarks take minutes and their figures vary by machine; the README gives the measured ratios",
+    "make fuzz": "the same property tests make test runs, with 10x the examples (about 15 minutes)",
     "ray up": "needs a cloud account; tests/test_deploy.py validates cluster.yaml",
     "ray exec": "needs a cloud account",
     "ray down": "needs a cloud account",
