@@ -273,8 +273,11 @@ def test_llm_path_over_capacity_503_and_a_replica_killed_mid_request(serve_url, 
             body = {"text": "in flight", "llm": "all"}
             t = threading.Thread(target=lambda: died.append(requests.post(f"{serve_url}/v1/classify", json=body,
                                                                           headers=headers, timeout=60)))  # fmt: skip
+            seen = stub.requests
             t.start()
-            time.sleep(0.5)
+            deadline = time.monotonic() + 30
+            while stub.requests == seen and time.monotonic() < deadline:  # until Fusion waits on the LLM
+                time.sleep(0.02)
             [fusion] = [a for a in ray.util.list_named_actors(all_namespaces=True) if f"{APP}#Fusion" in a["name"]]
             ray.kill(ray.get_actor(fusion["name"], namespace=fusion["namespace"]))
             t.join()
