@@ -1,7 +1,7 @@
 """Classify a whole corpus with a trained bundle: read, embed, gate, LLM-score, fuse, write.
 
     python -m data_jobs.backfill --bundle model/ --input corpus/ --output predictions/
-    ray job submit --working-dir . -- .venv/bin/python -m data_jobs.backfill --bundle ... (see README)
+    ray job submit --working-dir . -- .venv/bin/python -m data_jobs.backfill --bundle ... (see docs/batch-jobs.md)
 
 Two actor pools: encoder actors (GPU when the cluster has one) and predictor actors that run
 the bundle's cost gate, ask the LLMs about the texts the encoder is unsure of (every call

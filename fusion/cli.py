@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
         "balanced. reuters-10: DIR with the original reut2-*.sgm files of Reuters-21578 -> ModApte, the 10 most "
         "frequent topics, multi-label, 5,842/647/2,545. Writes DIR_OUT/{train,val,test}.jsonl (id, text, label).",
         epilog="Then: labelfuse train --train OUT/train.jsonl --val OUT/val.jsonl [--multilabel] --out MODEL; "
-        "labelfuse eval --model MODEL --data OUT/test.jsonl. See README.md#public-benchmarks.",
+        "labelfuse eval --model MODEL --data OUT/test.jsonl. See docs/benchmarks.md.",
     )
     pb.add_argument("benchmark", choices=("ag-news", "reuters-10"))
     pb.add_argument("--source", required=True, metavar="DIR", help="where your copy of the original files is")

@@ -178,7 +178,7 @@ RUN_BY = {
     "pytest": ".ci/run",
 }
 NOT_RUN_HERE = {
-    "make bench": "benchmarks take minutes and their figures vary by machine; the README gives the measured ratios",
+    "make bench": "benchmarks take minutes and their figures vary by machine; docs/development.md gives the measured ratios",
     "make fuzz": "the same property tests make test runs, with 10x the examples (about 15 minutes)",
     "ray up": "needs a cloud account; tests/test_deploy.py validates cluster.yaml",
     "ray exec": "needs a cloud account",
