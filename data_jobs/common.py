@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 
 from fusion.errors import ConfigError, DataError, LabelfuseError
-from fusion.texts import TextError, clean_text, escape_surrogates
+from fusion.texts import TextError, arrow_array, clean_text, load_json_object
 
 __all__ = ["ConfigError", "DataError"]
 
@@ -143,10 +143,8 @@ def _parse_jsonl(batch: pa.Table, columns: list[str], text_column: str, id_colum
             if not raw.strip():
                 continue
             try:
-                obj = json.loads(raw)  # bytes: UTF-8, or UnicodeDecodeError (a ValueError)
-                if not isinstance(obj, dict):
-                    raise ValueError(f"a JSON {type(obj).__name__}, not an object")
-            except (ValueError, RecursionError) as err:  # RecursionError: nesting too deep
+                obj = load_json_object(raw)
+            except ValueError as err:
                 for c in columns:
                     out[c].append(None)
                 if id_column:  # a stable id, so a resumed backfill recognises this row
@@ -162,25 +160,9 @@ def _parse_jsonl(batch: pa.Table, columns: list[str], text_column: str, id_colum
             except TextError as err:
                 out[text_column][-1] = None
                 errors.append(str(err))
-    data = {c: _arrow(vals, as_text=c in (id_column, text_column)) for c, vals in out.items()}
+    data = {c: arrow_array(vals, as_text=c in (id_column, text_column)) for c, vals in out.items()}
     data["_parse_error"] = pa.array(errors, pa.string())
     return pa.table(data)
-
-
-def _arrow(values: list[Any], as_text: bool) -> pa.Array:
-    """A column from JSON values; ids and texts become strings (bad texts are already errors), and a
-    column whose values mix types keeps non-strings as JSON text rather than failing the batch. A lone
-    surrogate in a string other than the text (JSON allows "\ud800") is kept as the escape ``\\ud800``."""
-    if not as_text:
-        try:
-            return pa.array(values)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeEncodeError):
-            pass
-    return pa.array([escape_surrogates(v) if isinstance(v, str) else _json(v) for v in values], pa.string())
-
-
-def _json(value: Any) -> str | None:
-    return None if value is None else json.dumps(value)  # ensure_ascii: surrogates become escapes
 
 
 def read_corpus(
@@ -227,12 +209,13 @@ def read_corpus(
     return ds.map_batches(
         _validate,
         batch_format="pyarrow",
-        fn_kwargs={"columns": columns, "text": text_column, "id": id_column},
+        fn_kwargs={"columns": columns, "text": text_column, "id": id_column, "clean": fmt != "jsonl"},
         **LIGHT,
     )
 
 
-def _validate(batch: pa.Table, columns: list[str], text: str, id: str | None) -> pa.Table:
+def _validate(batch: pa.Table, columns: list[str], text: str, id: str | None, clean: bool = True) -> pa.Table:
+    """Ids and the error column; with ``clean``, the text rule (JSONL texts had it while parsing)."""
     texts = batch.column(text).to_pylist()
     ids = batch.column(id).to_pylist() if id else None
     earlier = next((c for c in ("_parse_error", "error") if c in batch.column_names), None)  # reader, or an earlier job
@@ -248,6 +231,8 @@ def _validate(batch: pa.Table, columns: list[str], text: str, id: str | None) ->
             errors.append(parsed[i])
         elif missing_id:
             errors.append(f"missing id in column {id!r}")
+        elif not clean:
+            errors.append(None)
         else:
             try:
                 kept[-1] = clean_text(t)  # the one rule for texts (fusion.texts)

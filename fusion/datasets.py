@@ -25,7 +25,7 @@ from sklearn.model_selection import train_test_split
 
 from fusion.config import DataConfig
 from fusion.errors import DataError
-from fusion.texts import escape_surrogates
+from fusion.texts import arrow_array, json_plain, load_json_object
 
 BUILTIN: dict[str, str] = {"bbc-news": "multiclass", "bbc-news-multilabel": "multilabel"}
 SPLITS = ("train", "val", "test")
@@ -42,10 +42,8 @@ def _read_jsonl(path: Path, keep_bad: bool) -> pd.DataFrame:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
-                if not isinstance(obj, dict):
-                    raise ValueError(f"a JSON {type(obj).__name__}, not an object")
-            except (ValueError, RecursionError) as err:  # bad JSON, invalid UTF-8, nesting too deep
+                obj = load_json_object(line)
+            except ValueError as err:
                 why = f"line {n} is not a JSON object ({str(err)[:100]})"
                 if not keep_bad:
                     raise DataError(f"{path}: {why}") from None
@@ -106,34 +104,12 @@ def write_table(df: pd.DataFrame, path: str | Path) -> None:
         records = df.astype(object).where(df.notna(), None).to_dict(orient="records")
         with open(p, "w", encoding="utf-8", errors="backslashreplace") as f:
             for r in records:
-                f.write(json.dumps(r, ensure_ascii=False, default=_plain) + "\n")
+                f.write(json.dumps(r, ensure_ascii=False, default=json_plain) + "\n")
     else:
         out = df.copy()
-        for c in out.columns[out.dtypes == np.dtype(object)]:
-            if _mixed(out[c]):  # what Arrow cannot type or encode becomes JSON text
-                out[c] = [v if v is None else _json_text(v) for v in out[c]]
+        for c in out.columns[out.dtypes == np.dtype(object)]:  # what Arrow cannot type or encode becomes text
+            out[c] = arrow_array(out[c].tolist()).to_pylist()
         out.to_parquet(p, index=False)
-
-
-def _plain(value: Any) -> Any:
-    """numpy scalars and arrays as JSON can hold them."""
-    return value.tolist() if hasattr(value, "tolist") else str(value)
-
-
-def _json_text(value: Any) -> str:
-    if isinstance(value, str):
-        return escape_surrogates(value)
-    return json.dumps(value, default=_plain)  # ensure_ascii: surrogates inside become escapes
-
-
-def _mixed(col: pd.Series) -> bool:
-    import pyarrow as pa
-
-    try:
-        pa.array(col.tolist(), from_pandas=True)
-        return False
-    except (pa.ArrowException, UnicodeEncodeError, OverflowError):
-        return True
 
 
 def require_columns(df: pd.DataFrame, columns: list[str], what: str) -> None:

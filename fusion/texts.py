@@ -25,6 +25,7 @@ tokenizer.
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
 from collections.abc import Iterable
@@ -80,6 +81,45 @@ def escape_surrogates(value: str) -> str:
     """``value`` with each lone surrogate written as its escape (``\\ud800``): for echoing input into UTF-8
     output (Arrow, parquet, CSV), never for a text the model sees."""
     return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def load_json(raw: bytes | str) -> Any:
+    """``json.loads`` whose every failure is a ValueError saying why: bad JSON, invalid UTF-8, an integer of over
+    4,300 digits (Python's limit), or nesting deeper than the parser's recursion allows."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("nested too deep") from None
+
+
+def load_json_object(raw: bytes | str) -> dict[str, Any]:
+    """One JSON Lines record: :func:`load_json`, and a ValueError unless it is an object."""
+    obj = load_json(raw)
+    if not isinstance(obj, dict):
+        raise ValueError(f"a JSON {type(obj).__name__}, not an object")
+    return obj
+
+
+def json_plain(value: Any) -> Any:
+    """``default=`` for json.dumps: numpy scalars and arrays as JSON can hold them, anything else as text."""
+    return value.tolist() if hasattr(value, "tolist") else str(value)
+
+
+def arrow_array(values: list[Any], as_text: bool = False) -> Any:
+    """A pyarrow array of values echoed from input (JSON, pandas): as they are when Arrow can type and encode
+    them; otherwise, or with ``as_text``, strings: lone surrogates escaped, other values as JSON text."""
+    import pyarrow as pa
+
+    if not as_text:
+        try:
+            return pa.array(values, from_pandas=True)
+        except (pa.ArrowException, UnicodeEncodeError, OverflowError):
+            pass
+    return pa.array(
+        [v if v is None else escape_surrogates(v) if isinstance(v, str) else json.dumps(v, default=json_plain)
+         for v in values],
+        pa.string(),
+    )  # fmt: skip
 
 
 def clean_texts(texts: Iterable[Any], max_chars: int | None = None) -> tuple[list[str | None], list[str | None]]:

@@ -39,7 +39,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from fusion.texts import PROBE_TEXT, TextError, clean_text
+from fusion.texts import PROBE_TEXT, TextError, clean_text, load_json
 from serve.settings import KafkaSettings
 
 log = logging.getLogger("labelfuse.kafka")
@@ -74,13 +74,11 @@ def decode(record: Any, s: KafkaSettings) -> Decoded:
     msg_id = None
     if s.value_format == "json":
         try:
-            obj = json.loads(value)
+            obj = load_json(value)
         except json.JSONDecodeError as err:
             return Decoded(record, error=f"value is not valid JSON ({err.msg} at char {err.pos})")
-        except ValueError as err:  # an integer of over 4,300 digits (Python's int_max_str_digits)
+        except ValueError as err:  # too deep, or an integer of over 4,300 digits
             return Decoded(record, error=f"value is not valid JSON ({str(err)[:100]})")
-        except RecursionError:
-            return Decoded(record, error="value is not valid JSON (nested too deep)")
         if not isinstance(obj, dict):
             return Decoded(record, error=f"JSON value is a {type(obj).__name__}, expected an object")
         text, msg_id = obj.get(s.text_field), obj.get(s.id_field)
