@@ -45,13 +45,13 @@ def delete_app(name: str, timeout_s: float = 180.0) -> None:
         assert name not in serve.status().applications, f"{name} still not deleted after {timeout_s + 60:.0f} s"
 
 
-def test_http_sustained_load_for_60s_gives_no_5xx_but_intended_503s(serve_url, bbc_model, bbc, tmp_path, capsys):
+def test_http_sustained_load_for_30s_gives_no_5xx_but_intended_503s(serve_url, bbc_model, bbc, tmp_path, capsys):
     bbc_model.save(tmp_path / "model")
     serve.run(build({"bundle": str(tmp_path / "model")}), name="labelfuse-load", route_prefix="/")
     texts = sample(bbc["test"], 64, seed=9)["text"].str.slice(0, 1500).tolist()
     codes: Counter = Counter()
     wrong: list[str] = []
-    stop = time.monotonic() + 60
+    stop = time.monotonic() + 30
 
     def client(i: int) -> None:
         s = requests.Session()

@@ -176,7 +176,7 @@ MESSAGES = st.lists(
 )
 
 
-@budget(5)
+@budget(3)
 @given(values=MESSAGES)
 def test_fuzzed_messages_are_each_tagged_or_dead_lettered_and_the_stream_moves(tagging, values):
     from serve.kafka import decode
