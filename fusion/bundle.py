@@ -8,7 +8,9 @@ model/
   encoder/             only when the encoder was fine-tuned: its weights and tokenizer
 ```
 
-A bundle is written to a temporary sibling directory and renamed into place, so a
+:class:`Bundle` opens one and loads each part of the model alone: the encoder, the fusion
+head, the few-shot example pool and the LLM panel, so a process that runs one part never
+loads the others. A bundle is written to a temporary sibling directory and renamed into place, so a
 crash never leaves a half-written bundle under the final name. Loading checks the
 format version and every checksum before any tensor is read, and raises
 :class:`BundleError` with what is wrong and what to do.
@@ -21,15 +23,25 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from fusion.errors import BundleError
+
+if TYPE_CHECKING:
+    from fusion.config import Config
+    from fusion.encoder import TextEncoder
+    from fusion.fewshot import ExamplePool
+    from fusion.head import FusionHead
+    from fusion.llm import Ledger, LLMPanel
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +71,7 @@ def write_bundle(
     path: str | Path,
     manifest: dict[str, Any],
     tensors: dict[str, torch.Tensor],
-    save_encoder: Any = None,
+    save_encoder: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write a bundle atomically. ``save_encoder(dir)`` writes a fine-tuned encoder, if given."""
     from safetensors.torch import save_file
@@ -160,3 +172,108 @@ def read_bundle(path: str | Path) -> BundleContents:
         raise BundleError(f"{root / HEAD_FILE} cannot be read: {err}") from None
     enc = root / ENCODER_DIR
     return BundleContents(manifest, tensors, enc if any(k.startswith(ENCODER_DIR + "/") for k in files) else None)
+
+
+PROBE_DIMS = 16  # leading dimensions of the probe text's embedding kept in the manifest
+
+
+class Bundle:
+    """An opened bundle (format and checksums verified); each part of the model loads alone.
+
+    ``Bundle.open(path).head()`` gives the fusion head without loading the encoder;
+    :meth:`encoder`, :meth:`pool` and :meth:`panel` likewise. Every inconsistency between the
+    manifest and the weights is a :class:`BundleError`.
+    """
+
+    def __init__(self, path: str | Path, contents: BundleContents):
+        self.path = str(path)
+        self.manifest = contents.manifest
+        self.tensors = contents.tensors
+        self.encoder_dir = contents.encoder_dir
+
+    @classmethod
+    def open(cls, path: str | Path) -> Bundle:
+        return cls(path, read_bundle(path))
+
+    @cached_property
+    def version(self) -> str:
+        return version_of(self.manifest)
+
+    @cached_property
+    def config(self) -> Config:
+        from fusion.config import parse_config
+
+        return parse_config(self.manifest["config"], source=f"config stored in {self.path}")
+
+    @property
+    def fine_tuned(self) -> bool:
+        """The encoder was fine-tuned: its weights are inside this bundle."""
+        return self.encoder_dir is not None
+
+    @property
+    def encoder_reference(self) -> dict[str, Any]:
+        """model, dim, max_length, pooling, normalize of the encoder (``TextEncoder.reference``)."""
+        return {k: v for k, v in self.manifest["encoder"].items() if k not in ("probe", "embedded")}
+
+    @property
+    def encoder_key(self) -> str:
+        """The identity of this bundle's encoder: a stock encoder is shared by every bundle that names it."""
+        return f"{self.path}@{self.version}" if self.fine_tuned else json.dumps(self.encoder_reference, sort_keys=True)
+
+    @contextmanager
+    def _consistent(self) -> Iterator[None]:
+        try:
+            yield
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise BundleError(
+                f"{self.path} has an inconsistent manifest or weights ({type(err).__name__}: {err})"
+            ) from None
+
+    def head(self) -> FusionHead:
+        from fusion.head import FusionHead
+
+        with self._consistent():
+            return FusionHead.from_bundle(self.manifest, self.tensors)
+
+    def pool(self) -> ExamplePool | None:
+        from fusion.fewshot import ExamplePool
+
+        with self._consistent():
+            return ExamplePool.from_bundle(self.manifest.get("fewshot"), self.tensors)
+
+    def panel(self, ledger: Ledger | None = None) -> LLMPanel:
+        """The LLM scorers of this bundle, with its few-shot pool; ``ledger`` as in :class:`LLMPanel`."""
+        from fusion.llm import LLMPanel
+
+        with self._consistent():
+            space = self.manifest["label_space"]
+            classes, multilabel = list(space["classes"]), bool(space["multilabel"])
+        cfg = self.config
+        return LLMPanel(cfg.llms, classes, multilabel, cfg.llm_limits, ledger=ledger, pool=self.pool())
+
+    def encoder(self, device: str | None = None, encoder: TextEncoder | None = None) -> TextEncoder:
+        """The encoder this bundle was trained with (checked on a probe text); ``device`` overrides
+        ``encoder.device``; ``encoder``: use this one instead (it is checked the same way)."""
+        import numpy as np
+
+        from fusion.encoder import TextEncoder
+        from fusion.texts import PROBE_TEXT
+
+        if encoder is None:
+            cfg = self.config.encoder.model_copy()
+            if device is not None:
+                cfg.device = device
+            model_dir = str(self.encoder_dir) if self.encoder_dir is not None else None
+            encoder = TextEncoder(cfg, model_dir=model_dir)
+        with self._consistent():
+            ref, dim = self.manifest["encoder"], int(self.manifest["layout"]["embed_dim"])
+            expected = np.asarray(ref["probe"], np.float32)
+        if encoder.dim != dim:
+            raise BundleError(f"encoder {ref['model']!r} gives {encoder.dim}-d embeddings; the model needs {dim}")
+        probe = encoder.embed([PROBE_TEXT])[0, :PROBE_DIMS]
+        if not np.allclose(probe, expected, atol=1e-2):
+            raise BundleError(
+                f"encoder {ref['model']!r} ({encoder.source}) gives different embeddings than the one this model "
+                "was trained with; load it with the same encoder"
+            )
+        return encoder

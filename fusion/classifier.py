@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 import pandas as pd
-import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.model_selection import train_test_split
 
 from fusion import bundle as bundle_io
@@ -35,17 +35,27 @@ from fusion.calibration import decide, to_proba
 from fusion.config import Config, load_config, parse_config
 from fusion.datasets import texts_and_labels
 from fusion.encoder import TextEncoder
-from fusion.errors import BundleError, ConfigError, DataError, NotFittedError
+from fusion.errors import ConfigError, DataError, NotFittedError
+from fusion.fewshot import ExamplePool
 from fusion.gating import call_rate_table, choose_threshold, confidence
+from fusion.head import FusionHead, Labels, LLMMode, Prediction, Scores
 from fusion.labels import LabelSpace, normalize_labels
-from fusion.metrics import SUMMARY_KEYS, evaluate
-from fusion.model import FeatureLayout, FeatureScaler, FusionMLP, build_features
+from fusion.metrics import SUMMARY_KEYS, evaluate, headline_key
+from fusion.model import FeatureLayout, FeatureScaler, build_features
 from fusion.texts import PROBE_TEXT, check_texts
 from fusion.train import fit_head
 
+if TYPE_CHECKING:
+    from sklearn.utils import Tags
+
+    from fusion.llm import Ledger, LLMPanel, ScoreBatch
+
 log = logging.getLogger(__name__)
 
-Scores = Mapping[str, np.ndarray]
+__all__ = ["AutoFusionClassifier", "Prediction"]
+
+# texts: a DataFrame (columns named by config.data), a Series, an array or a list of strings
+TextInput: TypeAlias = "pd.DataFrame | pd.Series | np.ndarray | Sequence[str]"
 
 
 def _coerce_config(config: Config | Mapping[str, Any] | str | Path | None) -> Config:
@@ -75,50 +85,68 @@ def _sample_rows(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(picked))
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+class AutoFusionClassifier(ClassifierMixin, BaseEstimator):
+    """Encoder embedding + per-LLM class scores -> fusion head -> calibrated probabilities.
 
-
-@dataclass
-class Prediction:
-    """What :meth:`AutoFusionClassifier.predict_details` returns."""
-
-    proba: np.ndarray  # (n, n_classes) calibrated probabilities
-    llm_used: np.ndarray  # (n, n_llms) bool: that LLM's scores went into the answer
-    llm_cost_usd: np.ndarray  # (n,) list-price cost of the LLM answers used (cache hits included)
-    gated_out: np.ndarray  # (n,) bool: the encoder was confident enough, no LLM was asked
-    llm_errors: dict[str, list[str | None]] = field(default_factory=dict)
-    usage: dict[str, dict[str, Any]] = field(default_factory=dict)  # per LLM: calls, cache hits, tokens, $, latency
-
-
-class AutoFusionClassifier:
-    """Encoder embedding + per-LLM class scores -> FusionMLP -> calibrated probabilities."""
+    The model is three parts, each saved in the bundle and loadable alone
+    (:class:`fusion.bundle.Bundle`): the encoder (:attr:`encoder`), the fusion head
+    (:attr:`head`: layout, scaler, MLP, temperature, thresholds, gate) and the few-shot
+    example pool (:attr:`pool`); the LLM panel (:attr:`llm_panel`) is built from the config.
+    It is a scikit-learn estimator: ``clone``, ``cross_val_score``, ``GridSearchCV`` over
+    ``config`` and ``Pipeline`` work, and fitted classes are in :attr:`classes_`.
+    """
 
     def __init__(
         self,
         config: Config | Mapping[str, Any] | str | Path | None = None,
         *,
         encoder: TextEncoder | None = None,
-        ledger: Any = None,
+        ledger: Ledger | None = None,
     ):
-        """``ledger`` replaces the in-process LLM budget/rate ledger (e.g. a shared Ray actor)."""
+        """``encoder``: use this encoder instead of the configured one (e.g. one shared by many models);
+        ``ledger`` replaces the in-process LLM budget/rate ledger (e.g. a shared Ray actor)."""
         self.config = _coerce_config(config)
+        self._encoder_param, self._ledger = encoder, ledger
         self._encoder = encoder
-        self._ledger = ledger
-        self._panel: Any = None
-        self._pool: tuple[list[str], list[tuple[str, ...]], np.ndarray] | None = None  # few-shot examples
-        self.gate_threshold: float | None = None
-        self.label_space: LabelSpace | None = None
-        self.layout: FeatureLayout | None = None
-        self.scaler: FeatureScaler | None = None
-        self.head: FusionMLP | None = None
-        self.temperature = 1.0
-        self.thresholds: np.ndarray | None = None
-        self.at_least_one = False
+        self._panel: LLMPanel | None = None
+        self.head: FusionHead | None = None
+        self.pool: ExamplePool | None = None  # few-shot examples (configs with few_shot > 0)
         self.metrics: dict[str, Any] = {}
         self.training: dict[str, Any] = {}
         self.llm_usage: dict[str, dict[str, Any]] = {}
         self.version: str | None = None  # content id of the bundle saved or loaded (see fusion.bundle.version_of)
+
+    # -- scikit-learn -----------------------------------------------------------------------------------------
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        return {"config": self.config, "encoder": self._encoder_param, "ledger": self._ledger}
+
+    def set_params(self, **params: Any) -> AutoFusionClassifier:
+        unknown = sorted(set(params) - {"config", "encoder", "ledger"})
+        if unknown:
+            raise ValueError(f"invalid parameter(s) {unknown} for AutoFusionClassifier: config, encoder, ledger")
+        if "config" in params:
+            self.config = _coerce_config(params["config"])
+        if "encoder" in params:
+            self._encoder_param = self._encoder = params["encoder"]
+        if "ledger" in params:
+            self._ledger = params["ledger"]
+        self._panel = None
+        return self
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return self.head is not None
+
+    def __sklearn_tags__(self) -> Tags:
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False  # X is texts (a list, a Series or a DataFrame)
+        tags.input_tags.string = True
+        return tags
+
+    def score(self, X: TextInput, y: Any = None, sample_weight: Any = None) -> float:
+        """Accuracy (multiclass) or subset accuracy (multilabel) on ``X``, like :meth:`evaluate`'s headline."""
+        if sample_weight is not None:
+            raise ValueError("AutoFusionClassifier.score does not take sample_weight")
+        return float(self.evaluate(X, y)[headline_key(self.multilabel)])
 
     # -- properties -----------------------------------------------------------------------------------------
     @property
@@ -128,20 +156,25 @@ class AutoFusionClassifier:
         return self._encoder
 
     @property
-    def classes(self) -> list[str]:
+    def classes_(self) -> list[str]:
         return self._require_fitted().classes
+
+    @property
+    def classes(self) -> list[str]:
+        """The class names (same as :attr:`classes_`)."""
+        return self.classes_
 
     @property
     def multilabel(self) -> bool:
         return self.config.labels.mode == "multilabel"
 
-    def _require_fitted(self) -> LabelSpace:
-        if self.label_space is None or self.head is None:
+    def _require_fitted(self) -> FusionHead:
+        if self.head is None:
             raise NotFittedError("this classifier is not fitted yet: call fit() or AutoFusionClassifier.load()")
-        return self.label_space
+        return self.head
 
     # -- input handling ---------------------------------------------------------------------------------------
-    def _texts_labels(self, X: Any, y: Any, require_labels: bool) -> tuple[list[str], Any]:
+    def _texts_labels(self, X: TextInput, y: Any, require_labels: bool) -> tuple[list[str], Any]:
         if isinstance(X, pd.DataFrame):
             texts, labels = texts_and_labels(X, self.config.data, require_labels=require_labels and y is None)
             return check_texts(texts), (y if y is not None else labels)
@@ -187,77 +220,26 @@ class AutoFusionClassifier:
 
     # -- LLM scoring ------------------------------------------------------------------------------------------
     @property
-    def llm_panel(self) -> Any:
-        """The configured LLM scorers (built on first use; needs the label space)."""
+    def llm_panel(self) -> LLMPanel:
+        """The configured LLM scorers with the few-shot pool (built on first use; needs the label space)."""
         if self._panel is None:
-            from fusion.llm import LLMPanel
-
-            space = self.label_space
-            if space is None:
-                raise NotFittedError("the LLM scorers need the label space: call fit() or AutoFusionClassifier.load()")
-            self._panel = LLMPanel(
-                self.config.llms, space.classes, space.multilabel, self.config.llm_limits, ledger=self._ledger
-            )
+            self._panel = self._build_panel(self._require_fitted().label_space)
         return self._panel
 
-    def _neighbours(self, emb: np.ndarray, pool_rows: np.ndarray | None) -> list[list[Any]] | None:
-        """Few-shot examples per text: the nearest pool texts by embedding, nearest last.
+    def _build_panel(self, space: LabelSpace) -> LLMPanel:
+        from fusion.llm import LLMPanel
 
-        ``pool_rows``: the pool row each text is, when the texts come from the pool itself
-        (training): a text is never its own example."""
-        k = max((c.few_shot for c in self.config.llms), default=0)
-        if k == 0 or self._pool is None:
-            return None
-        from fusion.llm.prompts import Example
-
-        texts, labels, pool = self._pool
-        sims = _unit(emb) @ _unit(pool).T
-        if pool_rows is not None:
-            sims[np.arange(len(pool_rows)), pool_rows] = -np.inf
-        idx = np.argsort(-sims, axis=1)[:, :k]
-        return [[Example(texts[j], labels[j]) for j in row[::-1]] for row in idx]
-
-    async def ascore_llms(
-        self,
-        texts: list[str],
-        emb: np.ndarray,
-        given: Scores | None = None,
-        *,
-        pool_rows: np.ndarray | None = None,
-        progress: bool = False,
-    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """Scores of every configured LLM not already ``given``: ({name: (n, k) scores}, {name: ScoreBatch})."""
-        out = {k: np.asarray(v, dtype=np.float32) for k, v in (given or {}).items()}
-        todo = [c.name for c in self.config.llms if c.name not in out]
-        if not todo or not texts:
-            return out, {}
-        neighbours = self._neighbours(emb, pool_rows)
-        batches = await self.llm_panel.ascore(texts, neighbours, progress=progress, only=todo)
-        for name, b in batches.items():
-            out[name] = b.scores
-        return out, batches
-
-    def score_llms(
-        self,
-        texts: list[str],
-        emb: np.ndarray,
-        given: Scores | None = None,
-        *,
-        pool_rows: np.ndarray | None = None,
-        progress: bool = False,
-    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """:meth:`ascore_llms` for synchronous callers."""
-        from fusion.llm.scorer import run_sync
-
-        return run_sync(self.ascore_llms(texts, emb, given, pool_rows=pool_rows, progress=progress))
+        cfg = self.config
+        return LLMPanel(cfg.llms, space.classes, space.multilabel, cfg.llm_limits, ledger=self._ledger, pool=self.pool)
 
     def _score_sample(
         self, texts: list[str], emb: np.ndarray, y: np.ndarray, given: Scores | None, pool: bool, progress: bool
-    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    ) -> tuple[dict[str, np.ndarray], dict[str, ScoreBatch]]:
         """LLM scores for ``train.llm_fraction`` of the rows (stratified); the other rows are NaN (missing)."""
+        assert self._panel is not None
         idx = _sample_rows(y, self.config.train.llm_fraction, self.config.train.seed)
-        scores, batches = self.score_llms(
-            [texts[i] for i in idx], emb[idx], _subset(given, idx), pool_rows=idx if pool else None, progress=progress
+        scores, batches = self._panel.score_missing(
+            [texts[i] for i in idx], emb[idx], _subset(given, idx), exclude=idx if pool else None, progress=progress
         )
         if len(idx) == len(texts):
             return scores, batches
@@ -268,16 +250,16 @@ class AutoFusionClassifier:
         return out, batches
 
     @staticmethod
-    def _usage(batches: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    def _usage(batches: Mapping[str, ScoreBatch]) -> dict[str, dict[str, Any]]:
         return {name: b.stats.to_dict() for name, b in batches.items()}
 
     # -- training ---------------------------------------------------------------------------------------------
     def fit(
         self,
-        X: Any,
+        X: TextInput,
         y: Any = None,
         *,
-        validation: Any = None,
+        validation: TextInput | None = None,
         validation_labels: Any = None,
         llm_scores: Scores | None = None,
         validation_llm_scores: Scores | None = None,
@@ -296,16 +278,12 @@ class AutoFusionClassifier:
         y_all, space = self._encode_labels(raw, len(texts), None)
         emb = self._embed(texts, embeddings, progress)
         layout = FeatureLayout(emb.shape[1], space.n_classes, self._llm_names(llm_scores))
-        self.label_space, self._panel, self._pool, self.llm_usage = space, None, None, {}
+        self.head, self.pool, self.llm_usage = None, None, {}
+        if cfg.llms and max(c.few_shot for c in cfg.llms) > 0:
+            max_words = max(c.max_words for c in cfg.llms)
+            self.pool = ExamplePool.from_training(texts, space.decode(y_all), emb, max_words)
+        self._panel = self._build_panel(space)
         if cfg.llms:
-            if max(c.few_shot for c in cfg.llms) > 0:
-                max_words = max(c.max_words for c in cfg.llms)
-                decoded = space.decode(y_all)
-                self._pool = (
-                    [" ".join(t.split()[:max_words]) for t in texts],
-                    [(d,) if isinstance(d, str) else tuple(d) for d in decoded],
-                    emb,
-                )
             llm_scores, batches = self._score_sample(texts, emb, y_all, llm_scores, pool=True, progress=progress)
             self.llm_usage["train"] = self._usage(batches)
         raw_x = build_features(emb, llm_scores, layout)
@@ -353,8 +331,7 @@ class AutoFusionClassifier:
             scaler=scaler,
             progress=progress,
         )
-        self.label_space, self.layout, self.scaler, self.head = space, layout, scaler, fit.head
-        self.temperature, self.thresholds, self.at_least_one = fit.temperature, fit.thresholds, fit.at_least_one
+        head = FusionHead(space, layout, scaler, fit.head, fit.temperature, fit.thresholds, fit.at_least_one)
         self.training = {
             "n_train": len(y_tr),
             "n_val": len(y_va),
@@ -363,214 +340,120 @@ class AutoFusionClassifier:
             "fine_tuned_encoder": fine_tune,
         }
         # a fine-tuned encoder changed under training: re-embed validation texts with the final weights
-        z_va = self._features(t_va, va_scores, None) if fine_tune else scaler.transform(x_va)
-        self.metrics = {"validation": self._metrics(self._logits(z_va), y_va)}
-        self.gate_threshold = None
+        z_va = head.features(self.encoder.embed(t_va), va_scores) if fine_tune else scaler.transform(x_va)
+        self.metrics = {"validation": _metrics(head, head.logits(z_va), y_va)}
         if layout.n_llms:
-            enc_va = self._proba(self._encoder_only(z_va))
+            enc_va = head.proba(head.encoder_only(z_va))
             self.metrics["gating"] = call_rate_table(
-                enc_va, self._proba(z_va), y_va, space, self.thresholds, self.at_least_one
+                enc_va, head.proba(z_va), y_va, space, head.thresholds, head.at_least_one
             )
             if cfg.gating.enabled:
                 conf = confidence(enc_va, space.multilabel)
-                self.gate_threshold = choose_threshold(conf, self.metrics["gating"], cfg.gating, space.multilabel)
+                head.gate_threshold = choose_threshold(conf, self.metrics["gating"], cfg.gating, space.multilabel)
+        self.head = head
         return self
 
     # -- inference --------------------------------------------------------------------------------------------
-    def _features(
-        self, texts: list[str], llm_scores: Scores | None, embeddings: np.ndarray | None, progress: bool = False
-    ) -> np.ndarray:
-        assert self.layout is not None and self.scaler is not None
-        emb = self._embed(texts, embeddings, progress)
-        return self.scaler.transform(build_features(emb, llm_scores, self.layout))
-
-    def _logits(self, z: np.ndarray) -> np.ndarray:
-        assert self.head is not None
-        self.head.eval()
-        with torch.no_grad():
-            return self.head(torch.from_numpy(z)).numpy()
-
-    def _metrics(self, logits: np.ndarray, y: np.ndarray) -> dict[str, Any]:
-        space = self._require_fitted()
-        proba = to_proba(logits, self.temperature, space.multilabel)
-        out = evaluate(y, decide(proba, space.multilabel, self.thresholds, self.at_least_one), proba, space)
-        raw = to_proba(logits, 1.0, space.multilabel)
-        unc = evaluate(y, decide(raw, space.multilabel, None, self.at_least_one), raw, space)
-        out["uncalibrated"] = {k: unc[k] for k in SUMMARY_KEYS if k in unc}
-        out["temperature"] = self.temperature
-        return out
-
-    def _encoder_only(self, z: np.ndarray) -> np.ndarray:
-        """Scaled features with every LLM block marked missing."""
-        assert self.layout is not None
-        z = z.copy()
-        for j in range(self.layout.n_llms):
-            z[:, self.layout.block(j)] = 0.0
-            z[:, self.layout.flag(j)] = 1.0
-        return z
-
-    def _proba(self, z: np.ndarray, calibrated: bool = True) -> np.ndarray:
-        space = self._require_fitted()
-        return to_proba(self._logits(z), self.temperature if calibrated else 1.0, space.multilabel)
-
     def predict_details(
         self,
-        X: Any,
+        X: TextInput,
         *,
         llm_scores: Scores | None = None,
         embeddings: np.ndarray | None = None,
-        gate: bool | None = None,
+        llm: LLMMode = "auto",
         calibrated: bool = True,
         progress: bool = False,
+        gate: bool | None = None,
     ) -> Prediction:
-        """Probabilities plus, per text, which LLMs were used and what they cost.
+        """Probabilities, labels and, per text, which LLMs were used and what they cost.
 
-        With gating on (``gate``, default ``config.gating.enabled``), LLMs are asked only
-        about texts whose encoder-only confidence is below the learned threshold. LLM
-        scores missing from ``llm_scores`` are fetched from the configured LLMs.
-
-        The three steps are public for callers that run them in different places (the
-        Serve graph): :meth:`ask_llms` (the gate), :meth:`ascore_llms` (the LLMs, for the
-        texts asked) and :meth:`fuse`.
+        ``llm``: ``auto`` asks the LLMs only about texts whose encoder-only confidence is below the
+        gate threshold learned at training (every text when the model has no gate), ``off`` never,
+        ``all`` always. LLM scores missing from ``llm_scores`` are fetched from the configured LLMs.
+        :meth:`Prediction.results` gives one result per text. ``gate`` is the old spelling
+        (``gate=False`` is ``llm="all"``) and will be removed.
         """
+        if gate is not None:
+            warnings.warn(
+                "predict_details(gate=...) is deprecated: use llm='auto' (gate=True) or llm='all' (gate=False)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            llm = "auto" if gate else "all"
+        head = self._require_fitted()
         texts, _ = self._texts_labels(X, None, require_labels=False)
         emb = self._embed(texts, embeddings, progress)
-        ask = self.ask_llms(emb, gate=gate, calibrated=calibrated)
-        idx = np.flatnonzero(ask)
-        scores, batches = self.score_llms(
-            [texts[i] for i in idx], emb[idx], _subset(llm_scores, idx), progress=progress
-        )
-        return self.fuse(emb, ask, scores, batches, calibrated=calibrated)
-
-    def ask_llms(self, emb: np.ndarray, *, gate: bool | None = None, calibrated: bool = True) -> np.ndarray:
-        """The cost gate: a bool per text, True where the LLMs should be asked (all False without LLMs)."""
-        space = self._require_fitted()
-        assert self.layout is not None and self.scaler is not None
-        n = len(emb)
-        if not self.layout.n_llms:
-            return np.zeros(n, dtype=bool)
-        gate = self.config.gating.enabled if gate is None else gate
-        if not gate:
-            return np.ones(n, dtype=bool)
-        if self.gate_threshold is None:
-            raise ConfigError("this model has no gating threshold: train it with gating.enabled=true")
-        enc = self._proba(self.scaler.transform(build_features(emb, None, self.layout)), calibrated)
-        return confidence(enc, space.multilabel) < self.gate_threshold
-
-    def fuse(
-        self,
-        emb: np.ndarray,
-        ask: np.ndarray,
-        scores: Scores,
-        batches: Mapping[str, Any] | None = None,
-        *,
-        calibrated: bool = True,
-    ) -> Prediction:
-        """Fuse embeddings with the LLM scores of the texts in ``ask`` (rows in ``ask`` order).
-
-        ``batches`` ({name: ScoreBatch} from :meth:`ascore_llms`) supply cost, errors and usage.
-        An LLM without scores, or a NaN row, is marked missing: the encoder-only path answers.
-        """
-        space = self._require_fitted()
-        assert self.layout is not None
-        n, m = len(emb), self.layout.n_llms
-        idx = np.flatnonzero(ask)
-        # unknown names go through too: build_features rejects them with a clear message
-        full = {
-            name: np.full((n, space.n_classes), np.nan, dtype=np.float32) for name in {*self.layout.llm_names, *scores}
-        }
-        for name, s in scores.items():
-            full[name][idx] = s
-        cost = np.zeros(n)
-        errors: dict[str, list[str | None]] = {}
-        for name, b in (batches or {}).items():
-            cost[idx] += np.where(b.used, b.cost_usd, 0.0)
-            errors[name] = [None] * n
-            for i, e in zip(idx, b.errors, strict=True):
-                errors[name][i] = e
-        x = build_features(emb, full, self.layout)
-        used = np.stack([x[:, self.layout.flag(j)] == 0 for j in range(m)], axis=1) if m else np.zeros((n, 0), bool)
-        # a text the gate kept from the LLMs has missing blocks: the encoder-only path answers
-        proba = self._proba(self.scaler.transform(x), calibrated)
-        gated_out = ~ask if m else np.zeros(n, dtype=bool)
-        return Prediction(proba, used, cost, gated_out, errors, self._usage(batches or {}))
+        return head.predict(texts, emb, self.llm_panel, llm, given=llm_scores, calibrated=calibrated, progress=progress)
 
     def predict_proba(
         self,
-        X: Any,
+        X: TextInput,
         *,
         llm_scores: Scores | None = None,
         embeddings: np.ndarray | None = None,
+        llm: LLMMode = "auto",
         calibrated: bool = True,
         progress: bool = False,
     ) -> np.ndarray:
-        """Class probabilities ``(n, n_classes)`` in the order of :attr:`classes`."""
+        """Class probabilities ``(n, n_classes)`` in the order of :attr:`classes_`."""
         return self.predict_details(
-            X, llm_scores=llm_scores, embeddings=embeddings, calibrated=calibrated, progress=progress
+            X, llm_scores=llm_scores, embeddings=embeddings, llm=llm, calibrated=calibrated, progress=progress
         ).proba
 
-    def predict(self, X: Any, **kwargs: Any) -> list[str] | list[list[str]]:
+    def predict(self, X: TextInput, **kwargs: Any) -> Labels:
         """A label per text (multiclass) or a list of labels per text (multilabel)."""
-        return self.decide(self.predict_proba(X, **kwargs))
+        return self.predict_details(X, **kwargs).labels
 
-    def decide(self, proba: np.ndarray) -> list[str] | list[list[str]]:
+    def decide(self, proba: np.ndarray) -> Labels:
         """Labels from calibrated probabilities: argmax, or per-class thresholds (+ at-least-one fallback)."""
-        space = self._require_fitted()
-        return space.decode(decide(proba, space.multilabel, self.thresholds, self.at_least_one))
+        return self._require_fitted().decide(proba)
 
-    def embed(self, X: Any, *, progress: bool = False) -> np.ndarray:
+    def embed(self, X: TextInput, *, progress: bool = False) -> np.ndarray:
         """Encoder embeddings of ``X`` (reuse them via ``embeddings=`` to avoid encoding twice)."""
         texts, _ = self._texts_labels(X, None, require_labels=False)
         return self.encoder.embed(texts, progress=progress)
 
     def evaluate(
         self,
-        X: Any,
+        X: TextInput,
         y: Any = None,
         *,
         llm_scores: Scores | None = None,
         embeddings: np.ndarray | None = None,
         progress: bool = False,
     ) -> dict[str, Any]:
-        """Metrics (see :mod:`fusion.metrics`) with calibrated probabilities, plus the uncalibrated ECE/NLL."""
+        """Metrics (see :mod:`fusion.metrics`) with calibrated probabilities, plus the uncalibrated ECE/NLL.
+
+        Every text is scored by every LLM (no gate)."""
+        head = self._require_fitted()
         texts, y_enc = self._labelled(X, y)
         emb = self._embed(texts, embeddings, progress)
-        scores, batches = self.score_llms(texts, emb, llm_scores, progress=progress)
-        out = self._metrics(self._logits(self._features(texts, scores, emb)), y_enc)
+        scores, batches = self.llm_panel.score_missing(texts, emb, llm_scores, progress=progress)
+        out = _metrics(head, head.logits(head.features(emb, scores)), y_enc)
         if batches:
             out["llm_usage"] = self._usage(batches)
         return out
 
-    def targets(self, X: Any, y: Any = None) -> np.ndarray:
+    def targets(self, X: TextInput, y: Any = None) -> np.ndarray:
         """True labels of ``X`` encoded like the model's outputs (indices, or a 0/1 matrix for multilabel)."""
         return self._labelled(X, y)[1]
 
-    def _labelled(self, X: Any, y: Any) -> tuple[list[str], np.ndarray]:
-        space = self._require_fitted()
+    def _labelled(self, X: TextInput, y: Any) -> tuple[list[str], np.ndarray]:
+        space = self._require_fitted().label_space
         texts, raw = self._texts_labels(X, y, require_labels=True)
         return texts, self._encode_labels(raw, len(texts), space)[0]
 
     # -- persistence ------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        space = self._require_fitted()
-        assert self.layout is not None and self.scaler is not None and self.head is not None
+        """Write the model as a bundle directory (see :mod:`fusion.bundle`); returns its path."""
+        head = self._require_fitted()
         fine_tuned = self.config.encoder.fine_tune
-        probe = self.encoder.embed([PROBE_TEXT])[0, :16]
-        tensors = {f"head.{k}": v for k, v in self.head.state_dict().items()}
-        tensors["scaler.mean"] = torch.from_numpy(self.scaler.mean)
-        tensors["scaler.std"] = torch.from_numpy(self.scaler.std)
-        if self._pool is not None:
-            tensors["fewshot.embeddings"] = torch.from_numpy(np.ascontiguousarray(self._pool[2], dtype=np.float32))
+        probe = self.encoder.embed([PROBE_TEXT])[0, : bundle_io.PROBE_DIMS]
+        tensors = head.tensors() | (self.pool.tensors() if self.pool is not None else {})
         manifest = {
-            "label_space": space.to_dict(),
-            "layout": self.layout.to_dict(),
+            **head.manifest(),
             "encoder": {**self.encoder.reference(), "embedded": fine_tuned, "probe": probe.tolist()},
-            "head": {"hidden_dims": self.config.fusion.hidden_dims, "dropout": self.config.fusion.dropout},
-            "temperature": self.temperature,
-            "thresholds": None if self.thresholds is None else self.thresholds.tolist(),
-            "at_least_one": self.at_least_one,
-            "gate_threshold": self.gate_threshold,
-            "fewshot": None if self._pool is None else {"texts": self._pool[0], "labels": self._pool[1]},
+            "fewshot": None if self.pool is None else self.pool.manifest(),
             "config": self.config.model_dump(),
             "metrics": self.metrics,
             "training": self.training,
@@ -581,46 +464,34 @@ class AutoFusionClassifier:
 
     @classmethod
     def load(
-        cls, path: str | Path, *, device: str | None = None, encoder: TextEncoder | None = None, ledger: Any = None
+        cls,
+        path: str | Path,
+        *,
+        device: str | None = None,
+        encoder: TextEncoder | None = None,
+        ledger: Ledger | None = None,
     ) -> AutoFusionClassifier:
-        """Load a bundle written by :meth:`save`; ``device`` overrides ``encoder.device``, ``ledger`` as in
-        the constructor."""
-        contents = bundle_io.read_bundle(path)
-        m = contents.manifest
-        try:
-            config = parse_config(m["config"], source=f"config stored in {path}")
-            if device is not None:
-                config.encoder.device = device
-            clf = cls(config, encoder=encoder, ledger=ledger)
-            clf.label_space = LabelSpace.from_dict(m["label_space"])
-            clf.layout = FeatureLayout.from_dict(m["layout"])
-            t = contents.tensors
-            clf.scaler = FeatureScaler(t["scaler.mean"].numpy(), t["scaler.std"].numpy())
-            head = FusionMLP(clf.layout.dim, clf.layout.n_classes, m["head"]["hidden_dims"], m["head"]["dropout"])
-            head.load_state_dict({k[5:]: v for k, v in t.items() if k.startswith("head.")})
-            clf.head = head.eval()
-            clf.temperature = float(m["temperature"])
-            clf.thresholds = None if m["thresholds"] is None else np.asarray(m["thresholds"], np.float32)
-            clf.at_least_one = bool(m["at_least_one"])
-            clf.gate_threshold = m.get("gate_threshold")
-            if m.get("fewshot"):
-                fs = m["fewshot"]
-                clf._pool = (fs["texts"], [tuple(x) for x in fs["labels"]], t["fewshot.embeddings"].numpy())
-            clf.metrics, clf.training = m.get("metrics", {}), m.get("training", {})
-            clf.version = bundle_io.version_of(m)
-        except (KeyError, TypeError, ValueError, RuntimeError) as err:
-            raise BundleError(f"{path} has an inconsistent manifest or weights ({type(err).__name__}: {err})") from None
-        if encoder is None and contents.encoder_dir is not None:
-            clf._encoder = TextEncoder(config.encoder, model_dir=str(contents.encoder_dir))
-        ref = m["encoder"]
-        if clf.encoder.dim != clf.layout.embed_dim:
-            raise BundleError(
-                f"encoder {ref['model']!r} gives {clf.encoder.dim}-d embeddings; the model needs {clf.layout.embed_dim}"
-            )
-        probe = clf.encoder.embed([PROBE_TEXT])[0, :16]
-        if not np.allclose(probe, np.asarray(ref["probe"], np.float32), atol=1e-2):
-            raise BundleError(
-                f"encoder {ref['model']!r} ({clf.encoder.source}) gives different embeddings than the one this model "
-                "was trained with; load it with the same encoder"
-            )
+        """Load a bundle written by :meth:`save`; ``device`` overrides ``encoder.device``, ``encoder`` and
+        ``ledger`` as in the constructor. To load one part alone, use :class:`fusion.bundle.Bundle`."""
+        b = bundle_io.Bundle.open(path)
+        config = b.config
+        if device is not None:
+            config.encoder.device = device
+        clf = cls(config, encoder=encoder, ledger=ledger)
+        clf.head, clf.pool = b.head(), b.pool()
+        clf.metrics, clf.training = b.manifest.get("metrics", {}), b.manifest.get("training", {})
+        clf.version = b.version
+        clf._encoder = b.encoder(device, encoder)
         return clf
+
+
+def _metrics(head: FusionHead, logits: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    """Calibrated metrics of ``logits`` against ``y``, with the uncalibrated summary and the temperature."""
+    space, ml = head.label_space, head.multilabel
+    proba = to_proba(logits, head.temperature, ml)
+    out = evaluate(y, decide(proba, ml, head.thresholds, head.at_least_one), proba, space)
+    raw = to_proba(logits, 1.0, ml)
+    unc = evaluate(y, decide(raw, ml, None, head.at_least_one), raw, space)
+    out["uncalibrated"] = {k: unc[k] for k in SUMMARY_KEYS if k in unc}
+    out["temperature"] = head.temperature
+    return out

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -28,6 +28,10 @@ from fusion.gating import call_rate_table, confidence, gated_proba, threshold_fo
 from fusion.labels import LabelSpace
 from fusion.metrics import evaluate, headline_key
 
+if TYPE_CHECKING:
+    from fusion.classifier import AutoFusionClassifier
+    from fusion.llm import ScoreBatch
+
 TABLE_KEYS = ("accuracy", "subset_accuracy", "macro_f1", "micro_f1", "ece")
 
 
@@ -38,7 +42,7 @@ def _row(method: str, m: dict[str, Any], **extra: Any) -> dict[str, Any]:
 def llm_only_proba(scores: np.ndarray, multilabel: bool) -> np.ndarray:
     s = np.asarray(scores, dtype=np.float64)
     k = s.shape[1]
-    missing = np.isnan(s).any(axis=1)
+    missing = np.asarray(np.isnan(s).any(axis=1))
     s = np.where(missing[:, None], 0.5 if multilabel else 1.0 / k, s)
     if not multilabel:
         s = s / np.maximum(s.sum(axis=1, keepdims=True), 1e-12)
@@ -46,20 +50,20 @@ def llm_only_proba(scores: np.ndarray, multilabel: bool) -> np.ndarray:
 
 
 def compare_methods(
-    clf: Any, df: pd.DataFrame, y: np.ndarray, emb: np.ndarray, batches: dict[str, Any]
+    clf: AutoFusionClassifier, df: pd.DataFrame, y: np.ndarray, emb: np.ndarray, batches: dict[str, ScoreBatch]
 ) -> dict[str, Any]:
     """Metrics of every method on ``df``, from one set of LLM answers (``{name: ScoreBatch}``
-    for every LLM of the model, as :meth:`AutoFusionClassifier.score_llms` returns them)."""
-    space: LabelSpace = clf.label_space
+    for every LLM of the model, as :meth:`fusion.llm.LLMPanel.score_missing` returns them)."""
+    head = clf._require_fitted()
+    space: LabelSpace = head.label_space
     ml = space.multilabel
     scores = {name: b.scores for name, b in batches.items()}
-    nan = {name: np.full_like(s, np.nan) for name, s in scores.items()}
-    enc = clf.predict_details(df, embeddings=emb, llm_scores=nan, gate=False).proba
-    fused = clf.predict_details(df, embeddings=emb, llm_scores=scores, gate=False).proba
+    enc = clf.predict_proba(df, embeddings=emb, llm="off")
+    fused = clf.predict_proba(df, embeddings=emb, llm_scores=scores, llm="all")
     cost = sum((np.where(b.used, b.cost_usd, 0.0) for b in batches.values()), np.zeros(len(y)))
 
-    def metrics(proba: np.ndarray, thresholds: Any = clf.thresholds) -> dict[str, Any]:
-        return evaluate(y, decide(proba, ml, thresholds, clf.at_least_one), proba, space)
+    def metrics(proba: np.ndarray, thresholds: Any = head.thresholds) -> dict[str, Any]:
+        return evaluate(y, decide(proba, ml, thresholds, head.at_least_one), proba, space)
 
     rows = [_row("encoder path (LLM missing)", metrics(enc), llm_texts=0, usd=0.0)]
     for name, b in batches.items():
@@ -74,7 +78,7 @@ def compare_methods(
         )
     used_any = np.any([b.used for b in batches.values()], axis=0)
     rows.append(_row("fusion", metrics(fused), llm_texts=int(used_any.sum()), usd=float(cost.sum())))
-    thr, note = clf.gate_threshold, "trained threshold"
+    thr, note = head.gate_threshold, "trained threshold"
     if thr is None:
         target = clf.config.gating.target_call_rate
         thr, note = threshold_for_rate(confidence(enc, ml), target), f"threshold for {target:.0%} calls on these rows"
@@ -89,7 +93,7 @@ def compare_methods(
             note=note,
         )
     )
-    table = call_rate_table(enc, fused, y, space, clf.thresholds, clf.at_least_one)
+    table = call_rate_table(enc, fused, y, space, head.thresholds, head.at_least_one)
     return {"methods": rows, "call_rates": table}
 
 
@@ -175,9 +179,6 @@ def learning_curves(
 
 
 def plot_learning_curves(rows: list[dict[str, Any]], path: str | Path, metric: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     methods = [k for k in rows[0] if k not in ("fraction", "n_train") and "macro_f1" not in k]

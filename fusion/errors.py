@@ -25,5 +25,5 @@ class BundleError(LabelfuseError):
     """A saved model bundle is missing files, corrupted, or from an incompatible version."""
 
 
-class NotFittedError(LabelfuseError):
-    """A classifier was used before ``fit`` or ``load``."""
+class NotFittedError(LabelfuseError, AttributeError):
+    """A classifier was used before ``fit`` or ``load`` (an AttributeError too, as scikit-learn expects)."""

@@ -117,6 +117,7 @@ class FusionMLP(nn.Module):
 
     def __init__(self, in_dim: int, n_classes: int, hidden_dims: list[int], dropout: float):
         super().__init__()
+        self.hidden_dims, self.dropout = list(hidden_dims), float(dropout)
         layers: list[nn.Module] = []
         prev = in_dim
         for width in hidden_dims:

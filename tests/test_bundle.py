@@ -28,7 +28,7 @@ def test_manifest_contents(saved, bbc_model):
     assert m["format"] == "labelfuse-bundle" and m["format_version"] == FORMAT_VERSION
     assert m["label_space"] == {"classes": bbc_model.classes, "multilabel": False}
     assert m["encoder"]["model"] == "all-MiniLM-L6-v2" and m["encoder"]["dim"] == 384
-    assert m["temperature"] == bbc_model.temperature
+    assert m["temperature"] == bbc_model.head.temperature
     assert m["config"]["encoder"]["max_length"] == 128
     assert "accuracy" in m["metrics"]["validation"]
     assert set(m["files"]) == {HEAD_FILE}

@@ -17,7 +17,7 @@ def test_calibration_lowers_heldout_ece_of_a_small_data_model(encoder, bbc, bbc_
         validation_embeddings=bbc_emb["val"],
     )
     m = clf.evaluate(bbc["test"], embeddings=bbc_emb["test"])
-    assert clf.temperature < 0.95
+    assert clf.head.temperature < 0.95
     assert m["ece"] < m["uncalibrated"]["ece"] * 0.9, m
     assert m["nll"] < m["uncalibrated"]["nll"]
     assert m["accuracy"] == m["uncalibrated"]["accuracy"]  # temperature never changes the argmax
@@ -26,8 +26,8 @@ def test_calibration_lowers_heldout_ece_of_a_small_data_model(encoder, bbc, bbc_
 def test_temperature_undoes_strong_underconfidence_on_heldout_data(bbc_model, bbc, bbc_emb):
     """Real logits of the bbc-news model, flattened x0.25: fitted on validation, checked on test."""
     clf = bbc_model
-    lv = 0.25 * clf._logits(clf._features(bbc["val"]["text"].tolist(), None, bbc_emb["val"]))
-    lt = 0.25 * clf._logits(clf._features(bbc["test"]["text"].tolist(), None, bbc_emb["test"]))
+    lv = 0.25 * clf.head.logits(clf.head.features(bbc_emb["val"]))
+    lt = 0.25 * clf.head.logits(clf.head.features(bbc_emb["test"]))
     yv, yt = clf.targets(bbc["val"]), clf.targets(bbc["test"])
     t = fit_temperature(lv, yv, multilabel=False)
     assert t < 0.4

@@ -55,7 +55,7 @@ def test_save_load_gives_identical_probabilities(bbc_model, bbc, bbc_emb, tmp_pa
     loaded = AutoFusionClassifier.load(path, encoder=encoder)
     texts = bbc["test"]["text"].tolist()[:40]
     np.testing.assert_array_equal(bbc_model.predict_proba(texts), loaded.predict_proba(texts))
-    assert loaded.classes == bbc_model.classes and loaded.temperature == bbc_model.temperature
+    assert loaded.classes == bbc_model.classes and loaded.head.temperature == bbc_model.head.temperature
     assert loaded.metrics["validation"]["accuracy"] == bbc_model.metrics["validation"]["accuracy"]
     # loading without a shared encoder finds the bundled one by its reference
     fresh = AutoFusionClassifier.load(path)
@@ -75,7 +75,7 @@ def test_fusion_with_llm_block_and_missing_llm_fallback(encoder, bbc, bbc_emb):
     fused = AutoFusionClassifier(encoder=encoder).fit(
         train, llm_scores={"sim": scores["train"][idx]}, validation_llm_scores={"sim": scores["val"]}, **common
     )
-    assert fused.layout.llm_names == ("sim",) and fused.layout.dim == 384 + 5 + 1
+    assert fused.head.layout.llm_names == ("sim",) and fused.head.layout.dim == 384 + 5 + 1
     acc_base = base.evaluate(bbc["test"], embeddings=bbc_emb["test"])["accuracy"]
     acc_llm = float((scores["test"].argmax(1) == y["test"]).mean())
     acc_fused = fused.evaluate(bbc["test"], embeddings=bbc_emb["test"], llm_scores={"sim": scores["test"]})["accuracy"]
@@ -106,7 +106,7 @@ def test_gating_by_call_rate_and_by_target_accuracy(encoder, bbc, bbc_emb):
     clf.fit(bbc["train"].iloc[idx], **common)
     table = clf.metrics["gating"]
     row = next(r for r in table if r["target_rate"] == 0.3)
-    assert clf.gate_threshold == row["threshold"] and abs(row["call_rate"] - 0.3) < 0.01
+    assert clf.head.gate_threshold == row["threshold"] and abs(row["call_rate"] - 0.3) < 0.01
     assert table[-1]["accuracy"] > table[0]["accuracy"]  # asking the LLM about every text helps here
 
     d = clf.predict_details(bbc["test"], embeddings=bbc_emb["test"], llm_scores={"sim": scores["test"]})
@@ -117,10 +117,10 @@ def test_gating_by_call_rate_and_by_target_accuracy(encoder, bbc, bbc_emb):
     target = next(r for r in table if r["accuracy"] > table[0]["accuracy"])
     acc = AutoFusionClassifier({"gating": {"enabled": True, "target_accuracy": target["accuracy"]}}, encoder=encoder)
     acc.fit(bbc["train"].iloc[idx], **common)
-    assert acc.gate_threshold == target["threshold"]
+    assert acc.head.gate_threshold == target["threshold"]
     unreachable = AutoFusionClassifier({"gating": {"enabled": True, "target_accuracy": 1.0}}, encoder=encoder)
     unreachable.fit(bbc["train"].iloc[idx], **common)
-    assert unreachable.gate_threshold == table[-1]["threshold"] or table[-1]["accuracy"] == 1.0
+    assert unreachable.head.gate_threshold == table[-1]["threshold"] or table[-1]["accuracy"] == 1.0
 
 
 def test_llm_dropout_hides_blocks_and_sets_flags():
@@ -166,8 +166,8 @@ def test_multilabel_path(encoder, multilabel_data):
     cfg = {"labels": {"mode": "multilabel"}, "encoder": {"max_length": TEST_MAX_LENGTH}}
     clf = AutoFusionClassifier(cfg, encoder=encoder).fit(tr, validation=va, embeddings=etr, validation_embeddings=eva)
     assert clf.classes == ["business", "entertainment", "politics", "sports"]
-    assert clf.thresholds is not None and clf.thresholds.shape == (4,)
-    assert not clf.at_least_one  # tech-only rows have no label, so empty predictions must stay possible
+    assert clf.head.thresholds is not None and clf.head.thresholds.shape == (4,)
+    assert not clf.head.at_least_one  # tech-only rows have no label, so empty predictions must stay possible
     m = clf.evaluate(te, embeddings=ete)
     assert m["micro_f1"] > 0.85 and m["subset_accuracy"] > 0.6 and m["hamming_loss"] < 0.1, m
     preds = clf.predict(te, embeddings=ete)
@@ -184,7 +184,7 @@ def test_multilabel_at_least_one_fallback(encoder, multilabel_data):
     clf = AutoFusionClassifier({"labels": {"mode": "multilabel"}}, encoder=encoder).fit(
         tr[keep], validation=va[keep_v], embeddings=etr[keep.to_numpy()], validation_embeddings=eva[keep_v.to_numpy()]
     )
-    assert clf.at_least_one
+    assert clf.head.at_least_one
     assert all(len(p) >= 1 for p in clf.predict(te, embeddings=ete))
 
 
@@ -211,7 +211,7 @@ def test_fine_tuning_updates_encoder_and_roundtrips(tmp_path, bbc):
 
 def test_llm_fraction_scores_a_stratified_sample_and_marks_the_rest_missing(encoder, bbc, bbc_emb, tmp_path):
     """The LLM is a local stub HTTP server (an OpenAI-compatible endpoint) answering with the true class."""
-    from fusion.llm.stub_server import StubServer
+    from stub_llm import StubServer
 
     classes = sorted(bbc["train"]["label"].unique())
     truth = {

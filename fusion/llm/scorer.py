@@ -15,9 +15,9 @@ import email.utils
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,6 +28,9 @@ from fusion.llm.cache import ScoreCache, cache_key
 from fusion.llm.ledger import Ledger, LocalLedger, acquire, settle
 from fusion.llm.prompts import Example, InvalidAnswer
 from fusion.llm.providers import Endpoint, resolve_endpoint
+
+if TYPE_CHECKING:
+    from fusion.fewshot import ExamplePool
 
 log = logging.getLogger(__name__)
 
@@ -388,7 +391,9 @@ def run_sync(coro: Any) -> Any:
 
 
 class LLMPanel:
-    """Every configured LLM, sharing one ledger (budget, concurrency, rates) and one cache."""
+    """Every configured LLM, sharing one ledger (budget, concurrency, rates) and one cache.
+
+    With a few-shot ``pool``, :meth:`ascore_missing` picks each text's examples by its embedding."""
 
     def __init__(
         self,
@@ -399,7 +404,10 @@ class LLMPanel:
         *,
         ledger: Ledger | None = None,
         cache: ScoreCache | None = None,
+        pool: ExamplePool | None = None,
     ):
+        self.pool = pool
+        self.few_shot = max((c.few_shot for c in configs), default=0)
         self.limits = limits or LLMLimitsConfig()
         self.ledger = ledger or LocalLedger.from_limits(self.limits)
         if cache is None and self.limits.cache:
@@ -432,3 +440,39 @@ class LLMPanel:
         only: Sequence[str] | None = None,
     ) -> dict[str, ScoreBatch]:
         return run_sync(self.ascore(texts, examples, progress, only))
+
+    async def ascore_missing(
+        self,
+        texts: Sequence[str],
+        emb: np.ndarray,
+        given: Mapping[str, np.ndarray] | None = None,
+        *,
+        exclude: np.ndarray | None = None,
+        progress: bool = False,
+    ) -> tuple[dict[str, np.ndarray], dict[str, ScoreBatch]]:
+        """Scores of every LLM not already ``given``: ({name: (n, k) scores}, {name: ScoreBatch}).
+
+        ``emb`` (the texts' embeddings) picks the few-shot examples; ``exclude``: the pool row each
+        text is, when the texts come from the pool itself (training)."""
+        out = {k: np.asarray(v, dtype=np.float32) for k, v in (given or {}).items()}
+        todo = [s.name for s in self.scorers if s.name not in out]
+        if not todo or not len(texts):
+            return out, {}
+        examples = None
+        if self.few_shot and self.pool is not None:
+            examples = self.pool.neighbours(emb, self.few_shot, exclude)
+        batches = await self.ascore(texts, examples, progress=progress, only=todo)
+        out.update({name: b.scores for name, b in batches.items()})
+        return out, batches
+
+    def score_missing(
+        self,
+        texts: Sequence[str],
+        emb: np.ndarray,
+        given: Mapping[str, np.ndarray] | None = None,
+        *,
+        exclude: np.ndarray | None = None,
+        progress: bool = False,
+    ) -> tuple[dict[str, np.ndarray], dict[str, ScoreBatch]]:
+        """:meth:`ascore_missing` for synchronous callers."""
+        return run_sync(self.ascore_missing(texts, emb, given, exclude=exclude, progress=progress))
