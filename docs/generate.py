@@ -3,7 +3,7 @@
 - docs/configuration.md: every setting of ``fusion.config.Config`` and of the Serve
   application's args (``serve.settings.AppSettings``), from the pydantic models;
 - docs/http-api.md and docs/openapi.json: the HTTP API, from the OpenAPI schema of the
-  FastAPI app in ``serve/app.py``;
+  FastAPI app in ``serve/http.py``;
 - the price table inside docs/llm-and-budget.md, from ``fusion.llm.providers.PRICES``.
 
     python docs/generate.py            # rewrite them (`make docs`)
@@ -145,7 +145,7 @@ def configuration() -> str:
 
 # -- HTTP API (OpenAPI) -------------------------------------------------------------------------------------
 def openapi() -> dict[str, Any]:
-    from serve.app import http_api
+    from serve.http import http_api
     from serve.settings import AppSettings
 
     # the schema does not depend on the handles, the token or the bundle: the routes are the same for all
@@ -212,7 +212,7 @@ def http_reference(spec: dict[str, Any]) -> str:
     schemas = spec["components"]["schemas"]
     ops = [(path, method, op) for path, item in spec["paths"].items() for method, op in item.items()]
     lines = [
-        NOTICE.format(src="the OpenAPI schema of serve/app.py"),
+        NOTICE.format(src="the OpenAPI schema of serve/http.py"),
         "",
         "# HTTP API reference",
         "",

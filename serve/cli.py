@@ -8,6 +8,8 @@ import signal
 import threading
 from typing import Any
 
+from fusion.args import add_bundle_arg
+
 DEV_TOPICS = ("labelfuse-in", "labelfuse-out", "labelfuse-dead-letter")
 
 
@@ -20,7 +22,7 @@ def register(sub: Any) -> None:
         "With --dev-kafka, a local broker is started too and the input topic is tagged in real time. For a "
         "cluster, use `serve deploy serve/config.yaml` instead.",
     )
-    s.add_argument("--model", required=True, metavar="DIR", help="model bundle written by 'labelfuse train'")
+    add_bundle_arg(s, "model bundle written by 'labelfuse train'")
     s.add_argument("--host", default="127.0.0.1", help="HTTP address (default: 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
     s.add_argument(
@@ -97,7 +99,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from fusion.bundle import read_bundle
     from fusion.errors import ConfigError
 
-    read_bundle(args.model)  # a clear error now instead of a failed deployment later
+    read_bundle(args.bundle)  # a clear error now instead of a failed deployment later
     if args.dev_kafka and args.kafka_bootstrap:
         raise ConfigError("--dev-kafka starts its own broker; drop --kafka-bootstrap (or --dev-kafka)")
     broker = None
@@ -111,7 +113,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             create_topics(
                 bootstrap, [*(args.input_topic or [DEV_TOPICS[0]]), args.output_topic, args.dead_letter_topic], 4
             )
-        settings = {"bundle": args.model, "threads": args.threads, "auth_token_env": args.token_env}
+        settings = {"bundle": args.bundle, "threads": args.threads, "auth_token_env": args.token_env}
         settings["kafka"] = _kafka_settings(args, bootstrap)
         _run(args, settings)
     finally:
@@ -135,7 +137,7 @@ def _run(args: argparse.Namespace, settings: dict[str, Any]) -> None:
         serve.run(build(settings), name="labelfuse", route_prefix="/", logging_config=LOGGING)
         url = f"http://{args.host}:{args.port}"
         example = json.dumps({"texts": ["Shares in BP fell 3% after oil prices dropped"]})
-        print(f"labelfuse is serving {args.model} at {url} (docs: {url}/docs)")
+        print(f"labelfuse is serving {args.bundle} at {url} (docs: {url}/docs)")
         print(f"  curl -s {url}/v1/classify -H 'content-type: application/json' -d '{example}'")
         if settings["kafka"]:
             k = settings["kafka"]

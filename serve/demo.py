@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from fusion.args import add_output_arg
+
 TOPICS = ("labelfuse-demo-in", "labelfuse-demo-out", "labelfuse-demo-dead-letter")
 LEDGER = "labelfuse-demo-ledger"
 COLUMNS = ("path", "texts", "accuracy", "macro_f1", "ece", "llm_answers", "llm_calls", "llm_usd", "msg_per_s",
@@ -40,7 +42,7 @@ def register(sub: Any) -> None:
         "input topic, checks the same model over HTTP, prints accuracy, macro-F1, ECE, LLM use, messages/s and "
         "latency, writes a report, and stops everything it started.",
     )
-    d.add_argument("--out", default="runs/demo", metavar="DIR", help="model bundle and report go here")
+    add_output_arg(d, "model bundle and report go here", required=False, default="runs/demo", metavar="DIR")
     d.add_argument("--llm", default="local:qwen2.5-coder-0.5b", metavar="SPEC", help="the LLM to fuse")
     d.add_argument(
         "--llm-fraction",
@@ -101,8 +103,8 @@ def _get(url: str) -> dict[str, Any]:
 
 
 def train(args: argparse.Namespace, data: dict[str, Any], model_dir: Path) -> Any:
+    from fusion.args import parse_llm_spec
     from fusion.classifier import AutoFusionClassifier
-    from fusion.cli import parse_llm_spec
     from fusion.config import parse_config
 
     cfg = parse_config(
@@ -205,7 +207,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     if not 0 < args.gate_rate <= 1 or args.window < 1:
         raise ConfigError("--gate-rate must be in (0, 1] and --window at least 1")
-    out = Path(args.out)
+    out = Path(args.output)
     model_dir, report_dir = out / "model", out / "report"
     timings: dict[str, float] = {}
     total = time.perf_counter()
@@ -275,13 +277,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     baseline = list(k_results)
     for i, res in zip(asked, h_results, strict=True):
         baseline[i] = res
-    kafka_eval = score_rows(k_results, labels, clf.label_space)
+    kafka_eval = score_rows(k_results, labels, clf.head.label_space)
     rows = []
     for name, ev, res, lat, rate in (
         ("kafka: gated fusion", kafka_eval, k_results, k_lat, len(texts) / k_secs),
         (
             "encoder only",
-            score_rows(baseline, labels, clf.label_space),
+            score_rows(baseline, labels, clf.head.label_space),
             baseline,
             h_lat,
             len(asked) / max(h_secs, 1e-9),

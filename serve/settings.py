@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fusion.errors import ConfigError
+from fusion.head import LLMMode
 
 
 class _Strict(BaseModel):
@@ -45,7 +46,7 @@ class KafkaSettings(_Strict):
     batch_size: int = Field(64, ge=1, le=64, description="Messages per batch through the graph (max_poll_records).")
     linger_ms: int = Field(50, ge=0, description="How long a poll waits for a batch to fill.")
     max_in_flight: int = Field(4, ge=1, description="Batches in the graph at once; beyond it, partitions are paused.")
-    llm: Literal["auto", "off", "all"] = Field("auto", description="LLM use per message (see POST /v1/classify).")
+    llm: LLMMode = Field("auto", description="LLM use per message (see POST /v1/classify).")
     session_timeout_ms: int = Field(10_000, ge=1000, description="Consumer group session timeout.")
     heartbeat_interval_ms: int = Field(3_000, ge=100, description="Consumer heartbeat interval.")
     max_poll_interval_ms: int = Field(

@@ -23,7 +23,7 @@ def _load(rel: str) -> dict:
 def _graph_names() -> set[str]:
     from serve import app
 
-    return {d.name for d in (app.Embedder, app.LLMScorer, app.Fusion, app.Ingress, app.KafkaTagger)}
+    return {d.name for d in (app.Embedder, app.Scorer, app.Fusion, app.Ingress, app.KafkaTagger)}
 
 
 def check_serve_config(cfg: dict) -> list:

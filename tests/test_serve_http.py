@@ -18,12 +18,12 @@ from fuzz import GOOD_TEXT, JSON, NASTY_TEXT, RAW, budget, dumps
 from hypothesis import given
 from hypothesis import strategies as st
 from ray import serve
+from stub_llm import StubServer
 
 from fusion.classifier import AutoFusionClassifier
-from fusion.llm.stub_server import StubServer
 from serve.app import build
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 APP = "labelfuse-http"
 LIMITS = {"max_texts": 8, "max_chars": 2000, "max_body_bytes": 65536}
 
@@ -125,10 +125,12 @@ def test_a_lone_surrogate_gets_422_while_the_requests_around_it_are_answered(url
 def test_a_text_that_fails_in_the_embedder_fails_alone_in_a_shared_batch(url, bundles, encoder):
     """Texts from concurrent requests share the Embedder's batch. Sent straight to the Embedder (past the text
     rule the Ingress applies), a text the real tokenizer cannot take fails its own item, not the batch."""
-    from serve.app import _ref
+    from fusion.bundle import Bundle
+    from serve.deployments import BundleRef
 
-    path, clf = bundles["a"]
-    ref = _ref(path, clf)
+    path, _ = bundles["a"]
+    b = Bundle.open(path)
+    ref = BundleRef(path, b.version, b.encoder_key)
     embedder = serve.get_deployment_handle("Embedder", app_name=APP)
     items = [["Shares in BP fell"], ["\ud800 abc"], ["The striker scored", "abc \udfff", "Parliament voted"]] * 3
     calls = [embedder.embed.remote((ref, texts)) for texts in items]  # concurrent: batched together

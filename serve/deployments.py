@@ -1,0 +1,357 @@
+"""The deployments of the labelfuse Serve graph (wired together in :mod:`serve.app`).
+
+Each loads only the part of the bundle it runs (:class:`fusion.bundle.Bundle`):
+
+- **Embedder**: the encoder. Batches texts across requests (``@serve.batch``, sized by the
+  number of texts, not requests) and runs the encoder with ``threads`` torch threads per
+  replica, inline: Serve runs user code on its own event-loop thread, so the replica keeps
+  taking requests meanwhile (they join the next batch). Handing each batch to a worker thread
+  instead cost 30% of single-text HTTP throughput here (GIL hand-offs).
+- **Scorer**: the LLM panel and its few-shot pool. Every call is reserved with one named
+  ledger actor (budget, concurrency, rates) shared by all replicas.
+- **Fusion**: the fusion head, set through ``user_config`` (``{"bundle": path}``): a new
+  bundle is loaded next to the old one and swapped in when ready, so a rollout drops no
+  request. Each request runs entirely on the bundle it started with: Fusion names the bundle
+  to Embedder and Scorer, which keep the parts of the last two bundles. When the Scorer
+  fails, the answer degrades to the encoder-only path with the error reported.
+- **Ingress**: the HTTP API (:mod:`serve.http`); it reserves no CPU, so autoscaling can place
+  a second replica of the model deployments on a small machine.
+- **KafkaTagger**: tags Kafka topics through Fusion (:mod:`serve.kafka`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from ray import serve
+from ray.serve.config import BackpressureConfig
+from ray.serve.handle import DeploymentHandle
+
+from fusion.bundle import Bundle
+from fusion.head import FusionHead, LLMMode
+from serve.http import http_api
+from serve.metrics import KafkaMetrics, LLMMetrics, TextMetrics
+from serve.settings import parse_settings
+
+log = logging.getLogger("ray.serve")
+
+EMBED_BATCH = 64  # texts per encoder forward pass, summed over the requests batched together
+KEEP_MODELS = 2  # bundles a replica keeps loaded: the current one and the one rolling out
+
+
+@dataclass(frozen=True)
+class BundleRef:
+    """Which bundle a request runs on: where it is, its content version, and its encoder's identity."""
+
+    path: str
+    version: str
+    encoder_key: str
+
+
+def _one_torch_thread() -> None:
+    """For replicas whose torch work is tiny (the fusion head): idle OpenMP threads would spin on the
+    cores the Embedder needs."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+class _Lru:
+    """At most KEEP_MODELS objects by key, each loaded once (concurrent misses wait for one load)."""
+
+    def __init__(self) -> None:
+        self._items: OrderedDict[str, Any] = OrderedDict()
+        self._lock = asyncio.Lock()
+
+    async def get(self, key: str, load: Callable[[], Any]) -> Any:
+        if key not in self._items:
+            async with self._lock:
+                if key not in self._items:
+                    self._items[key] = await asyncio.to_thread(load)
+                    while len(self._items) > KEEP_MODELS:
+                        self._items.popitem(last=False)
+        self._items.move_to_end(key)
+        return self._items[key]
+
+
+def _n_texts(items: list[tuple[BundleRef, list[str]]]) -> int:
+    return sum(len(texts) for _, texts in items)
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 1},
+    max_ongoing_requests=64,
+    # a request carries up to EMBED_BATCH texts and batches run one at a time: 2 waiting means a queue
+    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2, "upscale_delay_s": 5},
+)
+class Embedder:
+    """The encoder; batches texts across concurrent requests. A text that fails fails alone (see
+    ``TextEncoder.embed_each``); an encoder that fails on a known-good text fails its health check."""
+
+    def __init__(self, threads: int = 1):
+        import torch
+
+        torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=1; say what we mean
+        self._encoders = _Lru()
+        self._broken: str | None = None
+
+    async def _encoder(self, ref: BundleRef) -> Any:
+        return await self._encoders.get(ref.encoder_key, lambda: Bundle.open(ref.path).encoder())
+
+    async def warm(self, ref: BundleRef) -> None:
+        await self._encoder(ref)
+
+    def check_health(self) -> None:
+        if self._broken:
+            raise RuntimeError(self._broken)
+
+    @serve.batch(max_batch_size=EMBED_BATCH, batch_wait_timeout_s=0.005, batch_size_fn=_n_texts)
+    async def embed(self, items: list[tuple[BundleRef, list[str]]]) -> list[tuple[np.ndarray, list[str | None]]]:
+        """Each item is (bundle, up to EMBED_BATCH texts); per item, (embeddings, per-text failure reasons)."""
+        from fusion.errors import EncoderError
+
+        out: list[Any] = [None] * len(items)
+        for key in dict.fromkeys(ref.encoder_key for ref, _ in items):
+            members = [i for i, (ref, _) in enumerate(items) if ref.encoder_key == key]
+            encoder = await self._encoder(items[members[0]][0])
+            texts = [t for i in members for t in items[i][1]]
+            try:
+                emb, reasons = encoder.embed_each(texts, batch_size=EMBED_BATCH)
+            except EncoderError as err:  # not the texts' fault: Serve replaces this replica
+                self._broken = str(err)
+                raise
+            start = 0
+            for i in members:
+                end = start + len(items[i][1])
+                out[i] = (emb[start:end], reasons[start:end])
+                start = end
+        return out
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0},
+    max_ongoing_requests=32,
+    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8},
+)
+class Scorer:
+    """The bundle's LLM panel (cache and few-shot pool included), bounded by one shared ledger actor."""
+
+    def __init__(self, ledger_name: str):
+        _one_torch_thread()
+        self.ledger_name = ledger_name
+        self._panels = _Lru()
+        self._ledger: Any = None
+        self.metrics = LLMMetrics()
+
+    def _load(self, ref: BundleRef) -> Any:
+        from data_jobs.common import NAMESPACE
+        from data_jobs.ledger import shared_ledger
+
+        bundle = Bundle.open(ref.path)
+        ledger = shared_ledger(self.ledger_name, bundle.config.llm_limits, namespace=NAMESPACE)
+        self._ledger = ledger.actor
+        return bundle.panel(ledger)
+
+    async def warm(self, ref: BundleRef) -> None:
+        await self._panels.get(ref.version, lambda: self._load(ref))
+
+    async def score(self, ref: BundleRef, texts: list[str], emb: np.ndarray) -> dict[str, Any]:
+        """{name: ScoreBatch} for every LLM of the bundle."""
+        panel = await self._panels.get(ref.version, lambda: self._load(ref))
+        _, batches = await panel.ascore_missing(texts, emb)
+        ledger = None
+        if panel.limits.budget_usd is not None:  # the gauge needs it; skip the round trip otherwise
+            try:
+                ledger = await self._ledger.snapshot.remote()
+            except Exception:  # the ledger actor is unreachable: no gauge this time (the LLM calls say why)
+                pass
+        self.metrics.observe(batches, ledger)
+        return batches
+
+
+@dataclass
+class _Model:
+    head: FusionHead
+    ref: BundleRef
+    info: dict[str, Any]
+
+
+def _info(bundle: Bundle, head: FusionHead) -> dict[str, Any]:
+    """GET /v1/model's answer (serve.schemas.ModelInfo) for a bundle."""
+    cfg, val = bundle.config, bundle.manifest.get("metrics", {}).get("validation", {})
+    return {
+        "model_version": bundle.version,
+        "bundle": bundle.path,
+        "loaded_at": time.time(),
+        "classes": head.classes,
+        "multilabel": head.multilabel,
+        "encoder": bundle.encoder_reference,
+        "llms": [{"name": c.name, "provider": c.provider, "model": c.model} for c in cfg.llms],
+        "gating": {"enabled": cfg.gating.enabled, "threshold": head.gate_threshold},
+        "validation": {k: val[k] for k in ("accuracy", "macro_f1", "micro_f1", "ece") if k in val},
+    }
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0},
+    max_ongoing_requests=128,  # cheap per request; the Embedder's batch queue is where work waits
+    max_queued_requests=256,
+    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 32},
+)
+class Fusion:
+    """Holds the fusion head of the bundle (user_config); embed → gate → LLM scores → head → results."""
+
+    def __init__(self, embedder: DeploymentHandle, scorer: DeploymentHandle):
+        _one_torch_thread()
+        self.embedder, self.scorer = embedder, scorer
+        self.model: _Model | None = None
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        from fusion.errors import ConfigError
+
+        path = user_config.get("bundle")
+        if not isinstance(path, str) or not path:
+            raise ConfigError("Fusion's user_config needs 'bundle': the model bundle directory")
+        bundle = await asyncio.to_thread(Bundle.open, path)
+        ref = BundleRef(path, bundle.version, bundle.encoder_key)
+        if self.model is not None and self.model.ref == ref:
+            return
+        head = bundle.head()
+        # load the new encoder / LLM panel before the swap, so the first requests do not wait for it
+        await self.embedder.warm.remote(ref)
+        if head.layout.n_llms:
+            await self.scorer.warm.remote(ref)
+        old, self.model = self.model, _Model(head, ref, _info(bundle, head))
+        log.info("model %s from %s is live (was %s)", ref.version, path, old.ref.version if old else None)
+
+    def _current(self) -> _Model:
+        if self.model is None:
+            raise RuntimeError("no model loaded yet")
+        return self.model
+
+    async def info(self) -> dict[str, Any]:
+        return self._current().info
+
+    async def classify(self, texts: list[str], llm: LLMMode = "auto") -> dict[str, Any]:
+        """Labels, probabilities, LLM use and cost for ``texts``; ``llm``: auto (the model's gate), off, all.
+
+        A text that fails alone (the encoder cannot embed it, the head gives no finite probabilities)
+        gets ``{"error": reason}`` in its place, the reason completing "text ..."; the others are answered.
+        """
+        m = self._current()  # this request runs on one bundle even if a new one goes live meanwhile
+        start = time.perf_counter()
+        chunks = [texts[i : i + EMBED_BATCH] for i in range(0, len(texts), EMBED_BATCH)]
+        parts = await asyncio.gather(*(self.embedder.embed.remote((m.ref, c)) for c in chunks))
+        reasons = [r for _, rs in parts for r in rs]
+        ok = np.array([i for i, r in enumerate(reasons) if r is None], dtype=int)
+        results: list[dict[str, Any]] = [{"error": r} for r in reasons]
+        cost = 0.0
+        if len(ok):
+            emb = np.concatenate([e for e, _ in parts])[ok]
+            for i, res in zip(ok, await self._answer(m, [texts[i] for i in ok], emb, llm), strict=True):
+                results[i] = res
+                cost += res.get("llm_cost_usd", 0.0)
+        return {
+            "model_version": m.ref.version,
+            "results": results,
+            "llm_cost_usd": cost,
+            "latency_ms": round((time.perf_counter() - start) * 1000, 2),
+        }
+
+    async def _answer(self, m: _Model, texts: list[str], emb: np.ndarray, llm: LLMMode) -> list[dict[str, Any]]:
+        ask = m.head.ask(emb, llm)
+        idx = np.flatnonzero(ask)
+        scores: dict[str, np.ndarray] = {}
+        batches: dict[str, Any] = {}
+        scorer_error = None
+        if len(idx):
+            try:
+                batches = await self.scorer.score.remote(m.ref, [texts[i] for i in idx], emb[idx])
+                scores = {name: b.scores for name, b in batches.items()}
+            except Exception as err:  # degrade to the encoder-only path, and say so
+                scorer_error = f"LLM scorer unavailable: {type(err).__name__}: {err}"[:500]
+                log.warning("%s", scorer_error)
+        results = m.head.fuse(emb, ask, scores, batches).results()
+        if scorer_error:
+            for i in idx:
+                if "error" not in results[i]:
+                    results[i]["llm_error"] = "; ".join(filter(None, [results[i]["llm_error"], scorer_error]))
+        return results
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0},
+    max_ongoing_requests=128,
+    max_queued_requests=256,  # at the HTTP proxy; beyond it: 503 with Retry-After
+    backpressure_config=BackpressureConfig(status_code=503, retry_after_s=1),
+    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 32},
+)
+@serve.ingress()
+class Ingress:
+    """HTTP API: POST /v1/classify, GET /v1/model, GET /v1/kafka, GET /healthz, GET /readyz, /docs."""
+
+    def __init__(self, fusion: DeploymentHandle, settings: dict[str, Any], tagger: DeploymentHandle | None = None):
+        import os
+
+        from fusion.errors import ConfigError
+
+        self.fusion, self.tagger, self.settings = fusion, tagger, parse_settings(settings)
+        self.token = None
+        if env := self.settings.auth_token_env:
+            self.token = os.environ.get(env, "").strip()
+            if not self.token:
+                raise ConfigError(f"auth_token_env is {env!r} but that environment variable is empty on this node")
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return http_api(self.fusion, self.settings, self.token, self.tagger)
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0},
+    num_replicas=1,
+    health_check_period_s=5,
+    graceful_shutdown_timeout_s=60,
+)
+class KafkaTagger:
+    """Tags Kafka messages in real time through Fusion; replicas share one consumer group."""
+
+    def __init__(self, fusion: DeploymentHandle, settings: dict[str, Any]):
+        from ray.exceptions import RayActorError
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+        from serve.kafka import GraphUnavailable, TaggerLoop
+        from serve.settings import KafkaSettings
+
+        s = KafkaSettings.model_validate(settings)
+        timeout = s.max_poll_interval_ms / 1000
+        text_metrics = TextMetrics()
+        down = (RayActorError, DeploymentUnavailableError, BackPressureError, TimeoutError)
+
+        def classify(texts: list[str]) -> dict[str, Any]:
+            try:
+                out = fusion.classify.remote(texts, s.llm).result(timeout_s=timeout)
+            except down as err:  # the graph was not there to ask: never the messages' fault
+                raise GraphUnavailable(f"{type(err).__name__}: {err}") from err
+            text_metrics.observe("kafka", out["results"])
+            return out
+
+        name = f"tagger-{serve.get_replica_context().replica_id.unique_id}"
+        self.loop = TaggerLoop(s, classify, name=name, metrics=KafkaMetrics())
+        self.loop.start()
+
+    def check_health(self) -> None:
+        if not self.loop.alive:
+            raise RuntimeError(f"the Kafka loop stopped: {self.loop.stats()['error']}")
+
+    def stats(self) -> dict[str, Any]:
+        return self.loop.stats()
+
+    async def __del__(self) -> None:
+        await asyncio.to_thread(self.loop.stop)
