@@ -32,6 +32,8 @@ import pyarrow.compute as pc
 
 from data_jobs import common
 from data_jobs.embed import add_pool_args, embed_dataset
+from fusion.args import deprecated
+from fusion.head import LLM_MODES, LLMMode, Prediction
 
 PARTS_PREFIX = "part-"
 META_KEY = b"labelfuse"
@@ -41,84 +43,83 @@ USAGE = ("llm_calls", "cache_hits", "over_budget", "prompt_tokens", "completion_
 COUNTS = ("rows", "errors", "llm_used", "gated_out", "llm_errors", "llm_cost_usd", *USAGE)
 
 
-class Predictor:
-    """Ray Data callable class: the bundle's gate + LLMs + fusion head, bound to the shared ledger."""
+class PredictRows:
+    """Ray Data callable class: the bundle's fusion head (gate, fuse, decide) and its LLM panel bound to the
+    shared ledger; the encoder is not loaded (the rows carry their embeddings)."""
 
-    def __init__(self, bundle: str, ledger: Any, id_column: str, use_llms: bool = True, gate: bool | None = None):
-        from fusion.classifier import AutoFusionClassifier
+    def __init__(self, bundle: str, ledger: Any, id_column: str, llm: LLMMode = "auto"):
+        from fusion.bundle import Bundle
 
-        self.clf = AutoFusionClassifier.load(bundle, ledger=ledger, device="cpu")
-        self.id_column, self.use_llms, self.gate = id_column, use_llms, gate
-        self.classes = self.clf.classes
-        self.multilabel = self.clf.multilabel
+        b = Bundle.open(bundle)
+        self.head = b.head()
+        self.panel = b.panel(ledger) if self.head.layout.n_llms and llm != "off" else None
+        self.id_column, self.llm = id_column, llm
 
-    def _details(self, texts: list[str], emb: np.ndarray) -> Any:
-        names = self.clf.layout.llm_names if self.clf.layout else ()
-        given = None if self.use_llms else {m: np.full((len(texts), len(self.classes)), np.nan) for m in names}
-        return self.clf.predict_details(texts, embeddings=emb, gate=self.gate, llm_scores=given)
+    def _predict(self, texts: list[str], emb: np.ndarray) -> Prediction:
+        return self.head.predict(texts, emb, self.panel, self.llm)
 
     def _isolate(self, batch: pa.Table, texts: list[str], ok: list[int]) -> pa.Table:
         """After a failed batch: rows that fail alone get their reason in ``error``; if every row
-        fails and a known-good text fails too, the predictor itself is broken and the error is raised."""
+        fails and a known-good input fails too, the predictor itself is broken and the error is raised."""
         from fusion.texts import PROBE_TEXT
 
         emb = common.embeddings(batch)
         failed: dict[int, str] = {}
         for i in ok:
             try:
-                self._details([texts[i]], emb[i : i + 1])
+                self._predict([texts[i]], emb[i : i + 1])
             except Exception as err:
                 failed[i] = f"text failed alone in the model ({type(err).__name__}: {err})"[:500]
-        if len(failed) == len(ok):
-            self._details([PROBE_TEXT], self.clf.encoder.embed([PROBE_TEXT]))  # raises if the model is broken
+        if len(failed) == len(ok):  # the training mean embedding is a known-good input: raises if broken
+            self._predict([PROBE_TEXT], self.head.scaler.mean[None, : self.head.layout.embed_dim])
         return common.with_errors(batch, failed)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        n, ok = batch.num_rows, common.ok_rows(batch)
+        ok = common.ok_rows(batch)
         texts = batch.column("text").to_pylist()
+        pred = None
         if ok:
             try:
-                det = self._details([texts[i] for i in ok], common.embeddings(batch)[ok])
+                pred = self._predict([texts[i] for i in ok], common.embeddings(batch)[ok])
             except Exception as err:
                 common.log.warning("a batch of %d rows failed (%s); predicting each alone", len(ok), err)
                 batch = self._isolate(batch, texts, ok)
                 ok = common.ok_rows(batch)
-                det = self._details([texts[i] for i in ok], common.embeddings(batch)[ok]) if ok else None
+                pred = self._predict([texts[i] for i in ok], common.embeddings(batch)[ok]) if ok else None
+        rows: list[dict[str, Any] | None] = [None] * batch.num_rows
+        errors = batch.column("error").to_pylist()
         usage: dict[str, float] = {}
-        proba = np.full((n, len(self.classes)), np.nan, dtype=np.float32)
-        labels: list[Any] = [None] * n
-        used = np.zeros(n, bool)
-        gated = np.zeros(n, bool)
-        cost = np.zeros(n)
-        llm_error: list[str | None] = [None] * n
-        if ok:
-            proba[ok] = det.proba
-            for i, lab in zip(ok, self.clf.decide(det.proba), strict=True):
-                labels[i] = lab
-            used[ok] = det.llm_used.any(axis=1) if det.llm_used.size else False
-            gated[ok] = det.gated_out
-            cost[ok] = det.llm_cost_usd
-            for name, errs in det.llm_errors.items():
-                for i, e in zip(ok, errs, strict=True):
-                    if e:
-                        llm_error[i] = f"{name}: {e}" if llm_error[i] is None else f"{llm_error[i]}; {name}: {e}"
-            for u in det.usage.values():
+        if pred is not None:
+            for i, res in zip(ok, pred.results(), strict=True):
+                if "error" in res:
+                    errors[i] = f"text {res['error']}"
+                else:
+                    rows[i] = res
+            for u in pred.usage.values():
                 for k in USAGE:
                     usage[k] = usage.get(k, 0) + (u.get(k) or 0)
-        fields = [pa.array(proba[:, j], pa.float32()) for j in range(len(self.classes))]
-        missing = np.ones(n, bool)
-        missing[ok] = False
+        return self._table(batch, rows, errors, usage)
+
+    def _table(
+        self, batch: pa.Table, rows: list[dict[str, Any] | None], errors: list[str | None], usage: dict[str, float]
+    ) -> pa.Table:
+        """The output columns from per-row results (:meth:`fusion.head.Prediction.results`); None: no result."""
+        n, classes, ml = batch.num_rows, self.head.classes, self.head.multilabel
+        key = "labels" if ml else "label"
+
+        def col(name: str, default: Any) -> list[Any]:
+            return [default if r is None else r[name] for r in rows]
+
+        proba = [pa.array([None if r is None else r["probabilities"][c] for r in rows], pa.float32()) for c in classes]
         cols = {
             self.id_column: batch.column(self.id_column),
-            "labels" if self.multilabel else "label": pa.array(
-                labels, pa.list_(pa.string()) if self.multilabel else pa.string()
-            ),
-            "probabilities": pa.StructArray.from_arrays(fields, names=self.classes, mask=pa.array(missing)),
-            "llm_used": pa.array(used),
-            "gated_out": pa.array(gated),
-            "llm_cost_usd": pa.array(cost),
-            "llm_error": pa.array(llm_error, pa.string()),
-            "error": batch.column("error"),
+            key: pa.array(col(key, None), pa.list_(pa.string()) if ml else pa.string()),
+            "probabilities": pa.StructArray.from_arrays(proba, names=classes, mask=pa.array([r is None for r in rows])),
+            "llm_used": pa.array(col("llm_used", False)),
+            "gated_out": pa.array(col("gated_out", False)),
+            "llm_cost_usd": pa.array(col("llm_cost_usd", 0.0), pa.float64()),
+            "llm_error": pa.array(col("llm_error", None), pa.string()),
+            "error": pa.array(errors, pa.string()),
             # this batch's LLM usage rides on its first row; write_part sums and drops it
             "_usage": pa.array([json.dumps(usage)] + [None] * (n - 1), pa.string()),
         }
@@ -201,10 +202,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", required=True, help="trained model bundle directory (reachable from every node)")
     common.add_input_args(p, id_required=True)
     p.add_argument("--output", required=True, help="predictions directory or URI; a re-run resumes into it")
-    p.add_argument("--no-llm", action="store_true", help="never call the LLMs: the encoder-only path answers")
-    gate = p.add_mutually_exclusive_group()
-    gate.add_argument("--gate", dest="gate", action="store_true", default=None, help="force the cost gate on")
-    gate.add_argument("--no-gate", dest="gate", action="store_false", help="ask the LLMs about every text")
+    llm = p.add_mutually_exclusive_group()
+    llm.add_argument(
+        "--llm",
+        choices=LLM_MODES,
+        default="auto",
+        help="which texts the LLMs are asked about: auto (the bundle's cost gate; every text without one), "
+        "off (none: the encoder-only path answers), all",
+    )
+    deprecated(llm, "--no-llm", "--llm off", dest="llm", const="off")
+    deprecated(llm, "--no-gate", "--llm all", dest="llm", const="all")
+    deprecated(llm, "--gate", "--llm auto", dest="llm", const="auto")
     p.add_argument("--llm-budget", type=float, metavar="USD", help="dollar cap for this run's LLM calls")
     p.add_argument("--ledger-name", help="named ledger actor to share (default: a new one for this run)")
     p.add_argument("--predictors", type=int, help="predictor (gate + LLM + fusion) actors at most (default 1)")
@@ -247,16 +255,15 @@ def run(args: argparse.Namespace) -> int:
     )
     ledger_name = args.ledger_name or f"labelfuse-ledger-{uuid.uuid4().hex[:8]}"
     ledger = shared_ledger(ledger_name, config.llm_limits)
-    local = any(c.provider == "local" for c in config.llms) and not args.no_llm
+    local = any(c.provider == "local" for c in config.llms) and args.llm != "off"
     ds = ds.map_batches(
-        Predictor,
+        PredictRows,
         compute=common.pool(args.predictors, 1),
         fn_constructor_kwargs={
             "bundle": args.bundle,
             "ledger": ledger,
             "id_column": args.id_column,
-            "use_llms": not args.no_llm,
-            "gate": args.gate,
+            "llm": args.llm,
         },
         batch_size=args.batch_size,
         batch_format="pyarrow",

@@ -23,7 +23,7 @@ from data_jobs import common
 BATCH_ROWS = 64
 
 
-class Embedder:
+class EncodeRows:
     """Ray Data callable class: one encoder per actor, loaded once, ``threads`` torch threads."""
 
     def __init__(self, encoder: dict[str, Any] | None = None, bundle: str | None = None, threads: int = 1):
@@ -34,9 +34,9 @@ class Embedder:
 
         torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=1 in workers; say what we mean
         if bundle:
-            from fusion.classifier import AutoFusionClassifier
+            from fusion.bundle import Bundle
 
-            self.encoder = AutoFusionClassifier.load(bundle).encoder
+            self.encoder = Bundle.open(bundle).encoder()  # the encoder alone, not the head or the LLMs
         else:
             self.encoder = TextEncoder(EncoderConfig(**(encoder or {})))
 
@@ -67,7 +67,7 @@ def embed_dataset(
         num_gpus = 1.0 if gpus else 0.0
     default = int(gpus / num_gpus) if num_gpus else int(cpus // threads)
     return ds.map_batches(
-        Embedder,
+        EncodeRows,
         compute=common.pool(actors, default),
         fn_constructor_kwargs={"encoder": encoder, "bundle": bundle, "threads": threads},
         fn_kwargs={"text_column": text_column},

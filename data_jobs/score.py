@@ -30,7 +30,7 @@ from data_jobs.embed import write_parquet
 BATCH_ROWS = 32
 
 
-class Scorer:
+class ScoreRows:
     """Ray Data callable class: an :class:`fusion.llm.LLMPanel` bound to the shared ledger."""
 
     def __init__(self, llms: list[dict[str, Any]], classes: list[str], multilabel: bool, limits: dict, ledger: Any):
@@ -79,7 +79,7 @@ def score_dataset(
     """Add the LLM score columns to ``ds``; ``ledger`` is a :class:`data_jobs.ledger.RayLedger`."""
     local = any(c.provider == "local" for c in config.llms)
     return ds.map_batches(
-        Scorer,
+        ScoreRows,
         compute=common.pool(actors, 1),
         fn_constructor_kwargs={
             "llms": [c.model_dump() for c in config.llms],
@@ -103,7 +103,7 @@ def infer_classes(ds: Any, label_column: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fusion.cli import add_config_args, add_llm_args
+    from fusion.args import add_config_args, add_llm_args
 
     p = common.job_parser("Score a corpus with the configured LLMs on a Ray Data actor pool; write parquet.")
     common.add_input_args(p)
@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from data_jobs.ledger import shared_ledger
-    from fusion.cli import config_from_args, with_llm_args
+    from fusion.args import config_from_args, with_llm_args
     from fusion.config import apply_overrides
 
     config = with_llm_args(config_from_args(args), args)

@@ -1,6 +1,6 @@
 """Train the fusion model from embedded (and LLM-scored) parquet and write a model bundle.
 
-    python -m data_jobs.train --input scored/ --llm local:smollm2-135m --out model/
+    python -m data_jobs.train --input scored/ --llm local:smollm2-135m --output model/
 
 The input is what :mod:`data_jobs.embed` / :mod:`data_jobs.score` wrote: ``embedding``, the
 label column and, per configured LLM ``NAME``, ``llm_NAME`` scores (null = no answer; the
@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from data_jobs import common
+from fusion.args import add_output_arg
 
 
 def load_table(path: str, columns: list[str]) -> Any:
@@ -56,12 +57,12 @@ def split_features(df: Any, config: Any, classes: list[str]) -> tuple[Any, np.nd
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fusion.cli import add_config_args, add_llm_args
+    from fusion.args import add_config_args, add_llm_args
 
     p = common.job_parser("Train the fusion model from embedded/scored parquet; write a model bundle.")
     p.add_argument("--input", required=True, help="training rows: output of data_jobs.embed or data_jobs.score")
     p.add_argument("--validation", help="validation rows, same layout (default: hold out train.val_fraction)")
-    p.add_argument("--out", required=True, help="bundle directory to write")
+    add_output_arg(p, "bundle directory to write")
     p.add_argument("--text-column", help="column with the text, kept for few-shot examples (config: data.text_column)")
     p.add_argument("--label-column", help="column with the label or list of labels (config: data.label_column)")
     add_config_args(p)
@@ -70,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fusion.args import config_from_args, with_llm_args
     from fusion.classifier import AutoFusionClassifier
-    from fusion.cli import config_from_args, with_llm_args
     from fusion.config import parse_config
 
     common.connect(args.address)
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     clf = AutoFusionClassifier(config)
     clf.fit(train_df, embeddings=emb, llm_scores=scores or None, **val)
-    path = clf.save(args.out)
+    path = clf.save(args.output)
     summary = {k: clf.metrics["validation"].get(k) for k in ("accuracy", "macro_f1", "ece")}
     common.log.info("trained in %.1fs; validation %s; bundle %s", time.perf_counter() - start, summary, path)
     return 0

