@@ -14,68 +14,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fusion.args import (
+    add_bundle_arg,
+    add_config_args,
+    add_llm_args,
+    add_output_arg,
+    config_from_args,
+    with_llm_args,
+)
 from fusion.errors import ConfigError, LabelfuseError
 
 log = logging.getLogger("labelfuse")
 
 EPILOG = "Configuration reference: docs/configuration.md. Errors exit with status 2 (docs/operations.md#errors)."
-
-
-def add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE", help="YAML or JSON config file (default: built-in defaults)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="override one config value, e.g. --set train.seed=7 --set encoder.max_length=128 (repeatable)",
-    )
-
-
-LLM_SPEC_HELP = (
-    "an LLM to fuse, as [NAME=]PROVIDER:MODEL[@BASE_URL], e.g. local:qwen2.5-coder-0.5b, "
-    "openai:gpt-4o-mini, fast=local:smollm2-135m, vllm:my-model@http://gpu1:8000/v1 (repeatable; "
-    "replaces config llms)"
-)
-
-
-def parse_llm_spec(spec: str) -> dict[str, Any]:
-    """``[NAME=]PROVIDER:MODEL[@BASE_URL]`` to an ``llms`` config entry."""
-    import re
-
-    m = re.fullmatch(r"(?:(?P<name>[A-Za-z0-9_.-]+)=)?(?P<provider>[a-z]+):(?P<model>[^@]+?)(?:@(?P<url>\S+))?", spec)
-    if not m:
-        raise ConfigError(f"--llm {spec!r}: expected [NAME=]PROVIDER:MODEL[@BASE_URL], e.g. local:smollm2-135m")
-    model = m["model"]
-    base = Path(model).stem if model.endswith(".gguf") else model
-    name = m["name"] or re.sub(r"[^A-Za-z0-9_.-]+", "-", base).strip("-")
-    entry: dict[str, Any] = {"name": name, "provider": m["provider"], "model": model}
-    if m["url"]:
-        entry["base_url"] = m["url"]
-    return entry
-
-
-def add_llm_args(p: argparse.ArgumentParser, train: bool) -> None:
-    if train:
-        p.add_argument("--llm", action="append", default=[], metavar="SPEC", help=LLM_SPEC_HELP)
-        p.add_argument(
-            "--gate-rate",
-            type=float,
-            metavar="R",
-            help="enable cost gating: call the LLMs for the R share of texts the encoder is least sure about "
-            "(config: gating.enabled, gating.target_call_rate)",
-        )
-        p.add_argument(
-            "--gate-accuracy",
-            type=float,
-            metavar="A",
-            help="enable cost gating at the lowest LLM-call rate whose validation accuracy reaches A "
-            "(config: gating.target_accuracy)",
-        )
-    p.add_argument(
-        "--llm-budget", type=float, metavar="USD", help="dollar cap on LLM calls (config: llm_limits.budget_usd)"
-    )
 
 
 def _add_column_args(p: argparse.ArgumentParser, labels: bool = True) -> None:
@@ -124,18 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_column_args(t)
     t.add_argument("--multilabel", action="store_true", help="multilabel task (config: labels.mode=multilabel)")
     add_llm_args(t, train=True)
-    t.add_argument("--out", required=True, metavar="DIR", help="where to write the model bundle")
+    add_output_arg(t, "where to write the model bundle", metavar="DIR")
 
     pr = sub.add_parser("predict", help="label texts in a file with a trained model", epilog=EPILOG)
-    pr.add_argument("--model", required=True, metavar="DIR", help="model bundle written by 'labelfuse train'")
+    add_bundle_arg(pr, "model bundle written by 'labelfuse train'")
     pr.add_argument(
         "--input", required=True, metavar="FILE", help="texts to label (.csv, .tsv, .jsonl, .json, .parquet)"
     )
-    pr.add_argument(
-        "--output",
-        required=True,
+    add_output_arg(
+        pr,
+        "result table (.csv, .jsonl or .parquet): input columns + 'prediction' + 'error' (why a row has none)",
         metavar="FILE",
-        help="result table (.csv, .jsonl or .parquet): input columns + 'prediction' + 'error' (why a row has none)",
     )
     pr.add_argument("--proba", action="store_true", help="also write one 'proba_<class>' column per class")
     _add_column_args(pr, labels=False)
@@ -149,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         "its parts: encoder-only, LLM-only, fusion and gated fusion, with LLM calls, cache hits, tokens, "
         "dollars and latency, plus accuracy at each LLM-call rate.",
     )
-    e.add_argument("--model", required=True, metavar="DIR", help="model bundle written by 'labelfuse train'")
+    add_bundle_arg(e, "model bundle written by 'labelfuse train'")
     _add_data_args(e, "--data", "labelled data file to evaluate on")
     _add_column_args(e)
     add_llm_args(e, train=False)
@@ -162,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--train", metavar="FILE", help="training data for --train-fractions with --data")
     e.add_argument("--val", metavar="FILE", help="validation data for --train-fractions with --data (required then)")
-    e.add_argument("--report", metavar="DIR", help="report directory (default: <model>/eval-<data>)")
+    e.add_argument("--report", metavar="DIR", help="report directory (default: <bundle>/eval-<data>)")
 
     s = sub.add_parser(
         "llm-server",
@@ -196,12 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="ag-news: DIR with train.csv and test.csv of the AG News CSV release -> 4,000/500/500 "
         "balanced. reuters-10: DIR with the original reut2-*.sgm files of Reuters-21578 -> ModApte, the 10 most "
         "frequent topics, multi-label, 5,842/647/2,545. Writes DIR_OUT/{train,val,test}.jsonl (id, text, label).",
-        epilog="Then: labelfuse train --train OUT/train.jsonl --val OUT/val.jsonl [--multilabel] --out MODEL; "
-        "labelfuse eval --model MODEL --data OUT/test.jsonl. See docs/benchmarks.md.",
+        epilog="Then: labelfuse train --train OUT/train.jsonl --val OUT/val.jsonl [--multilabel] --output MODEL; "
+        "labelfuse eval --bundle MODEL --data OUT/test.jsonl. See docs/benchmarks.md.",
     )
     pb.add_argument("benchmark", choices=("ag-news", "reuters-10"))
     pb.add_argument("--source", required=True, metavar="DIR", help="where your copy of the original files is")
-    pb.add_argument("--out", required=True, metavar="DIR", help="where the three JSON-lines files go")
+    add_output_arg(pb, "where the three JSON-lines files go", metavar="DIR")
     pb.add_argument("--seed", type=int, default=42, help="seed of the sampled splits (default: 42)")
 
     c = sub.add_parser("config", help="print the effective configuration as YAML", epilog=EPILOG)
@@ -215,13 +165,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- helpers -------------------------------------------------------------------------------------------------
-
-
-def config_from_args(args: argparse.Namespace) -> Any:
-    from fusion.config import Config, apply_overrides, load_config
-
-    cfg = load_config(args.config) if args.config else Config()
-    return apply_overrides(cfg, args.overrides) if args.overrides else cfg
 
 
 def _column_overrides(args: argparse.Namespace) -> list[str]:
@@ -241,21 +184,6 @@ def _with_columns(config: Any, args: argparse.Namespace) -> Any:
 
     extra = _column_overrides(args)
     return apply_overrides(config, extra) if extra else config
-
-
-def with_llm_args(config: Any, args: argparse.Namespace) -> Any:
-    from fusion.config import parse_config
-
-    data = config.model_dump()
-    if getattr(args, "llm", None):
-        data["llms"] = [parse_llm_spec(spec) for spec in args.llm]
-    if getattr(args, "gate_rate", None) is not None:
-        data["gating"] = {"enabled": True, "target_call_rate": args.gate_rate}
-    if getattr(args, "gate_accuracy", None) is not None:
-        data["gating"] = {**data["gating"], "enabled": True, "target_accuracy": args.gate_accuracy}
-    if getattr(args, "llm_budget", None) is not None:
-        data["llm_limits"]["budget_usd"] = args.llm_budget
-    return parse_config(data, source="config with command-line LLM options")
 
 
 USAGE_COLUMNS = (
@@ -320,7 +248,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     start = time.perf_counter()
     clf = AutoFusionClassifier(cfg).fit(train_df, validation=val_df, progress=not args.quiet)
-    path = clf.save(args.out)
+    path = clf.save(args.output)
     tr = clf.training
     print(
         f"trained in {time.perf_counter() - start:.1f}s: {tr['n_train']} train / {tr['n_val']} validation rows, "
@@ -331,8 +259,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"LLM usage ({part}):\n" + format_table(usage_rows(usage), USAGE_COLUMNS))
     if "gating" in clf.metrics:
         print("validation accuracy by LLM-call rate:\n" + format_table(clf.metrics["gating"], _rate_columns(clf)))
-    if clf.gate_threshold is not None:
-        print(f"cost gating on: LLMs asked when encoder confidence < {clf.gate_threshold:.4f}")
+    gate = clf.head.gate_threshold if clf.head else None
+    if gate is not None:
+        print(f"cost gating on: LLMs asked when encoder confidence < {gate:.4f}")
     print(f"saved model bundle to {path}")
     return 0
 
@@ -345,7 +274,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from fusion.texts import clean_texts
 
     fmt = output_format(args.output)
-    clf = AutoFusionClassifier.load(args.model)
+    clf = AutoFusionClassifier.load(args.bundle)
     column = args.text_column or clf.config.data.text_column
     df = read_table(args.input, keep_bad_lines=True)
     lines = df.pop(BAD_LINE).tolist() if BAD_LINE in df.columns else [None] * len(df)
@@ -362,9 +291,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     proba = np.full((len(df), len(clf.classes)), np.nan)
     preds: list[Any] = [None] * len(df)
     if ok:
-        proba[ok] = clf.predict_proba([texts[i] for i in ok], progress=not args.quiet)
-        for i, p in zip(ok, clf.decide(proba[ok]), strict=True):
-            preds[i] = "|".join(p) if clf.multilabel and fmt == "csv" else p
+        results = clf.predict_details([texts[i] for i in ok], progress=not args.quiet).results()
+        for i, res in zip(ok, results, strict=True):
+            if "error" in res:
+                reasons[i] = f"text {res['error']}"
+                continue
+            label = res["labels"] if clf.multilabel else res["label"]
+            preds[i] = "|".join(label) if clf.multilabel and fmt == "csv" else label
+            proba[i] = [res["probabilities"][c] for c in clf.classes]
     out = df.copy()
     out["prediction"] = preds
     out["error"] = reasons
@@ -372,8 +306,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         for j, c in enumerate(clf.classes):
             out[f"proba_{c}"] = np.round(proba[:, j], 6)
     write_table(out, args.output)
-    bad = len(df) - len(ok)
-    print(f"wrote {len(out)} rows to {args.output}: {len(ok)} predictions" + (f", {bad} errors" if bad else ""))
+    bad = sum(r is not None for r in reasons)
+    print(f"wrote {len(out)} rows to {args.output}: {len(df) - bad} predictions" + (f", {bad} errors" if bad else ""))
     return 0
 
 
@@ -387,7 +321,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     fractions = _fractions(args.train_fractions) if args.train_fractions else None
     if fractions and not args.dataset and not (args.train and args.val):
         raise ConfigError("--train-fractions needs training data: use --dataset, or --train FILE and --val FILE")
-    clf = AutoFusionClassifier.load(args.model)
+    clf = AutoFusionClassifier.load(args.bundle)
     clf.config = with_llm_args(clf.config, args)
     if args.dataset:
         df = builtin_split(args.dataset, args.split)
@@ -403,13 +337,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     emb = clf.embed(df, progress=not args.quiet)
     # every LLM answer once (calls or cache), then reused by every metric, plot and comparison
     texts = list(df[clf.config.data.text_column])
-    scores, batches = clf.score_llms(texts, emb, progress=not args.quiet)
+    scores, batches = clf.llm_panel.score_missing(texts, emb, progress=not args.quiet)
     metrics = clf.evaluate(df, embeddings=emb, llm_scores=scores)
-    proba = clf.predict_details(df, embeddings=emb, llm_scores=scores, gate=False).proba
-    raw = clf.predict_details(df, embeddings=emb, llm_scores=scores, gate=False, calibrated=False).proba
-    report_dir = Path(args.report) if args.report else Path(args.model) / f"eval-{data_name.replace(':', '-')}"
+    proba = clf.predict_proba(df, embeddings=emb, llm_scores=scores, llm="all")
+    raw = clf.predict_proba(df, embeddings=emb, llm_scores=scores, llm="all", calibrated=False)
+    report_dir = Path(args.report) if args.report else Path(args.bundle) / f"eval-{data_name.replace(':', '-')}"
     info = {
-        "model": str(args.model),
+        "model": str(args.bundle),
         "data": data_name,
         "rows": len(df),
         "encoder": clf.config.encoder.model,
@@ -420,7 +354,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     sections: dict[str, tuple[list[dict[str, Any]], tuple[str, ...]]] = {}
     print(f"evaluation on {data_name} ({len(df)} rows):")
     print(format_summary(metrics))
-    if clf.layout is not None and clf.layout.n_llms:
+    head = clf._require_fitted()
+    if head.layout.n_llms:
         cmp = compare_methods(clf, df, y, emb, batches)
         method_cols = ("method", headline_key(clf.multilabel), "macro_f1", "ece", "llm_texts", "usd", "call_rate")
         sections["Methods compared"] = (cmp["methods"], method_cols)
@@ -431,7 +366,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         sections["Learning curves"] = _learning_curves(args, clf, df, fractions, report_dir)
     for title, (rows, cols) in sections.items():
         print(f"\n{title}:\n" + format_table(rows, cols))
-    paths = write_report(report_dir, metrics, clf.label_space, y, proba, raw, info, sections)
+    paths = write_report(report_dir, metrics, head.label_space, y, proba, raw, info, sections)
     print(f"\nreport: {paths['markdown']} (+ report.json, PNG plots)")
     return 0
 
@@ -451,6 +386,7 @@ def _learning_curves(
 ) -> tuple[list[dict[str, Any]], tuple[str, ...]]:
     from fusion.compare import learning_curves, plot_learning_curves
     from fusion.datasets import builtin_split, read_table
+    from fusion.report import can_plot
 
     if args.dataset:
         train_df, val_df = builtin_split(args.dataset, "train"), builtin_split(args.dataset, "val")
@@ -460,7 +396,8 @@ def _learning_curves(
     report_dir.mkdir(parents=True, exist_ok=True)
     from fusion.metrics import headline_key
 
-    plot_learning_curves(rows, report_dir / "learning_curves.png", headline_key(clf.multilabel))
+    if can_plot():
+        plot_learning_curves(rows, report_dir / "learning_curves.png", headline_key(clf.multilabel))
     return rows, tuple(rows[0])
 
 
@@ -501,7 +438,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from fusion.benchmarks import prepare
     from fusion.datasets import read_table
 
-    for split, path in prepare(args.benchmark, args.source, args.out, args.seed).items():
+    for split, path in prepare(args.benchmark, args.source, args.output, args.seed).items():
         df = read_table(path)
         labels = df["label"].explode().value_counts()
         print(f"{split:<5} {len(df):>6} rows -> {path}  ({len(labels)} classes: {', '.join(labels.index)})")

@@ -27,7 +27,7 @@ def test_ag_news_paper_split_is_balanced_disjoint_and_clean(tmp_path, capsys):
     src.mkdir()
     write_ag_news(src / "train.csv", 1130)
     write_ag_news(src / "test.csv", 130, start=10_000)
-    assert cli.main(["prepare", "ag-news", "--source", str(src), "--out", str(tmp_path / "out")]) == 0
+    assert cli.main(["prepare", "ag-news", "--source", str(src), "--output", str(tmp_path / "out")]) == 0
     parts = {s: pd.read_json(tmp_path / "out" / f"{s}.jsonl", lines=True) for s in ("train", "val", "test")}
     assert {s: len(df) for s, df in parts.items()} == {"train": 4000, "val": 500, "test": 500}
     for df, n in ((parts["train"], 1000), (parts["val"], 125), (parts["test"], 125)):
@@ -54,9 +54,9 @@ def test_ag_news_errors_say_what_is_wrong(tmp_path, capsys):
     src.mkdir()
     write_ag_news(src / "train.csv", 10)
     write_ag_news(src / "test.csv", 10)
-    assert cli.main(["prepare", "ag-news", "--source", str(src), "--out", str(tmp_path / "o")]) == 2
+    assert cli.main(["prepare", "ag-news", "--source", str(src), "--output", str(tmp_path / "o")]) == 2
     assert "1125 rows per class needed" in capsys.readouterr().err
-    assert cli.main(["prepare", "ag-news", "--source", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
+    assert cli.main(["prepare", "ag-news", "--source", str(tmp_path / "none"), "--output", str(tmp_path / "o")]) == 2
 
 
 def _doc(newid, topics, split, title, body, has_topics="YES", unproc=False):
@@ -124,15 +124,15 @@ def test_reuters_recipe_trains_and_evaluates_multilabel(tmp_path):
     """The documented recipe, on the small files: prepare, train (multi-label) and eval through the CLI."""
     write_reuters(tmp_path / "reuters")
     out, model = tmp_path / "r10", tmp_path / "model"
-    assert cli.main(["-q", "prepare", "reuters-10", "--source", str(tmp_path / "reuters"), "--out", str(out)]) == 0
+    assert cli.main(["-q", "prepare", "reuters-10", "--source", str(tmp_path / "reuters"), "--output", str(out)]) == 0
     rc = cli.main(
         ["-q", "train", "--train", str(out / "train.jsonl"), "--val", str(out / "val.jsonl"), "--multilabel",
-         "--label-column", "label", "--set", "encoder.max_length=32", "--out", str(model)]
+         "--label-column", "label", "--set", "encoder.max_length=32", "--output", str(model)]
     )  # fmt: skip
     assert rc == 0
     assert (
         cli.main(
-            ["-q", "eval", "--model", str(model), "--data", str(out / "test.jsonl"), "--report", str(tmp_path / "rep")]
+            ["-q", "eval", "--bundle", str(model), "--data", str(out / "test.jsonl"), "--report", str(tmp_path / "rep")]
         )
         == 0
     )

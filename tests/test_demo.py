@@ -17,13 +17,15 @@ from serve.dev_kafka import _listening
 
 N = 30
 
+pytestmark = pytest.mark.integration  # a real Ray runtime, broker or local LLM
+
 
 @pytest.mark.slow
 def test_demo_trains_serves_streams_reports_and_stops_only_what_it_started(ray_local, tmp_path):
     import ray
 
     out = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "fusion.cli", "-q", "demo", "--out", str(out), "--limit", str(N),
+    cmd = [sys.executable, "-m", "fusion.cli", "-q", "demo", "--output", str(out), "--limit", str(N),
            "--llm", "local:smollm2-135m", "--llm-fraction", "0.25", "--gate-rate", "0.25"]  # fmt: skip
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=os.environ
@@ -66,7 +68,7 @@ def test_demo_trains_serves_streams_reports_and_stops_only_what_it_started(ray_l
 
 def test_demo_rejects_bad_arguments(tmp_path):
     r = subprocess.run(
-        [sys.executable, "-m", "fusion.cli", "demo", "--gate-rate", "1.5", "--out", str(tmp_path)],
+        [sys.executable, "-m", "fusion.cli", "demo", "--gate-rate", "1.5", "--output", str(tmp_path)],
         capture_output=True,
         text=True,
     )

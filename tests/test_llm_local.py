@@ -5,7 +5,6 @@ the `openai` client exactly as it would reach a remote provider. No mock is invo
 """
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fusion.classifier import AutoFusionClassifier
+from fusion.cli import main
 from fusion.config import LLMLimitsConfig, LLMScorerConfig
 from fusion.errors import ConfigError
 from fusion.llm import LLMScorer, local
@@ -29,7 +29,7 @@ from fusion.texts import clean_texts
 from tests.conftest import TEST_MAX_LENGTH, sample
 
 CLASSES = ["business", "entertainment", "politics", "sports", "tech"]
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
@@ -135,39 +135,39 @@ def test_classifier_with_the_local_llm_gates_calls_and_round_trips(encoder, bbc,
     train, val, test = sample(bbc["train"], 20), sample(bbc["val"], 12), sample(bbc["test"], 8)
     clf = AutoFusionClassifier(cfg, encoder=encoder).fit(train, validation=val)
     assert clf.llm_usage["train"]["smol"]["llm_calls"] == 20 and clf.llm_usage["validation"]["smol"]["texts"] == 12
-    assert clf.gate_threshold is not None and [r["target_rate"] for r in clf.metrics["gating"]][-1] == 1.0
+    assert clf.head.gate_threshold is not None and [r["target_rate"] for r in clf.metrics["gating"]][-1] == 1.0
     # few-shot: the nearest training text, never the text itself
-    ex = clf._neighbours(encoder.embed(train["text"].tolist()[:1]), np.array([0]))
-    assert ex is not None and ex[0][0].text != " ".join(train["text"][0].split()[:60])
+    ex = clf.pool.neighbours(encoder.embed(train["text"].tolist()[:1]), 1, np.array([0]))
+    assert ex[0][0].text != " ".join(train["text"][0].split()[:60])
 
-    enc = clf.predict_proba(test, llm_scores={"smol": np.full((len(test), 5), np.nan)})  # encoder-only path
-    clf.gate_threshold = float(np.median(enc.max(axis=1)))  # so that half the texts are gated out
+    enc = clf.predict_proba(test, llm="off")  # encoder-only path
+    clf.head.gate_threshold = float(np.median(enc.max(axis=1)))  # so that half the texts are gated out
     d = clf.predict_details(test)
     asked = ~d.gated_out
-    assert (asked == (enc.max(axis=1) < clf.gate_threshold)).all() and asked.sum() == len(test) // 2
+    assert (asked == (enc.max(axis=1) < clf.head.gate_threshold)).all() and asked.sum() == len(test) // 2
     assert d.usage["smol"]["texts"] == asked.sum() and d.usage["smol"]["llm_calls"] == asked.sum()
     assert (d.llm_used[:, 0] == asked).all() and (d.llm_cost_usd == 0).all()  # a local model costs $0
     np.testing.assert_allclose(d.proba[~asked], enc[~asked], atol=1e-6)  # gated-out texts: encoder answer
 
     path = clf.save(tmp_path / "model")
     loaded = AutoFusionClassifier.load(path, encoder=encoder)
-    assert loaded.gate_threshold == clf.gate_threshold and loaded._pool is not None
+    assert loaded.head.gate_threshold == clf.head.gate_threshold and loaded.pool is not None
     d2 = loaded.predict_details(test)
     assert d2.usage["smol"]["llm_calls"] == 0 and d2.usage["smol"]["cache_hits"] == asked.sum()
     np.testing.assert_allclose(d2.proba, d.proba, atol=1e-6)
-    every = loaded.predict_details(test, gate=False)
+    every = loaded.predict_details(test, llm="all")
     assert every.llm_used.all() and every.usage["smol"]["texts"] == len(test)
 
 
-def test_cli_train_and_eval_with_the_local_llm(tmp_path, bbc):
+def test_cli_train_and_eval_with_the_local_llm(tmp_path, bbc, capsys):
     for name, df, n in (("train", bbc["train"], 30), ("val", bbc["val"], 15), ("test", bbc["test"], 15)):
         sample(df, n, seed=3)[["text", "label"]].to_csv(tmp_path / f"{name}.csv", index=False)
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
 
-    def cli(*args):
-        r = subprocess.run([sys.executable, "-m", "fusion.cli", "-q", *args], capture_output=True, text=True, env=env)
-        assert r.returncode == 0, r.stderr
-        return r.stdout
+    def cli(*args):  # in-process, as `labelfuse -q ...` (tests/test_cli.py runs the console script itself)
+        code = main(["-q", *map(str, args)])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        return out
 
     common = ["--set", f"encoder.max_length={TEST_MAX_LENGTH}"]
     out = cli(
@@ -180,14 +180,14 @@ def test_cli_train_and_eval_with_the_local_llm(tmp_path, bbc):
         "local:smollm2-135m",
         "--gate-rate",
         "0.5",
-        "--out",
+        "--output",
         tmp_path / "m",
         *common,
     )
     assert "LLM usage (train)" in out and "cost gating on" in out
     out = cli(
         "eval",
-        "--model",
+        "--bundle",
         tmp_path / "m",
         "--data",
         tmp_path / "test.csv",

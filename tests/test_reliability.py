@@ -17,14 +17,14 @@ import requests
 from conftest import TEST_MAX_LENGTH, sample
 from kafka import KafkaConsumer, KafkaProducer
 from ray import serve
+from stub_llm import StubServer
 
 from fusion import cli
 from fusion.classifier import AutoFusionClassifier
-from fusion.llm.stub_server import StubServer
 from serve.app import build
 from serve.dev_kafka import DEV_CLIENT, create_topics, dev_kafka_args
 
-pytestmark = [pytest.mark.slow, pytest.mark.reliability]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.reliability]
 
 
 def report(capsys, line: str) -> None:
@@ -217,7 +217,9 @@ def test_bad_inputs_get_clear_errors_and_lose_nothing(serve_url, kafka_broker, b
     data = tmp_path / "train.csv"
     data.write_text("text,label\nthe match,sport\nthe vote,politics\nthe chip,tech\nthe goal,sport\n")
     out = tmp_path / "refused"
-    rc = cli.main(["-q", "train", "--train", str(data), "--set", "labels.classes=[sport,politics]", "--out", str(out)])
+    rc = cli.main(
+        ["-q", "train", "--train", str(data), "--set", "labels.classes=[sport,politics]", "--output", str(out)]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "unknown label(s)" in err and "tech" in err and not out.exists()
     report(capsys, f"bad input: {len(http)} HTTP cases -> 4xx, {len(dead)} Kafka cases dead-lettered with reasons, "

@@ -19,6 +19,8 @@ from serve.settings import parse_settings
 
 REPO = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.integration  # a real Ray runtime, broker or local LLM
+
 
 def test_bad_application_args_name_every_field():
     with pytest.raises(ConfigError) as err:
@@ -63,7 +65,7 @@ def test_labelfuse_serve_one_command_serves_http_and_tags_kafka(bbc_model, tmp_p
 
     bbc_model.save(tmp_path / "model")
     port, kafka_port = free_port(), free_port()
-    cmd = [sys.executable, "-m", "fusion.cli", "serve", "--model", str(tmp_path / "model"), "--address", "local"]
+    cmd = [sys.executable, "-m", "fusion.cli", "serve", "--bundle", str(tmp_path / "model"), "--address", "local"]
     cmd += ["--port", str(port), "--dev-kafka", "--kafka-port", str(kafka_port)]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO, env=env, start_new_session=True)

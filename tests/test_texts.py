@@ -108,7 +108,7 @@ def test_predict_command_answers_every_good_row_and_gives_each_bad_one_its_reaso
     with open(d / "in.jsonl", "w", encoding="utf-8") as f:  # JSON escapes: lone surrogates survive the file
         for i, r in enumerate(rows):
             f.write(json.dumps({"id": i, "text": r}) + "\n")
-    assert cli.main(["-q", "predict", "--model", model_dir, "--input", str(d / "in.jsonl"),
+    assert cli.main(["-q", "predict", "--bundle", model_dir, "--input", str(d / "in.jsonl"),
                      "--output", str(d / "out.jsonl")]) == 0  # fmt: skip
     out = [json.loads(line) for line in (d / "out.jsonl").read_text(encoding="utf-8").split("\n")[:-1]]
     assert [r["id"] for r in out] == list(range(len(rows)))  # every row, in order
