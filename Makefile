@@ -15,7 +15,7 @@ export RAY_USAGE_STATS_ENABLED = 0
 
 SERVE_MODEL ?= runs/serve/model
 
-.PHONY: install models-qwen demo serve test fuzz lint docs bench clean
+.PHONY: install models-qwen demo serve test test-fast fuzz lint docs bench clean
 
 install: $(STAMP)
 
@@ -43,19 +43,23 @@ $(VENV)/.qwen: $(STAMP)
 # local Ray, a local Kafka-protocol broker and the Serve app, stream the test split through Kafka, print the
 # table, write $(RUN)/report, and stop everything it started.
 demo: install models-qwen
-	$(BIN)/labelfuse demo --out $(RUN) --llm $(DEMO_LLM)
+	$(BIN)/labelfuse demo --output $(RUN) --llm $(DEMO_LLM)
 
 # local Ray + a local Kafka-protocol broker + the Serve app (HTTP on :8000, Kafka on :9092); Ctrl-C stops all.
 # Without a bundle at SERVE_MODEL, an encoder-only one is trained first (~3 min); SERVE_MODEL=runs/demo/model
 # serves the LLM-fused model of `make demo`.
 serve: install
-	test -f $(SERVE_MODEL)/manifest.json || $(BIN)/labelfuse train --dataset bbc-news --out $(SERVE_MODEL)
-	$(BIN)/labelfuse serve --model $(SERVE_MODEL) --dev-kafka
+	test -f $(SERVE_MODEL)/manifest.json || $(BIN)/labelfuse train --dataset bbc-news --output $(SERVE_MODEL)
+	$(BIN)/labelfuse serve --bundle $(SERVE_MODEL) --dev-kafka
 
 # lint, then pytest. pytest exits 5 when it collected no tests: that is a broken run, not a pass.
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+# the inner loop: the library's tests, no Ray, no broker, no LLM (tests marked `integration` are left out)
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not integration" $(PYTEST_ARGS)
 
 # the property tests of every edge (strategies in tests/fuzz.py) with 10x their budget and random seeds
 FUZZ_TESTS = tests/test_texts.py tests/test_serve_http.py::test_fuzzed_requests_never_get_a_server_error \
@@ -67,6 +71,7 @@ fuzz: install
 lint: install
 	$(BIN)/ruff check $(LINT)
 	$(BIN)/ruff format --check $(LINT)
+	$(BIN)/mypy fusion
 
 # docs/configuration.md, docs/http-api.md, docs/openapi.json and the price table in docs/llm-and-budget.md,
 # from the code (tests/test_docs.py fails when they are out of date)

@@ -27,7 +27,7 @@
 # Phases (each its own process and local Ray; CPU ones with CUDA_VISIBLE_DEVICES="" so neither Ray nor
 # torch sees the GPU): check, prepare (bbc-news parquet + an encoder-only bundle), rate (raw encoder),
 # embed (data_jobs.embed at its defaults: 1 actor per GPU / 1 per CPU), backfill (data_jobs.backfill
-# --no-llm at its defaults), http (the Serve graph, `llm: off`, 32 clients, 1 and 8 texts a request),
+# --llm off at its defaults), http (the Serve graph, `llm: off`, 32 clients, 1 and 8 texts a request),
 # and on the GPU a tuned embed (4 actors x 0.25 GPU, batches of 256). Job sizes follow the measured
 # rate, so each job runs about --seconds. The last line is `ratio: X`, GPU over CPU rows/s of the
 # embed job at its defaults.

@@ -335,7 +335,7 @@ def cmd_backfill(args: argparse.Namespace) -> None:
     out = os.path.join(args.work, f"pred-{args.dev}-{args.label}")
     shutil.rmtree(out, ignore_errors=True)  # a fresh run, not a resume
     argv = ["--bundle", os.path.join(args.work, "bundle"), "--input", src, "--output", out, "--id-column", "id"]
-    argv += ["--no-llm", "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
+    argv += ["--llm", "off", "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
     argv += ["--actors", str(args.actors)] if args.actors else []
     argv += ["--num-gpus", str(args.num_gpus)] if args.num_gpus is not None else []
     s = Sampler().start()

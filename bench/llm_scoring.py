@@ -23,6 +23,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 from fusion.config import LLMLimitsConfig, LLMScorerConfig
 from fusion.datasets import builtin_split
@@ -78,8 +79,7 @@ def main() -> None:
     stub = subprocess.Popen(
         [
             sys.executable,
-            "-m",
-            "fusion.llm.stub_server",
+            str(Path(__file__).resolve().parents[1] / "tests" / "stub_llm.py"),
             "--port",
             str(port),
             "--latency",

@@ -22,6 +22,7 @@ import html
 import re
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -110,7 +111,7 @@ def read_reuters_sgml(source: str | Path) -> pd.DataFrame:
     files = sorted(source.glob("reut2-*.sgm")) if source.is_dir() else [source]
     if not files or not all(f.is_file() for f in files):
         raise DataError(f"Reuters-21578: no reut2-*.sgm files in {source}")
-    rows = []
+    rows: list[dict[str, Any]] = []
     for f in files:
         raw = f.read_bytes().decode("latin-1")  # the collection is 8-bit text with a few stray bytes
         for attrs, body in _DOC.findall(raw):

@@ -48,9 +48,9 @@ def indicator_to_lists(matrix: Any, classes: Sequence[str]) -> list[list[str]]:
         raise DataError("label indicator columns must hold only 0/1 values") from None
     bad = ~np.isin(mf, (0.0, 1.0))
     if bad.any():
-        r, c = np.argwhere(bad)[0]
+        r, c = (int(v) for v in np.argwhere(bad)[0])
         raise DataError(f"label column {classes[c]!r} must hold only 0/1 values; row {r} has {m[r, c]!r}")
-    return [[classes[j] for j in np.flatnonzero(row)] for row in mf]
+    return [[classes[int(j)] for j in np.flatnonzero(row)] for row in mf]
 
 
 def normalize_labels(values: Any, multilabel: bool, separator: str | None = None) -> list[str] | list[list[str]]:
@@ -116,12 +116,13 @@ class LabelSpace:
     def infer(cls, normalized: list[str] | list[list[str]], multilabel: bool) -> LabelSpace:
         seen: set[str] = set()
         for v in normalized:
-            seen.update(v if multilabel else [v])
+            seen.update([v] if isinstance(v, str) else v)
         return cls(sorted(seen), multilabel)
 
     def encode(self, normalized: list[str] | list[list[str]]) -> np.ndarray:
         """Class indices ``(n,)`` for multiclass; a 0/1 float32 matrix ``(n, k)`` for multilabel."""
         unknown: set[str] = set()
+        y: np.ndarray
         if self.multilabel:
             y = np.zeros((len(normalized), self.n_classes), dtype=np.float32)
             for i, row in enumerate(normalized):
@@ -133,7 +134,8 @@ class LabelSpace:
                         y[i, j] = 1.0
         else:
             y = np.zeros(len(normalized), dtype=np.int64)
-            for i, label in enumerate(normalized):
+            for i, value in enumerate(normalized):
+                label = value if isinstance(value, str) else ",".join(value)
                 j = self._index.get(label)
                 if j is None:
                     unknown.add(label)

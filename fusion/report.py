@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,8 @@ import numpy as np
 
 from fusion.labels import LabelSpace
 from fusion.metrics import SUMMARY_KEYS, reliability
+
+log = logging.getLogger(__name__)
 
 
 def summary_rows(metrics: dict[str, Any]) -> list[tuple[str, Any, Any]]:
@@ -91,6 +94,19 @@ def _plot_reliability(curves: dict[str, dict[str, list[float]]], eces: dict[str,
     plt.close(fig)
 
 
+def can_plot() -> bool:
+    """matplotlib is installed (the ``demo`` extra); without it reports have tables but no PNG plots."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        return True
+    log.warning("matplotlib is not installed: the report has no plots (pip install 'labelfuse[demo]')")
+    return False
+
+
 def write_report(
     out_dir: str | Path,
     metrics: dict[str, Any],
@@ -107,20 +123,21 @@ def write_report(
     the uncalibrated curve and column out. ``sections`` adds titled tables ``{title: (rows, columns)}`` (method comparison, LLM
     usage, call rates, learning curves) to both files."""
     sections = sections or {}
-    import matplotlib
-
-    matplotlib.use("Agg")
+    plots = can_plot()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "report.json", "markdown": out / "report.md", "reliability": out / "reliability.png"}
+    paths = {"json": out / "report.json", "markdown": out / "report.md"}
+    if plots:
+        paths["reliability"] = out / "reliability.png"
     curves, eces = {}, {}
     if proba_uncalibrated is not None:
         curves["uncalibrated"] = reliability(proba_uncalibrated, y_true, space.multilabel)
         eces["uncalibrated"] = metrics["uncalibrated"]["ece"]
     curves["calibrated"] = reliability(proba, y_true, space.multilabel)
     eces["calibrated"] = metrics["ece"]
-    _plot_reliability(curves, eces, paths["reliability"])
-    if "confusion_matrix" in metrics:
+    if plots:
+        _plot_reliability(curves, eces, paths["reliability"])
+    if plots and "confusion_matrix" in metrics:
         paths["confusion"] = out / "confusion_matrix.png"
         _plot_confusion(metrics["confusion_matrix"], space.classes, paths["confusion"])
 
@@ -137,7 +154,7 @@ def write_report(
     md += ["", temperature + "ECE: 15 equal-width bins; definitions in `fusion/metrics.py`.", ""]
     for title, (rows, cols) in sections.items():
         md += [f"## {title}", "", format_table(rows, cols, markdown=True), ""]
-        if title == "Learning curves":
+        if plots and title == "Learning curves":
             md += ["![learning curves](learning_curves.png)", ""]
     md += ["## Per class", "", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
     md += [
@@ -146,6 +163,7 @@ def write_report(
     ]
     if "confusion" in paths:
         md += ["", "## Confusion matrix", "", "![confusion matrix](confusion_matrix.png)"]
-    md += ["", "## Calibration", "", "![reliability diagram](reliability.png)", ""]
+    if plots:
+        md += ["", "## Calibration", "", "![reliability diagram](reliability.png)", ""]
     paths["markdown"].write_text("\n".join(md))
     return paths

@@ -62,7 +62,7 @@ class _Features:
             self.std = torch.from_numpy(scaler.std[:embed_dim]).to(encoder.device)
 
     def rows(self, idx: np.ndarray) -> torch.Tensor:
-        if self.encoder is None:
+        if self.encoder is None or self.texts is None:
             return self.z[idx]
         emb = (self.encoder.forward([self.texts[i] for i in idx]) - self.mean) / self.std
         return torch.cat([emb.cpu(), self.z[idx, self.embed_dim :]], dim=1)
@@ -92,7 +92,6 @@ def fit_head(
 ) -> HeadFit:
     """Train the fusion head on scaled features; see the module docstring."""
     seed_everything(train_cfg.seed)
-    fine_tune = encoder is not None
     head = FusionMLP(layout.dim, layout.n_classes, fusion_cfg.hidden_dims, fusion_cfg.dropout)
     train_x = _Features(z_train, encoder, texts_train, scaler, layout.embed_dim)
     val_x = _Features(z_val, encoder, texts_val, scaler, layout.embed_dim)
@@ -101,11 +100,12 @@ def fit_head(
     loss_fn: nn.Module = nn.BCEWithLogitsLoss() if multilabel else nn.CrossEntropyLoss()
 
     groups: list[dict] = [{"params": head.parameters(), "lr": train_cfg.learning_rate}]
-    if fine_tune:
+    modules: list[nn.Module] = [head]
+    if encoder is not None:
         groups.append({"params": encoder.model.parameters(), "lr": encoder.config.fine_tune_lr})
+        modules.append(encoder.model)
     opt = torch.optim.AdamW(groups, weight_decay=train_cfg.weight_decay)
     gen = torch.Generator().manual_seed(train_cfg.seed)
-    modules: list[nn.Module] = [head] + ([encoder.model] if fine_tune else [])
 
     def snapshot() -> list[dict]:
         return [copy.deepcopy(m.state_dict()) for m in modules]

@@ -162,7 +162,7 @@ class StubServer:
 
 
 def main() -> None:
-    """``python -m fusion.llm.stub_server --port P --latency 0.2 --classes a,b,c``: run until killed."""
+    """``python tests/stub_llm.py --port P --latency 0.2 --classes a,b,c``: run until killed."""
     import argparse
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -83,7 +83,7 @@ def test_the_http_reference_lists_every_route_and_status_the_app_answers():
         for method, op in item.items():
             section = ref.split(f"## {method.upper()} {path}\n", 1)[1].split("\n## ", 1)[0]
             assert not [c for c in op["responses"] if c != "200" and f"\n| {c} |" not in section], (method, path)
-    from serve.app import ClassifyResult
+    from serve.schemas import ClassifyResult
 
     results = ref.split("#### ClassifyResult\n", 1)[1].split("####", 1)[0]
     assert not [f for f in ClassifyResult.model_fields if f"| `{f}` |" not in results]
@@ -131,7 +131,7 @@ def test_every_dead_letter_reason_is_in_the_kafka_guide():
     bad.append(json.dumps({"text": "x" * 51}).encode())
     reasons = [decode(SimpleNamespace(value=v), s).error for v in bad]
     assert all(reasons)
-    # and the reasons of messages that fail alone in the graph (serve.app.Fusion, serve.kafka.TaggerLoop)
+    # and the reasons of messages that fail alone in the graph (serve.deployments.Fusion, serve.kafka.TaggerLoop)
     reasons += [
         "text could not be embedded (TypeError: TextEncodeInput must be ...)",
         "text got no finite probabilities from the model",
@@ -159,7 +159,7 @@ RUN_BY = {
     "labelfuse train": "tests/test_cli.py::test_train_predict_eval",
     "labelfuse predict": "tests/test_cli.py::test_train_predict_eval",
     "labelfuse eval": "tests/test_llm_local.py::test_cli_train_and_eval_with_the_local_llm",
-    "labelfuse config": "tests/test_cli.py::test_config_command_prints_effective_yaml",
+    "labelfuse config": "tests/test_cli.py::test_the_installed_command_runs_with_its_plugins",
     "labelfuse llm-server": "tests/test_llm_local.py::test_llm_server_stops_cleanly_on_sigterm",
     "labelfuse llm-models": "tests/test_cli.py::test_llm_models_lists_bundled_models_and_bad_llm_flags_exit_2",
     "labelfuse demo": "tests/test_demo.py::test_demo_trains_serves_streams_reports_and_stops_only_what_it_started",
@@ -248,7 +248,7 @@ def _check(argv: list[str]) -> str:
         assert args[0] in targets, f"no make target {args[0]}"
         return f"make {args[0]}"
     if cmd == "curl":
-        from serve.app import ClassifyRequest
+        from serve.schemas import ClassifyRequest
 
         url = next(a for a in args if "localhost" in a or a.startswith("http"))
         path = "/" + url.split("//")[-1].split("/", 1)[1]

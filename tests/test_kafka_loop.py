@@ -18,7 +18,7 @@ from serve.dev_kafka import DEV_CLIENT, create_topics, dev_kafka_args
 from serve.kafka import GraphUnavailable, TaggerLoop
 from serve.settings import KafkaSettings
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 class Graph:

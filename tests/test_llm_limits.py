@@ -1,6 +1,6 @@
 """Budget ledger, rate limits, cache, retries and provider errors.
 
-The fault-injection tests use fusion.llm.stub_server, a scripted OpenAI-compatible HTTP
+The fault-injection tests use tests/stub_llm.py, a scripted OpenAI-compatible HTTP
 server of our own: it stands in ONLY for a paid provider's failure modes (429 with
 Retry-After, 5xx, invalid answers, a rejected key), which cannot be provoked on a real
 paid API here. Scoring itself is tested against the real local model in test_llm_local.py.
@@ -14,13 +14,13 @@ import time
 
 import numpy as np
 import pytest
+from stub_llm import StubServer
 
 from fusion.config import LLMLimitsConfig, LLMScorerConfig
 from fusion.errors import ConfigError
 from fusion.llm import LLMPanel, LLMScorer, LocalLedger
 from fusion.llm.cache import ScoreCache, cache_key
 from fusion.llm.ledger import Denial, Grant, acquire, settle, to_pico
-from fusion.llm.stub_server import StubServer
 
 CLASSES = ["business", "sports", "tech"]
 

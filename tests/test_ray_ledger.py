@@ -1,6 +1,6 @@
 """The shared ledger as one named Ray actor: several Ray workers scoring at once never overspend.
 
-A real local Ray runtime; the LLM endpoint is fusion.llm.stub_server, standing in for a
+A real local Ray runtime; the LLM endpoint is tests/stub_llm.py, standing in for a
 paid provider (whose prices make the budget bite) because none can be called here.
 """
 
@@ -9,15 +9,15 @@ import asyncio
 import numpy as np
 import pytest
 import ray
+from stub_llm import StubServer
 
 from data_jobs.ledger import shared_ledger
 from fusion.config import LLMLimitsConfig, LLMScorerConfig
 from fusion.llm import LLMScorer
 from fusion.llm.ledger import Grant
-from fusion.llm.stub_server import StubServer
 
 CLASSES = ["business", "sports", "tech"]
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_workers_share_one_budget_and_never_overspend(ray_local):

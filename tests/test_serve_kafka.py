@@ -22,7 +22,7 @@ from ray import serve
 from serve.app import build
 from serve.dev_kafka import DEV_CLIENT, create_topics, dev_kafka_args
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 APP = "labelfuse-kafka"
 IN, OUT, DLQ = "tickets", "tickets-tagged", "tickets-dead"
 PARTITIONS = 4

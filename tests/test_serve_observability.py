@@ -15,13 +15,13 @@ from conftest import TEST_MAX_LENGTH, sample
 from kafka import KafkaConsumer, KafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
+from stub_llm import StubServer
 
 from fusion.classifier import AutoFusionClassifier
-from fusion.llm.stub_server import StubServer
 from serve.app import LOGGING, build
 from serve.dev_kafka import DEV_CLIENT, create_topics, dev_kafka_args
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 APP = "labelfuse-obs"
 BUDGET = 5.0
 

@@ -25,7 +25,7 @@ import inspect
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -48,9 +48,11 @@ class Denial:
 
 
 class Ledger(Protocol):
-    def try_reserve(self, tokens: int, max_cost_usd: float) -> Grant | Denial: ...
+    """In-process (:class:`LocalLedger`) or a handle whose calls return awaitables (the shared Ray actor)."""
 
-    def settle(self, grant_id: int, tokens: int, cost_usd: float) -> None: ...
+    def try_reserve(self, tokens: int, max_cost_usd: float) -> Grant | Denial | Awaitable[Grant | Denial]: ...
+
+    def settle(self, grant_id: int, tokens: int, cost_usd: float) -> Awaitable[None] | None: ...
 
     def snapshot(self) -> dict[str, float]: ...
 

