@@ -37,13 +37,15 @@ WHOLE = (
 )
 
 PROGRAM = """
-import time, resource, sys, json
+import time, sys, json
 t0 = time.perf_counter()
 from fusion.bundle import Bundle
 from fusion.llm import LocalLedger
 path = sys.argv[1]
 {load}
-print(json.dumps({{"s": time.perf_counter() - t0, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+# VmHWM: this process's peak RSS (ru_maxrss would carry the parent's peak across fork and exec)
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({{"s": time.perf_counter() - t0, "rss_mb": hwm / 1024}}))
 """
 
 

@@ -85,7 +85,15 @@ def _sample_rows(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(picked))
 
 
-class AutoFusionClassifier(ClassifierMixin, BaseEstimator):
+if TYPE_CHECKING:  # scikit-learn ships no type information: mypy checks the class as if it had no base
+    _Estimator = object
+else:
+
+    class _Estimator(ClassifierMixin, BaseEstimator):
+        pass
+
+
+class AutoFusionClassifier(_Estimator):
     """Encoder embedding + per-LLM class scores -> fusion head -> calibrated probabilities.
 
     The model is three parts, each saved in the bundle and loadable alone
@@ -137,7 +145,7 @@ class AutoFusionClassifier(ClassifierMixin, BaseEstimator):
         return self.head is not None
 
     def __sklearn_tags__(self) -> Tags:
-        tags = super().__sklearn_tags__()
+        tags = super().__sklearn_tags__()  # type: ignore[misc]
         tags.input_tags.two_d_array = False  # X is texts (a list, a Series or a DataFrame)
         tags.input_tags.string = True
         return tags

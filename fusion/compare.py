@@ -134,7 +134,7 @@ def learning_curves(
     probe = AutoFusionClassifier(enc_cfg, encoder=encoder).fit(
         train, validation=val, embeddings=emb["train"], validation_embeddings=emb["val"]
     )
-    space: LabelSpace = probe.label_space
+    space: LabelSpace = probe._require_fitted().label_space
     ys = {k: probe.targets(v) for k, v in parts.items()}
     scores: dict[str, dict[str, np.ndarray]] = {}
     if config.llms:  # zero-shot LLM scores, once per text (few-shot examples would depend on the subset)

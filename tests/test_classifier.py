@@ -112,6 +112,14 @@ def test_gating_by_call_rate_and_by_target_accuracy(encoder, bbc, bbc_emb):
     d = clf.predict_details(bbc["test"], embeddings=bbc_emb["test"], llm_scores={"sim": scores["test"]})
     assert 0.1 < (~d.gated_out).mean() < 0.6  # about the validation rate on test data
     assert (d.llm_used[:, 0] == ~d.gated_out).all()  # given scores are not used for gated-out texts
+    given = {"embeddings": bbc_emb["test"], "llm_scores": {"sim": scores["test"]}}
+    every, none = (clf.predict_details(bbc["test"], llm=m, **given) for m in ("all", "off"))
+    assert every.llm_used.all() and not none.llm_used.any() and none.gated_out.all()
+    with pytest.warns(DeprecationWarning, match="llm='all'"):  # the old spelling, for one release
+        np.testing.assert_array_equal(clf.predict_details(bbc["test"], gate=False, **given).proba, every.proba)
+    results = d.results()
+    assert [r["label"] for r in results] == d.labels
+    assert [r["gated_out"] for r in results] == d.gated_out.tolist()
 
     # target accuracy: the lowest tabulated call rate whose validation accuracy reaches it
     target = next(r for r in table if r["accuracy"] > table[0]["accuracy"])

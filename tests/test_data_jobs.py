@@ -103,7 +103,7 @@ def test_score_train_and_backfill_with_the_local_llm(ray_local, corpora, tmp_pat
     assert manifest["config"]["encoder"]["max_length"] == TEST_MAX_LENGTH  # the encoder that made the embeddings
 
     argv = ["--bundle", str(model), "--input", str(corpora["dir"] / "test.jsonl"), "--output", str(pred)]
-    assert backfill.main([*argv, "--no-gate", "--ledger-name", ledger, "--rows-per-file", "10"]) == 0
+    assert backfill.main([*argv, "--llm", "all", "--ledger-name", ledger, "--rows-per-file", "10"]) == 0
     out = read_output(pred).set_index("id")
     assert sorted(out.index) == sorted(corpora["test_ids"] + [i for i in out.index if i.startswith("invalid")])
     good = out[out["error"].isna()]
@@ -165,7 +165,7 @@ def _big_corpus(path: Path, n: int) -> list[str]:
 def test_a_killed_backfill_resumes_and_writes_every_id_exactly_once(ray_local, bbc_model, tmp_path):
     model, out, corpus = tmp_path / "model", tmp_path / "pred", tmp_path / "corpus.jsonl"
     bbc_model.save(model)
-    ids = _big_corpus(corpus, 800)
+    ids = _big_corpus(corpus, 480)
     argv = ["--bundle", str(model), "--input", str(corpus), "--output", str(out), "--rows-per-file", "50"]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.Popen(

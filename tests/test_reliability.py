@@ -45,13 +45,13 @@ def delete_app(name: str, timeout_s: float = 180.0) -> None:
         assert name not in serve.status().applications, f"{name} still not deleted after {timeout_s + 60:.0f} s"
 
 
-def test_http_sustained_load_for_30s_gives_no_5xx_but_intended_503s(serve_url, bbc_model, bbc, tmp_path, capsys):
+def test_http_sustained_load_for_15s_gives_no_5xx_but_intended_503s(serve_url, bbc_model, bbc, tmp_path, capsys):
     bbc_model.save(tmp_path / "model")
     serve.run(build({"bundle": str(tmp_path / "model")}), name="labelfuse-load", route_prefix="/")
     texts = sample(bbc["test"], 64, seed=9)["text"].str.slice(0, 1500).tolist()
     codes: Counter = Counter()
     wrong: list[str] = []
-    stop = time.monotonic() + 30
+    stop = time.monotonic() + 15
 
     def client(i: int) -> None:
         s = requests.Session()
@@ -86,7 +86,7 @@ def test_http_sustained_load_for_30s_gives_no_5xx_but_intended_503s(serve_url, b
 def test_kafka_taggers_killed_twice_with_a_flaky_llm_lose_nothing(
     serve_url, kafka_broker, encoder, bbc, tmp_path, capsys
 ):
-    n = 160
+    n = 96
     run = uuid.uuid4().hex[:6]
     topics = [f"rel-{run}-{t}" for t in ("in", "out", "dead")]
     create_topics(kafka_broker.bootstrap, [topics[0]], 4)

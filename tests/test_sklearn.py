@@ -13,6 +13,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from fusion import AutoFusionClassifier
 from fusion.config import Config
+from fusion.llm import LocalLedger
 
 CFG = {"encoder": {"max_length": 48}, "train": {"max_epochs": 30}}
 
@@ -44,6 +45,8 @@ def test_get_and_set_params(encoder):
     assert clf.config.train.seed == 7 and clf.encoder is encoder
     with pytest.raises(ValueError, match="invalid parameter"):
         clf.set_params(learning_rate=1)
+    ledger = LocalLedger(budget_usd=1.0)  # a clone shares the budget: one budget is one ledger
+    assert clone(AutoFusionClassifier(ledger=ledger)).get_params()["ledger"] is ledger
 
 
 def test_cross_val_score_and_score_match_evaluate(encoder, data):

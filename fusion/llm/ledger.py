@@ -92,6 +92,10 @@ def to_pico(usd: float) -> int:
 class LocalLedger:
     """Thread-safe in-process ledger. ``None`` limits are off."""
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> LocalLedger:
+        # one budget is one ledger: a copy (scikit-learn's clone of a classifier) shares it, never splits it
+        return self
+
     def __init__(
         self,
         budget_usd: float | None = None,
