@@ -84,6 +84,7 @@ bench: install
 	$(BIN)/python bench/ray_data_embed.py
 	$(BIN)/python bench/http_load.py
 	$(BIN)/python bench/kafka_throughput.py
+	$(BIN)/python bench/replica_footprint.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
