@@ -226,11 +226,10 @@ def run(args: argparse.Namespace) -> int:
     import ray
 
     from data_jobs.ledger import shared_ledger
-    from fusion.bundle import read_bundle
-    from fusion.config import parse_config
+    from fusion.bundle import Bundle
 
-    manifest = read_bundle(args.bundle).manifest
-    config = parse_config(manifest["config"], source=f"config stored in {args.bundle}")
+    bundle = Bundle.open(args.bundle)
+    config = bundle.config
     if args.llm_budget is not None:
         config.llm_limits.budget_usd = args.llm_budget
     common.connect(args.address)
@@ -293,7 +292,7 @@ def run(args: argparse.Namespace) -> int:
         "input": args.input,
         "output": args.output,
         "bundle": args.bundle,
-        "classes": list(manifest["label_space"]["classes"]),
+        "classes": list(bundle.manifest["label_space"]["classes"]),
         "input_rows": len(done) + this_run["rows"],
         "skipped_already_done": len(done),
         "output_rows": len(written),
