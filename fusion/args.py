@@ -23,9 +23,9 @@ class _Deprecated(argparse.Action):
 
     def __init__(self, option_strings: list[str], dest: str, new: str, const: Any = None, **kwargs: Any):
         kwargs.setdefault("default", argparse.SUPPRESS)
-        super().__init__(option_strings, dest, nargs=0 if const is not None else None, const=const, **kwargs)
+        nargs = 0 if const is not None else None
+        super().__init__(option_strings, dest, nargs=nargs, const=const, help=argparse.SUPPRESS, **kwargs)
         self.new = new
-        self.help = argparse.SUPPRESS
 
     def __call__(
         self, parser: Any, namespace: argparse.Namespace, values: Any, option_string: str | None = None

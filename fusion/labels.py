@@ -13,7 +13,7 @@ matrix ``(n, n_classes)``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -134,8 +134,7 @@ class LabelSpace:
                         y[i, j] = 1.0
         else:
             y = np.zeros(len(normalized), dtype=np.int64)
-            for i, value in enumerate(normalized):
-                label = value if isinstance(value, str) else ",".join(value)
+            for i, label in enumerate(cast(list[str], normalized)):
                 j = self._index.get(label)
                 if j is None:
                     unknown.add(label)
