@@ -249,7 +249,15 @@ class Bundle:
             space = self.manifest["label_space"]
             classes, multilabel = list(space["classes"]), bool(space["multilabel"])
         cfg = self.config
-        return LLMPanel(cfg.llms, classes, multilabel, cfg.llm_limits, ledger=ledger, pool=self.pool())
+        return LLMPanel(
+            cfg.llms,
+            classes,
+            multilabel,
+            cfg.llm_limits,
+            ledger=ledger,
+            pool=self.pool(),
+            descriptions=cfg.labels.descriptions,
+        )
 
     def encoder(self, device: str | None = None, encoder: TextEncoder | None = None) -> TextEncoder:
         """The encoder this bundle was trained with (checked on a probe text); ``device`` overrides

@@ -74,6 +74,15 @@ def _subset(scores: Scores | None, idx: np.ndarray) -> dict[str, np.ndarray] | N
     return None if scores is None else {k: np.asarray(v)[idx] for k, v in scores.items()}
 
 
+def _check_weights(weights: Any, n: int) -> np.ndarray | None:
+    if weights is None:
+        return None
+    w = np.asarray(weights, dtype=np.float32)
+    if w.shape != (n,) or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise DataError(f"sample_weight must be {n} finite weights >= 0, not all zero")
+    return w
+
+
 def _sample_rows(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """Sorted indices of about ``fraction`` of the rows: per class for multiclass labels (at least one each)."""
     n = len(y)
@@ -209,6 +218,23 @@ class AutoFusionClassifier(_Estimator):
             )
         return space.encode(norm), space
 
+    def _soft_targets(self, soft: Any, n: int) -> tuple[LabelSpace, np.ndarray]:
+        """The label space (config.labels.classes) and checked soft targets; multiclass rows sum to 1."""
+        if not self.config.labels.classes:
+            raise ConfigError("soft_labels need labels.classes in the config: the order of their columns")
+        space = LabelSpace(self.config.labels.classes, self.multilabel)
+        t = np.asarray(soft, dtype=np.float32)
+        if t.shape != (n, space.n_classes):
+            raise DataError(f"soft_labels have shape {t.shape}; expected ({n}, {space.n_classes}) for {space.classes}")
+        if not np.isfinite(t).all() or (t < 0).any() or (t > 1).any():
+            raise DataError("soft_labels must be probabilities in [0, 1], with no NaN")
+        if not space.multilabel:
+            sums = t.sum(axis=1, keepdims=True)
+            if (sums <= 0).any():
+                raise DataError("every soft_labels row needs a positive probability (multiclass)")
+            t = t / sums
+        return space, t
+
     def _embed(self, texts: list[str], embeddings: np.ndarray | None, progress: bool) -> np.ndarray:
         if embeddings is not None:
             emb = np.asarray(embeddings, dtype=np.float32)
@@ -238,7 +264,15 @@ class AutoFusionClassifier(_Estimator):
         from fusion.llm import LLMPanel
 
         cfg = self.config
-        return LLMPanel(cfg.llms, space.classes, space.multilabel, cfg.llm_limits, ledger=self._ledger, pool=self.pool)
+        return LLMPanel(
+            cfg.llms,
+            space.classes,
+            space.multilabel,
+            cfg.llm_limits,
+            ledger=self._ledger,
+            pool=self.pool,
+            descriptions=cfg.labels.descriptions,
+        )
 
     def _score_sample(
         self, texts: list[str], emb: np.ndarray, y: np.ndarray, given: Scores | None, pool: bool, progress: bool
@@ -273,17 +307,30 @@ class AutoFusionClassifier(_Estimator):
         validation_llm_scores: Scores | None = None,
         embeddings: np.ndarray | None = None,
         validation_embeddings: np.ndarray | None = None,
+        soft_labels: np.ndarray | None = None,
+        sample_weight: Any = None,
         progress: bool = False,
     ) -> AutoFusionClassifier:
-        """Fit on texts and labels; hold out ``train.val_fraction`` for validation unless ``validation`` is given."""
+        """Fit on texts and labels; hold out ``train.val_fraction`` for validation unless ``validation`` is given.
+
+        ``soft_labels`` instead of ``y``: an (n, k) matrix of target probabilities in the order of
+        ``config.labels.classes`` (e.g. an LLM's answers; a one-hot row is a hard label). The held-out rows,
+        calibration and the gate use their decided labels (argmax, or p >= 0.5 for multilabel).
+        ``sample_weight``: a weight per training row (e.g. people's labels above an LLM's)."""
         cfg = self.config
-        texts, raw = self._texts_labels(X, y, require_labels=True)
+        texts, raw = self._texts_labels(X, y, require_labels=soft_labels is None)
         if not texts:
             raise DataError("no training rows")
         fine_tune = cfg.encoder.fine_tune
         if fine_tune and embeddings is not None:
             raise ConfigError("encoder.fine_tune needs texts, not precomputed embeddings")
-        y_all, space = self._encode_labels(raw, len(texts), None)
+        if soft_labels is None:
+            y_all, space = self._encode_labels(raw, len(texts), None)
+            targets = y_all
+        else:
+            space, targets = self._soft_targets(soft_labels, len(texts))
+            y_all = (targets >= 0.5).astype(np.float32) if space.multilabel else targets.argmax(axis=1)
+        weights = _check_weights(sample_weight, len(texts))
         emb = self._embed(texts, embeddings, progress)
         layout = FeatureLayout(emb.shape[1], space.n_classes, self._llm_names(llm_scores))
         self.head, self.pool, self.llm_usage = None, None, {}
@@ -308,14 +355,15 @@ class AutoFusionClassifier(_Estimator):
             except ValueError as err:
                 raise DataError(f"cannot hold out a validation split from {len(texts)} rows: {err}") from None
             tr, va = np.sort(tr), np.sort(va)
-            x_tr, x_va, y_tr, y_va = raw_x[tr], raw_x[va], y_all[tr], y_all[va]
+            x_tr, x_va, y_tr, y_va = raw_x[tr], raw_x[va], targets[tr], y_all[va]
             t_tr, t_va = [texts[i] for i in tr], [texts[i] for i in va]
             va_scores = _subset(llm_scores, va)
         else:
             v_texts, v_raw = self._texts_labels(validation, validation_labels, require_labels=True)
             y_va, _ = self._encode_labels(v_raw, len(v_texts), space)
             v_emb = self._embed(v_texts, validation_embeddings, progress)
-            x_tr, y_tr, t_tr, t_va = raw_x, y_all, texts, v_texts
+            tr = np.arange(len(texts))
+            x_tr, y_tr, t_tr, t_va = raw_x, targets, texts, v_texts
             va_scores, batches = self._score_sample(
                 v_texts, v_emb, y_va, validation_llm_scores, pool=False, progress=progress
             )
@@ -337,6 +385,7 @@ class AutoFusionClassifier(_Estimator):
             texts_train=t_tr if fine_tune else None,
             texts_val=t_va if fine_tune else None,
             scaler=scaler,
+            w_train=None if weights is None else weights[tr],
             progress=progress,
         )
         head = FusionHead(space, layout, scaler, fit.head, fit.temperature, fit.thresholds, fit.at_least_one)

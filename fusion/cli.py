@@ -1,4 +1,5 @@
-"""The ``labelfuse`` command: train, predict, eval, config, llm-server, llm-models.
+"""The ``labelfuse`` command: train, predict, eval, config, llm-server, llm-models, and the learning loop's
+bootstrap, retrain, registry and labels (:mod:`fusion.loop_cli`).
 
 ``serve`` and ``dev-kafka`` come from :mod:`serve.cli` through the ``labelfuse.commands``
 entry point group, so this library never imports the Ray parts.
@@ -156,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("config", help="print the effective configuration as YAML", epilog=EPILOG)
     add_config_args(c)
+    from fusion.loop_cli import add_commands
+
+    add_commands(sub)  # bootstrap, retrain, registry, labels
     # commands of the Ray parts (serve, dev-kafka) register themselves: fusion does not import them
     from importlib.metadata import entry_points
 

@@ -138,7 +138,9 @@ def learning_curves(
     ys = {k: probe.targets(v) for k, v in parts.items()}
     scores: dict[str, dict[str, np.ndarray]] = {}
     if config.llms:  # zero-shot LLM scores, once per text (few-shot examples would depend on the subset)
-        panel = LLMPanel(config.llms, space.classes, space.multilabel, config.llm_limits)
+        panel = LLMPanel(
+            config.llms, space.classes, space.multilabel, config.llm_limits, descriptions=config.labels.descriptions
+        )
         for k, v in parts.items():
             batches = panel.score(list(v[config.data.text_column]), progress=progress)
             scores[k] = {name: b.scores for name, b in batches.items()}

@@ -32,6 +32,11 @@ class LabelsConfig(_Strict):
     classes: list[str] | None = Field(
         None, description="Class names in output order. Default: the sorted labels seen in the training data."
     )
+    descriptions: dict[str, str] | None = Field(
+        None,
+        description="A one-line description per class, told to the LLMs with the class names (e.g. when a model "
+        "starts from class names alone, `labelfuse bootstrap`).",
+    )
     label_separator: str | None = Field(
         None, description="Multilabel only: split a string label cell on this separator, e.g. '|'."
     )

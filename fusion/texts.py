@@ -25,6 +25,7 @@ tokenizer.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import unicodedata
@@ -75,6 +76,12 @@ def _join_surrogates(text: str) -> str:
             "(an emoji cut in half leaves one); send UTF-8 text"
         )
     return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le")
+
+
+def text_id(text: str) -> str:
+    """A text's id: the first 16 hex digits of the sha256 of its UTF-8 (after :func:`clean_text`). Answers name
+    their texts by it, and feedback can refer to a text already seen by it instead of sending it again."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 def escape_surrogates(value: str) -> str:

@@ -88,16 +88,26 @@ def fit_head(
     texts_train: list[str] | None = None,
     texts_val: list[str] | None = None,
     scaler: FeatureScaler | None = None,
+    w_train: np.ndarray | None = None,
     progress: bool = False,
 ) -> HeadFit:
-    """Train the fusion head on scaled features; see the module docstring."""
+    """Train the fusion head on scaled features; see the module docstring.
+
+    ``y_train``: class indices or, multiclass, an (n, k) matrix of target probabilities (soft labels);
+    multilabel targets are (n, k) 0/1 or probabilities. ``w_train``: a weight per training row."""
     seed_everything(train_cfg.seed)
     head = FusionMLP(layout.dim, layout.n_classes, fusion_cfg.hidden_dims, fusion_cfg.dropout)
     train_x = _Features(z_train, encoder, texts_train, scaler, layout.embed_dim)
     val_x = _Features(z_val, encoder, texts_val, scaler, layout.embed_dim)
     yt = torch.from_numpy(y_train)
     yv = torch.from_numpy(y_val)
-    loss_fn: nn.Module = nn.BCEWithLogitsLoss() if multilabel else nn.CrossEntropyLoss()
+    wt = torch.from_numpy(np.ones(len(y_train), np.float32) if w_train is None else w_train.astype(np.float32))
+    per_row: nn.Module = nn.BCEWithLogitsLoss(reduction="none") if multilabel else nn.CrossEntropyLoss(reduction="none")
+
+    def loss_fn(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        rows = per_row(logits, target)
+        rows = rows.mean(dim=1) if rows.ndim == 2 else rows
+        return rows.mean() if weight is None else (rows * weight).sum() / weight.sum().clamp_min(1e-12)
 
     groups: list[dict] = [{"params": head.parameters(), "lr": train_cfg.learning_rate}]
     modules: list[nn.Module] = [head]
@@ -133,7 +143,7 @@ def fit_head(
             for s in range(0, n, train_cfg.batch_size):
                 idx = perm[s : s + train_cfg.batch_size]
                 xb = drop_llm_blocks(train_x.rows(idx), layout, fusion_cfg.llm_dropout, gen)
-                loss = loss_fn(head(xb), yt[idx])
+                loss = loss_fn(head(xb), yt[idx], wt[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -164,7 +174,7 @@ def fit_head(
             if train_cfg.calibrate and len(y_val)
             else np.full(layout.n_classes, 0.5, np.float32)
         )
-    at_least_one = bool(multilabel and (y_train.sum(axis=1) > 0).all())
+    at_least_one = bool(multilabel and (y_train >= 0.5).any(axis=1).all())
     for m in modules:
         m.eval()
     return HeadFit(head, temperature, thresholds, at_least_one, best_epoch, history)

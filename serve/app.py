@@ -3,7 +3,9 @@
 ```
 HTTP ─► Ingress (FastAPI) ─┐
                            ├─► Fusion ─► Embedder  (@serve.batch; GPU when the cluster has one)
-Kafka ─► KafkaTagger ──────┘  (head) └─► Scorer    (LLM panel: gate, cache, the shared ledger actor)
+Kafka ─► KafkaTagger ──────┘  (head) ├─► Scorer    (LLM panel: gate, cache, the shared ledger actor)
+                                     └─► Labels    (label store: the LLM answers paid for; people's
+                                                    labels from Ingress' POST /v1/feedback)
 ```
 
 Each deployment loads only its part of the bundle: Embedder the encoder, Scorer the LLM panel
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from serve.deployments import Embedder, Fusion, Ingress, KafkaTagger, Scorer
+from serve.deployments import Embedder, Fusion, Ingress, KafkaTagger, Labels, Scorer
 from serve.settings import AppSettings, parse_settings
 
 # structured logs: one JSON object per line in the replica logs, with Serve's request_id, route and replica
@@ -35,12 +37,14 @@ def build(settings: AppSettings | dict[str, Any], options: dict[str, dict[str, A
 
     embedder = bind(Embedder, s.threads)
     scorer = bind(Scorer, s.ledger_name)
-    fusion = bind(Fusion, embedder, scorer, user_config={"bundle": s.bundle})
+    labels = bind(Labels, s.label_store) if s.label_store else None
+    user_config = {"bundle": s.bundle, "registry_poll_s": s.registry_poll_s}
+    fusion = bind(Fusion, embedder, scorer, labels, user_config=user_config)
     # the tagger is bound into the graph through Ingress, which serves its counters at GET /v1/kafka
     tagger = None
     if s.kafka is not None:
         tagger = bind(KafkaTagger, fusion, s.kafka.model_dump(), num_replicas=s.kafka.replicas)
-    return bind(Ingress, fusion, s.model_dump(exclude={"kafka"}), tagger)
+    return bind(Ingress, fusion, s.model_dump(exclude={"kafka"}), tagger, labels)
 
 
 def build_app(args: dict[str, Any]) -> Any:

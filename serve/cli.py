@@ -18,11 +18,18 @@ def register(sub: Any) -> None:
         "serve",
         help="serve a model over HTTP (and tag Kafka topics) with Ray Serve",
         description="Starts (or joins) Ray, deploys the labelfuse Serve application and blocks until Ctrl-C or "
-        "SIGTERM, then shuts it down. HTTP: POST /v1/classify, GET /v1/model, /healthz, /readyz, /docs. "
+        "SIGTERM, then shuts it down. HTTP: POST /v1/classify, POST /v1/feedback (with --label-store), GET /v1/model, "
+        "/healthz, /readyz, /docs. "
         "With --dev-kafka, a local broker is started too and the input topic is tagged in real time. For a "
         "cluster, use `serve deploy serve/config.yaml` instead.",
     )
-    add_bundle_arg(s, "model bundle written by 'labelfuse train'")
+    add_bundle_arg(s, "model bundle written by 'labelfuse train', or a model registry: its champion is served and "
+                   "promotions and rollbacks roll out by themselves")  # fmt: skip
+    s.add_argument(
+        "--label-store",
+        metavar="URI",
+        help="keep people's labels (POST /v1/feedback) and the LLM answers paid for in this label store",
+    )
     s.add_argument("--host", default="127.0.0.1", help="HTTP address (default: 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
     s.add_argument(
@@ -98,8 +105,9 @@ def _kafka_settings(args: argparse.Namespace, bootstrap: str | None) -> dict[str
 def cmd_serve(args: argparse.Namespace) -> int:
     from fusion.bundle import read_bundle
     from fusion.errors import ConfigError
+    from fusion.registry import resolve_bundle
 
-    read_bundle(args.bundle)  # a clear error now instead of a failed deployment later
+    read_bundle(resolve_bundle(args.bundle))  # a clear error now instead of a failed deployment later
     if args.dev_kafka and args.kafka_bootstrap:
         raise ConfigError("--dev-kafka starts its own broker; drop --kafka-bootstrap (or --dev-kafka)")
     broker = None
@@ -113,7 +121,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             create_topics(
                 bootstrap, [*(args.input_topic or [DEV_TOPICS[0]]), args.output_topic, args.dead_letter_topic], 4
             )
-        settings = {"bundle": args.bundle, "threads": args.threads, "auth_token_env": args.token_env}
+        settings = {
+            "bundle": args.bundle,
+            "threads": args.threads,
+            "auth_token_env": args.token_env,
+            "label_store": args.label_store,
+        }
         settings["kafka"] = _kafka_settings(args, bootstrap)
         _run(args, settings)
     finally:
@@ -131,6 +144,9 @@ def _run(args: argparse.Namespace, settings: dict[str, Any]) -> None:
     from serve.app import LOGGING, build
 
     settings["bundle"] = str(Path(settings["bundle"]).resolve())
+    store = settings.get("label_store")
+    if store and "://" not in store:  # replicas do not share this shell's working directory
+        settings["label_store"] = str(Path(store).resolve())
     connect(args.address)
     serve.start(http_options={"host": args.host, "port": args.port})
     try:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -36,14 +36,17 @@ from ray.serve.handle import DeploymentHandle
 
 from fusion.bundle import Bundle
 from fusion.head import FusionHead, LLMMode
+from fusion.texts import text_id
 from serve.http import http_api
-from serve.metrics import KafkaMetrics, LLMMetrics, TextMetrics
+from serve.metrics import KafkaMetrics, LLMMetrics, LoopMetrics, TextMetrics
 from serve.settings import parse_settings
 
 log = logging.getLogger("ray.serve")
 
 EMBED_BATCH = 64  # texts per encoder forward pass, summed over the requests batched together
 KEEP_MODELS = 2  # bundles a replica keeps loaded: the current one and the one rolling out
+CALL_RATE_WINDOW = 1000  # texts over which a Fusion replica reports its gate's recent LLM-call rate
+KEPT_IDS = 10_000  # LLM answers a Fusion replica remembers having kept (a repeated text is kept once)
 
 
 @dataclass(frozen=True)
@@ -183,6 +186,57 @@ class _Model:
     info: dict[str, Any]
 
 
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0},
+    num_replicas=1,
+    max_ongoing_requests=512,
+)
+class Labels:
+    """Writes the label store (:mod:`fusion.labelstore`): people's labels from POST /v1/feedback and the LLM
+    answers the app paid for. Concurrent writes are grouped into one parquet part (``@serve.batch``), and a
+    caller hears "kept" only once its part is on disk, so a replica that dies loses nothing it acknowledged;
+    a retried label (same id) is counted once by the store."""
+
+    def __init__(self, store: str):
+        from fusion.labelstore import LabelStore
+
+        self.store = LabelStore(store)
+        self._texts: dict[str, str] = {}  # text_id -> text: what feedback may refer to by id
+        self._indexed: str | None = None  # the newest part read into _texts
+        self._stats: tuple[float, dict[str, Any]] | None = None
+        self.metrics = LoopMetrics()
+
+    @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.02)
+    async def add(self, items: list[list[Any]]) -> list[int]:
+        """Each item is a list of LabelRecords; one part for the whole batch."""
+        records = [r for item in items for r in item]
+        await asyncio.to_thread(self.store.append, records)
+        self._stats = None
+        for r in records:
+            if r.text_id:
+                self._texts[r.text_id] = r.text
+        self.metrics.labels_kept(records)
+        return [len(item) for item in items]
+
+    async def text_of(self, text_id: str) -> str | None:
+        """The text the store has seen under ``text_id`` (None when none)."""
+        if text_id not in self._texts:
+            parts = await asyncio.to_thread(self.store.parts)
+            if parts and parts[-1] != self._indexed:
+                df = await asyncio.to_thread(self.store.records, ["text_id", "text"], self._indexed)
+                self._texts.update(zip(df["text_id"], df["text"], strict=True))
+                self._indexed = parts[-1]
+        return self._texts.get(text_id)
+
+    async def stats(self) -> dict[str, Any]:
+        """The store's counts (:meth:`LabelStore.stats`): this replica's writes at once, others' within 10 s."""
+        if self._stats is None or time.monotonic() - self._stats[0] > 10:
+            stats = await asyncio.to_thread(self.store.stats)
+            self._stats = (time.monotonic(), {"uri": self.store.uri, **stats})
+            self.metrics.store_size(stats)
+        return self._stats[1]
+
+
 def _info(bundle: Bundle, head: FusionHead) -> dict[str, Any]:
     """GET /v1/model's answer (serve.schemas.ModelInfo) for a bundle."""
     cfg, val = bundle.config, bundle.manifest.get("metrics", {}).get("validation", {})
@@ -208,28 +262,60 @@ def _info(bundle: Bundle, head: FusionHead) -> dict[str, Any]:
 class Fusion:
     """Holds the fusion head of the bundle (user_config); embed → gate → LLM scores → head → results."""
 
-    def __init__(self, embedder: DeploymentHandle, scorer: DeploymentHandle):
+    def __init__(self, embedder: DeploymentHandle, scorer: DeploymentHandle, labels: DeploymentHandle | None = None):
         _one_torch_thread()
-        self.embedder, self.scorer = embedder, scorer
+        self.embedder, self.scorer, self.labels = embedder, scorer, labels
         self.model: _Model | None = None
+        self._registry: str | None = None
+        self._poll_s = 5.0
+        self._follower: asyncio.Task | None = None
+        self._swap = asyncio.Lock()
+        self._asked: deque[bool] = deque(maxlen=CALL_RATE_WINDOW)  # the gate's recent decisions
+        self._kept: OrderedDict[str, None] = OrderedDict()  # LLM answers recently kept (label ids)
+        self.metrics = LoopMetrics()
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         from fusion.errors import ConfigError
+        from fusion.registry import is_registry
 
         path = user_config.get("bundle")
         if not isinstance(path, str) or not path:
-            raise ConfigError("Fusion's user_config needs 'bundle': the model bundle directory")
-        bundle = await asyncio.to_thread(Bundle.open, path)
-        ref = BundleRef(path, bundle.version, bundle.encoder_key)
-        if self.model is not None and self.model.ref == ref:
-            return
-        head = bundle.head()
-        # load the new encoder / LLM panel before the swap, so the first requests do not wait for it
-        await self.embedder.warm.remote(ref)
-        if head.layout.n_llms:
-            await self.scorer.warm.remote(ref)
-        old, self.model = self.model, _Model(head, ref, _info(bundle, head))
-        log.info("model %s from %s is live (was %s)", ref.version, path, old.ref.version if old else None)
+            raise ConfigError("Fusion's user_config needs 'bundle': the model bundle directory or a registry")
+        self._poll_s = float(user_config.get("registry_poll_s", 5.0))
+        self._registry = path if await asyncio.to_thread(is_registry, path) else None
+        await self._load(path)
+        if self._registry and self._follower is None:
+            self._follower = asyncio.get_running_loop().create_task(self._follow())
+
+    async def _load(self, path: str) -> None:
+        """Load the bundle at ``path`` (or the registry's champion) and swap it in once its parts are warm."""
+        from fusion.registry import resolve_bundle
+
+        async with self._swap:
+            bundle_dir = str(await asyncio.to_thread(resolve_bundle, path))
+            bundle = await asyncio.to_thread(Bundle.open, bundle_dir)
+            ref = BundleRef(bundle_dir, bundle.version, bundle.encoder_key)
+            if self.model is not None and self.model.ref == ref:
+                return
+            head = bundle.head()
+            # load the new encoder / LLM panel before the swap, so the first requests do not wait for it
+            await self.embedder.warm.remote(ref)
+            if head.layout.n_llms:
+                await self.scorer.warm.remote(ref)
+            old, self.model = self.model, _Model(head, ref, _info(bundle, head))
+            self.metrics.serving(ref.version, old.ref.version if old else None)
+            log.info("model %s from %s is live (was %s)", ref.version, bundle_dir, old.ref.version if old else None)
+
+    async def _follow(self) -> None:
+        """Roll out the registry's champion whenever it changes (a promotion or a rollback)."""
+        while True:
+            await asyncio.sleep(self._poll_s)
+            if self._registry is None:
+                continue
+            try:
+                await self._load(self._registry)
+            except Exception:  # a half-copied or broken champion: keep serving the current one
+                log.exception("could not roll out the champion of %s; still serving the current model", self._registry)
 
     def _current(self) -> _Model:
         if self.model is None:
@@ -237,7 +323,9 @@ class Fusion:
         return self.model
 
     async def info(self) -> dict[str, Any]:
-        return self._current().info
+        """The model's description, the registry it follows and its gate's recent LLM-call rate."""
+        rate = round(sum(self._asked) / len(self._asked), 4) if self._asked else None
+        return {**self._current().info, "registry": self._registry, "llm_call_rate": rate}
 
     async def classify(self, texts: list[str], llm: LLMMode = "auto") -> dict[str, Any]:
         """Labels, probabilities, LLM use and cost for ``texts``; ``llm``: auto (the model's gate), off, all.
@@ -256,7 +344,7 @@ class Fusion:
         if len(ok):
             emb = np.concatenate([e for e, _ in parts])[ok]
             for i, res in zip(ok, await self._answer(m, [texts[i] for i in ok], emb, llm), strict=True):
-                results[i] = res
+                results[i] = res if "error" in res else {**res, "text_id": text_id(texts[i])}
                 cost += res.get("llm_cost_usd", 0.0)
         return {
             "model_version": m.ref.version,
@@ -278,12 +366,53 @@ class Fusion:
             except Exception as err:  # degrade to the encoder-only path, and say so
                 scorer_error = f"LLM scorer unavailable: {type(err).__name__}: {err}"[:500]
                 log.warning("%s", scorer_error)
+        if m.head.layout.n_llms:
+            self._asked.extend(bool(a) for a in ask)
+            self.metrics.call_rate(sum(self._asked) / len(self._asked))
         results = m.head.fuse(emb, ask, scores, batches).results()
+        if batches and self.labels is not None:
+            await self._keep_answers(m, [texts[i] for i in idx], batches)
         if scorer_error:
             for i in idx:
                 if "error" not in results[i]:
                     results[i]["llm_error"] = "; ".join(filter(None, [results[i]["llm_error"], scorer_error]))
         return results
+
+    async def _keep_answers(self, m: _Model, texts: list[str], batches: dict[str, Any]) -> None:
+        """Every LLM answer this request used goes to the label store once (the loop learns from them).
+        A store that fails costs the loop those answers, never the request its answer."""
+        from fusion.labelstore import llm_labels
+        from fusion.llm.prompts import PROMPT_VERSION
+
+        records = []
+        for name, b in batches.items():
+            for r in llm_labels(
+                texts,
+                b.scores,
+                m.head.classes,
+                m.head.multilabel,
+                llm=name,
+                prompt_version=PROMPT_VERSION,
+                bundle_version=m.ref.version,
+                origin="serve",
+            ):
+                key = r.row()["label_id"]
+                if key not in self._kept:
+                    records.append(r)
+                    self._kept[key] = None
+        while len(self._kept) > KEPT_IDS:
+            self._kept.popitem(last=False)
+        if not records:
+            return
+        try:
+            await self.labels.add.remote(records)  # type: ignore[union-attr]
+        except Exception as err:
+            for r in records:
+                self._kept.pop(r.row()["label_id"], None)  # not kept: try again when they come back
+            self.metrics.labels_lost(len(records))
+            log.warning(
+                "could not keep %d LLM answers in the label store: %s: %s", len(records), type(err).__name__, err
+            )
 
 
 @serve.deployment(
@@ -297,12 +426,18 @@ class Fusion:
 class Ingress:
     """HTTP API: POST /v1/classify, GET /v1/model, GET /v1/kafka, GET /healthz, GET /readyz, /docs."""
 
-    def __init__(self, fusion: DeploymentHandle, settings: dict[str, Any], tagger: DeploymentHandle | None = None):
+    def __init__(
+        self,
+        fusion: DeploymentHandle,
+        settings: dict[str, Any],
+        tagger: DeploymentHandle | None = None,
+        labels: DeploymentHandle | None = None,
+    ):
         import os
 
         from fusion.errors import ConfigError
 
-        self.fusion, self.tagger, self.settings = fusion, tagger, parse_settings(settings)
+        self.fusion, self.tagger, self.labels, self.settings = fusion, tagger, labels, parse_settings(settings)
         self.token = None
         if env := self.settings.auth_token_env:
             self.token = os.environ.get(env, "").strip()
@@ -310,7 +445,7 @@ class Ingress:
                 raise ConfigError(f"auth_token_env is {env!r} but that environment variable is empty on this node")
 
     def __serve_build_asgi_app__(self) -> Any:
-        return http_api(self.fusion, self.settings, self.token, self.tagger)
+        return http_api(self.fusion, self.settings, self.token, self.tagger, self.labels)
 
 
 @serve.deployment(

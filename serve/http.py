@@ -24,8 +24,11 @@ from serve.metrics import HttpMetrics, TextMetrics
 from serve.schemas import (
     AUTH_ERRORS,
     CLASSIFY_ERRORS,
+    FEEDBACK_ERRORS,
     ClassifyRequest,
     ClassifyResponse,
+    FeedbackRequest,
+    FeedbackResponse,
     KafkaStats,
     ModelInfo,
     _errors,
@@ -86,7 +89,13 @@ def _unavailable(detail: str, retry_after_s: int = 1) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": str(retry_after_s)})
 
 
-def http_api(fusion: DeploymentHandle, s: AppSettings, token: str | None, tagger: DeploymentHandle | None) -> Any:
+def http_api(
+    fusion: DeploymentHandle,
+    s: AppSettings,
+    token: str | None,
+    tagger: DeploymentHandle | None,
+    labels: DeploymentHandle | None = None,
+) -> Any:
     """The FastAPI app of one Ingress replica."""
     import hmac
 
@@ -184,10 +193,59 @@ def http_api(fusion: DeploymentHandle, s: AppSettings, token: str | None, tagger
         )
         return out
 
+    @api.post(
+        "/v1/feedback",
+        response_model=FeedbackResponse,
+        dependencies=auth,
+        responses=FEEDBACK_ERRORS,
+    )
+    async def feedback(req: FeedbackRequest) -> Any:
+        """A person's label for a text (or a text_id a classification returned), kept in the label store."""
+        from fusion.labelstore import human_label
+        from fusion.texts import TextError, clean_text, text_id
+
+        if labels is None:
+            raise HTTPException(404, "this application keeps no labels (no 'label_store' in its args)")
+        if (req.text is None) == (req.text_id is None):
+            raise HTTPException(422, "give exactly one of 'text' or 'text_id'")
+        if (req.label is None) == (req.labels is None):
+            raise HTTPException(422, "give exactly one of 'label' or 'labels'")
+        info = await fusion.info.remote()
+        given = [req.label] if req.label is not None else list(req.labels or [])
+        unknown = sorted(set(given) - set(info["classes"]))
+        if unknown:
+            raise HTTPException(422, f"unknown class(es) {unknown}; this model knows {info['classes']}")
+        if not info["multilabel"] and len(given) != 1:
+            raise HTTPException(422, f"a multi-class model needs exactly one label, got {len(given)}")
+        if req.text is not None:
+            try:
+                text = clean_text(req.text, lim.max_chars)
+            except TextError as err:
+                raise HTTPException(422, str(err)) from None
+        else:
+            found = await labels.text_of.remote(req.text_id)
+            if found is None:
+                raise HTTPException(422, f"text_id {req.text_id!r} is not in the label store; send the text instead")
+            text = found
+        record = human_label(text, given, label_id=f"feedback:{req.id}", origin="http")
+        try:
+            await labels.add.remote([record])
+        except Exception as err:
+            log.warning("feedback %r not kept: %s: %s", req.id, type(err).__name__, err)
+            return _unavailable(f"the label store could not be written ({type(err).__name__}); retry with the same id")
+        return {"kept": True, "label_id": req.id, "text_id": text_id(text)}
+
     @api.get("/v1/model", response_model=ModelInfo, dependencies=auth, responses=AUTH_ERRORS)
     async def model() -> Any:
-        """The model being served: version, bundle, classes, encoder, LLMs, gate, validation metrics."""
-        return await fusion.info.remote()
+        """The model being served: version, bundle, classes, encoder, LLMs, gate, validation metrics, and the loop:
+        the registry followed, the recent LLM-call rate and the label store's counts."""
+        info = await fusion.info.remote()
+        if labels is not None:
+            try:
+                info["label_store"] = await labels.stats.remote()
+            except Exception as err:  # the model's description must not fail with the store
+                info["label_store"] = {"error": f"{type(err).__name__}: {err}"[:300]}
+        return info
 
     @api.get(
         "/v1/kafka",

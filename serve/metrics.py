@@ -113,3 +113,44 @@ class KafkaMetrics:
     @_never_raises
     def uncommitted(self, n: int) -> None:
         self.lag.set(n)
+
+
+class LoopMetrics:
+    """The learning loop: labels kept, the label store's size, the gate's recent call rate, the model served."""
+
+    def __init__(self) -> None:
+        m = _serve_metrics()
+        self.kept = m.Counter("labelfuse_labels_kept", "Labels written to the label store, by source.", ("source",))
+        self.lost = m.Counter("labelfuse_labels_lost", "LLM answers the label store could not take (store down).")
+        self.size = m.Gauge(
+            "labelfuse_label_store_labels", "Labels in the store (one per text), by source.", ("source",)
+        )
+        self.rate = m.Gauge("labelfuse_llm_call_rate", "Share of the last 1,000 texts the gate sent to the LLMs.")
+        self.model = m.Gauge("labelfuse_model_serving", "1 for the model version this replica serves.", ("version",))
+
+    @_never_raises
+    def labels_kept(self, records: list[Any]) -> None:
+        for source in ("human", "llm"):
+            n = sum(r.source == source for r in records)
+            if n:
+                self.kept.inc(n, {"source": source})
+
+    @_never_raises
+    def labels_lost(self, n: int) -> None:
+        if n > 0:
+            self.lost.inc(n)
+
+    @_never_raises
+    def store_size(self, stats: dict[str, Any]) -> None:
+        for source in ("human", "llm"):
+            self.size.set(stats[source], {"source": source})
+
+    @_never_raises
+    def call_rate(self, rate: float) -> None:
+        self.rate.set(rate)
+
+    @_never_raises
+    def serving(self, version: str, previous: str | None) -> None:
+        if previous is not None and previous != version:
+            self.model.set(0, {"version": previous})
+        self.model.set(1, {"version": version})

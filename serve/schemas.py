@@ -32,6 +32,7 @@ class ClassifyResult(BaseModel):
     gated_out: bool = Field(description="The encoder was confident enough; no LLM was asked.")
     llm_cost_usd: float = Field(description="List-price cost of the LLM answers used (cache hits included).")
     llm_error: str | None = Field(None, description="Why an LLM asked gave no answer (the encoder path answered).")
+    text_id: str = Field(description="The text's id (POST /v1/feedback can name the text by it).")
 
 
 class ClassifyResponse(BaseModel):
@@ -51,6 +52,35 @@ class ModelInfo(BaseModel):
     llms: list[dict[str, str]] = Field(description="name, provider and model of each fused LLM.")
     gating: dict[str, Any] = Field(description="enabled, and threshold: encoder confidence below which LLMs are asked.")
     validation: dict[str, float] = Field(description="accuracy, macro_f1, micro_f1, ece on the validation split.")
+    registry: str | None = Field(None, description="The model registry followed (its champion is served), if any.")
+    llm_call_rate: float | None = Field(
+        None, description="Share of this replica's last 1,000 texts its gate sent to the LLMs (None: no LLM)."
+    )
+    label_store: dict[str, Any] | None = Field(
+        None, description="The label store's uri and counts: parts, records, labels (one per text), human, llm."
+    )
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(
+        min_length=1,
+        max_length=200,
+        description="Your id for this label: sending the same id again (a retry) keeps it once; the later one wins.",
+    )
+    text: str | None = Field(None, description="The text labelled (or use 'text_id').")
+    text_id: str | None = Field(
+        None, min_length=1, max_length=64, description="Instead of 'text': the text_id a classification returned."
+    )
+    label: str | None = Field(None, description="The right class (multi-class models).")
+    labels: list[str] | None = Field(None, description="The right classes, possibly none (multi-label models).")
+
+
+class FeedbackResponse(BaseModel):
+    kept: bool = Field(description="True: the label is in the label store (on disk) and retraining will see it.")
+    label_id: str = Field(description="The id given.")
+    text_id: str = Field(description="The text's id.")
 
 
 class KafkaStats(BaseModel):
@@ -99,5 +129,15 @@ CLASSIFY_ERRORS = AUTH_ERRORS | _errors(
         "`limits.max_chars`) or that failed alone in the model. The detail names each such text by its index.",
         500: "A bug or a failed deployment; `request_id` finds the traceback in the replica's log.",
         503: "Over capacity: the queues are full. Retry after the `Retry-After` seconds.",
+    }
+)
+FEEDBACK_ERRORS = AUTH_ERRORS | _errors(
+    {
+        404: "The application keeps no labels (no `label_store` in its args).",
+        413: "The body is larger than `limits.max_body_bytes`.",
+        422: "The body does not match the schema; neither or both of `text` and `text_id`, or of `label` and `labels`; "
+        "a class the model does not know; not exactly one label for a multi-class model; a text the text rule "
+        "refuses; a `text_id` the store has not seen (send the text).",
+        503: "The label store could not be written; nothing was kept. Retry with the same `id`.",
     }
 )

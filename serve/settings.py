@@ -72,7 +72,18 @@ class KafkaSettings(_Strict):
 class AppSettings(_Strict):
     """``args`` of the labelfuse Serve application."""
 
-    bundle: str = Field(description="Model bundle directory, reachable from every node. Rolled out by user_config.")
+    bundle: str = Field(
+        description="Model bundle directory, or a model registry (`labelfuse registry`) whose champion is served and "
+        "followed: a promotion or rollback rolls out by itself. Reachable from every node. Rolled out by user_config."
+    )
+    registry_poll_s: float = Field(
+        5.0, gt=0, description="With a registry as `bundle`: how often each Fusion replica checks for a new champion."
+    )
+    label_store: str | None = Field(
+        None,
+        description="Label store directory or URI: POST /v1/feedback keeps people's labels there, and every LLM answer "
+        "the app pays for is kept too (`labelfuse retrain` learns from both). None: /v1/feedback answers 404.",
+    )
     threads: int = Field(1, ge=1, description="torch threads per Embedder replica (CPU).")
     limits: HttpLimits = Field(default_factory=HttpLimits)
     auth_token_env: str | None = Field(

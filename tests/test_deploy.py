@@ -128,3 +128,17 @@ def test_kuberay_rayjob_runs_a_backfill_our_parser_accepts():
     assert args.bundle and args.input and args.output
     assert spec["shutdownAfterJobFinishes"] is True
     _check_ray_cluster_spec(spec["rayClusterSpec"])
+
+
+def test_kuberay_raycronjob_retrains_on_a_schedule_with_options_our_parser_accepts():
+    from data_jobs import retrain
+
+    doc = _load("deploy/raycronjob.yaml")
+    assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayCronJob") and doc["metadata"]["name"]
+    assert len(doc["spec"]["schedule"].split()) == 5
+    job = doc["spec"]["jobTemplate"]
+    argv = shlex.split(job["entrypoint"])
+    assert argv[:3] == ["python", "-m", "data_jobs.retrain"]
+    args = retrain.build_parser().parse_args(argv[3:])  # exits (fails the test) on an unknown flag
+    assert args.store and args.registry and args.min_new_labels > 0
+    assert job["shutdownAfterJobFinishes"] is True and job["rayClusterSpec"]["headGroupSpec"]

@@ -150,6 +150,9 @@ def test_every_dead_letter_reason_is_in_the_kafka_guide():
 # -- every command in the docs ---------------------------------------------------------------------------------
 # Each command in the docs' ```bash blocks is checked against the code below; and each one is run by the test
 # named here (or by `make demo`, which runs `labelfuse demo`), or it is listed in NOT_RUN_HERE with the reason.
+RETRAIN = (
+    "tests/test_learning_loop.py::test_retrain_promotes_the_better_model_refuses_a_worse_one_and_rollback_restores"
+)
 RUN_BY = {
     "make demo": "tests/test_demo.py::test_demo_trains_serves_streams_reports_and_stops_only_what_it_started",
     "make test": ".ci/run",
@@ -166,6 +169,12 @@ RUN_BY = {
     "labelfuse prepare": "tests/test_benchmarks.py::test_reuters_recipe_trains_and_evaluates_multilabel",
     "labelfuse serve": "tests/test_serve_config.py::test_labelfuse_serve_one_command_serves_http_and_tags_kafka",
     "labelfuse dev-kafka": "tests/test_serve_config.py::test_dev_kafka_command_runs_a_broker_until_sigterm",
+    "labelfuse bootstrap": "tests/test_learning_loop.py::test_bootstrap_command_calibrates_on_gold_labels",
+    "labelfuse labels": "tests/test_loop.py::test_labels_command_imports_counts_and_compacts",
+    "labelfuse retrain": RETRAIN,
+    "labelfuse registry": RETRAIN,
+    "data_jobs.retrain": RETRAIN,
+    "data_jobs.bootstrap": "tests/test_learning_loop.py::test_bootstrap_from_class_names_trains_a_model_without_gold_labels",
     "data_jobs.embed": "tests/test_data_jobs.py::test_embed_job_writes_embeddings_and_keeps_bad_rows_with_a_reason",
     "data_jobs.score": "tests/test_data_jobs.py::test_score_train_and_backfill_with_the_local_llm",
     "data_jobs.train": "tests/test_data_jobs.py::test_score_train_and_backfill_with_the_local_llm",
@@ -174,6 +183,7 @@ RUN_BY = {
     "ray get-auth-token": "tests/test_data_jobs.py::test_ray_job_submit_runs_a_job_on_a_started_cluster",
     "ray job submit": "tests/test_data_jobs.py::test_ray_job_submit_runs_a_job_on_a_started_cluster",
     "curl /v1/classify": "tests/test_serve_http.py::test_classify_matches_the_library_and_reports_the_model",
+    "curl /v1/feedback": "tests/test_learning_loop.py::test_paid_llm_answers_and_feedback_are_kept_once_even_when_the_writer_dies",
     "python -c": "tests/test_serve_config.py::test_labelfuse_serve_one_command_serves_http_and_tags_kafka",
     "pytest": ".ci/run",
 }
@@ -249,13 +259,14 @@ def _check(argv: list[str]) -> str:
         assert args[0] in targets, f"no make target {args[0]}"
         return f"make {args[0]}"
     if cmd == "curl":
-        from serve.schemas import ClassifyRequest
+        from serve.schemas import ClassifyRequest, FeedbackRequest
 
         url = next(a for a in args if "localhost" in a or a.startswith("http"))
         path = "/" + url.split("//")[-1].split("/", 1)[1]
         assert path in json.loads((REPO / "docs" / "openapi.json").read_text())["paths"], path
         if "-d" in args:
-            ClassifyRequest.model_validate_json(args[args.index("-d") + 1])
+            schema = {"/v1/classify": ClassifyRequest, "/v1/feedback": FeedbackRequest}[path]
+            schema.model_validate_json(args[args.index("-d") + 1])
         return f"curl {path}"
     if cmd == "ray" and args[:2] == ["job", "submit"]:
         _check(args[args.index("--") + 1 :])  # the entrypoint

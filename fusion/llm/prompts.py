@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import string
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,20 +64,34 @@ def answer_keys(classes: Sequence[str]) -> list[str]:
     return list(string.ascii_uppercase[: len(classes)])
 
 
-def _question(classes: Sequence[str], keys: Sequence[str]) -> str:
+def _described(classes: Sequence[str], descriptions: Mapping[str, str] | None, sep: str = "\n") -> str:
+    """The class list with each class's one-line description where the config gives one."""
+    d = descriptions or {}
+    return sep.join(f"- {c}: {d[c]}" if d.get(c) else f"- {c}" for c in classes)
+
+
+def _question(classes: Sequence[str], keys: Sequence[str], descriptions: Mapping[str, str] | None = None) -> str:
+    d = descriptions or {}
     if list(keys) == list(classes):
+        if d:
+            return f"Categories:\n{_described(classes, d)}\nWhich category fits this text best? Answer with one word."
         options = ", ".join(classes[:-1]) + f" or {classes[-1]}" if len(classes) > 1 else classes[0]
         return f"Which category fits this text best: {options}? Answer with one word."
-    options = "\n".join(f"{k}: {c}" for k, c in zip(keys, classes, strict=True))
+    options = "\n".join(f"{k}: {c}" + (f" ({d[c]})" if d.get(c) else "") for k, c in zip(keys, classes, strict=True))
     return f"Which category fits this text best?\n{options}\nAnswer with the letter only."
 
 
 def multiclass_messages(
-    text: str, classes: Sequence[str], keys: Sequence[str], max_words: int, examples: Sequence[Example] = ()
+    text: str,
+    classes: Sequence[str],
+    keys: Sequence[str],
+    max_words: int,
+    examples: Sequence[Example] = (),
+    descriptions: Mapping[str, str] | None = None,
 ) -> list[dict[str, str]]:
     """The text first, then the question (measured on bbc-news with SmolLM2-135M, 100 texts:
     96% accuracy this way vs 78% with the categories in a system message before the text)."""
-    question = _question(classes, keys)
+    question = _question(classes, keys, descriptions)
     key_of = dict(zip(classes, keys, strict=True))
     msgs: list[dict[str, str]] = []
     for ex in examples:
@@ -88,15 +102,21 @@ def multiclass_messages(
 
 
 def json_messages(
-    text: str, classes: Sequence[str], multilabel: bool, max_words: int, examples: Sequence[Example] = ()
+    text: str,
+    classes: Sequence[str],
+    multilabel: bool,
+    max_words: int,
+    examples: Sequence[Example] = (),
+    descriptions: Mapping[str, str] | None = None,
 ) -> list[dict[str, str]]:
     what = (
         "For each category, give the probability (0 to 1) that it applies to the text; several or none may apply."
         if multilabel
         else "Give the probability (0 to 1) that the text belongs to each category; exactly one applies."
     )
+    listed = f"\n{_described(classes, descriptions)}" if descriptions else f" {', '.join(classes)}."
     question = (
-        f"Categories: {', '.join(classes)}.\n{what}\n"
+        f"Categories:{listed}\n{what}\n"
         "Answer with a JSON object only, with every category as a key and its probability as the value."
     )
     msgs: list[dict[str, str]] = []

@@ -133,10 +133,13 @@ class LLMScorer:
         *,
         ledger: Ledger | None = None,
         cache: ScoreCache | None = None,
+        descriptions: Mapping[str, str] | None = None,
     ):
+        """``descriptions``: a one-line description per class name, told to the LLM with the classes."""
         self.cfg = cfg
         self.name = cfg.name
         self.classes = list(classes)
+        self.descriptions = {c: descriptions[c] for c in self.classes if c in descriptions} if descriptions else {}
         self.multilabel = multilabel
         self.limits = limits or LLMLimitsConfig()
         self.endpoint: Endpoint = resolve_endpoint(cfg)
@@ -160,8 +163,12 @@ class LLMScorer:
 
     def messages(self, text: str, examples: Sequence[Example] = ()) -> list[dict[str, str]]:
         if self.mode == "logprobs":
-            return prompts.multiclass_messages(text, self.classes, self.keys, self.cfg.max_words, examples)
-        return prompts.json_messages(text, self.classes, self.multilabel, self.cfg.max_words, examples)
+            return prompts.multiclass_messages(
+                text, self.classes, self.keys, self.cfg.max_words, examples, self.descriptions
+            )
+        return prompts.json_messages(
+            text, self.classes, self.multilabel, self.cfg.max_words, examples, self.descriptions
+        )
 
     def _request(self, messages: list[dict[str, str]]) -> dict[str, Any]:
         req: dict[str, Any] = {
@@ -188,7 +195,7 @@ class LLMScorer:
             "max_words": self.cfg.max_words,
             "gen": {"max_tokens": self.max_tokens, "temperature": 0.0, "top_logprobs": TOP_LOGPROBS},
             "examples": [[e.text, list(e.labels)] for e in examples],
-        }
+        } | ({"descriptions": self.descriptions} if self.descriptions else {})
 
     def _worst_case(self, messages: list[dict[str, str]]) -> tuple[int, float]:
         """(estimated tokens for rate limits, upper-bound cost in $ for the budget).
@@ -405,6 +412,7 @@ class LLMPanel:
         ledger: Ledger | None = None,
         cache: ScoreCache | None = None,
         pool: ExamplePool | None = None,
+        descriptions: Mapping[str, str] | None = None,
     ):
         self.pool = pool
         self.few_shot = max((c.few_shot for c in configs), default=0)
@@ -414,7 +422,8 @@ class LLMPanel:
             cache = ScoreCache(self.limits.cache_path)
         self.cache = cache
         self.scorers = [
-            LLMScorer(c, classes, multilabel, self.limits, ledger=self.ledger, cache=cache) for c in configs
+            LLMScorer(c, classes, multilabel, self.limits, ledger=self.ledger, cache=cache, descriptions=descriptions)
+            for c in configs
         ]
 
     async def ascore(

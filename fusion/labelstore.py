@@ -1,0 +1,285 @@
+"""The label store: every label labelfuse learns from, human or LLM, in one place.
+
+A store is a directory (or a URI pyarrow's filesystem layer understands: ``file://``,
+``s3://``, ``gs://``) of append-only parquet parts. :meth:`LabelStore.append` writes one
+part per call, atomically: on a local disk to a hidden temporary name, then renamed; on an
+object store as one PUT, which is atomic by nature. A reader never sees half a part, and a
+writer that dies loses only the part it had not finished (its caller was not told "kept").
+
+Each record is one label for one text:
+
+- ``source`` ``"human"`` (from ``POST /v1/feedback``, a Kafka labels topic, a file) or
+  ``"llm"`` (an answer an LLM was paid for: its per-class ``scores``, which ``llm``, the
+  ``prompt_version`` and the ``bundle_version`` that asked);
+- ``label_id`` makes appends idempotent: a label written twice (a retried request, a Kafka
+  message re-delivered after a crash) is one label; the later write wins;
+- ``text_id`` (:func:`fusion.texts.text_id`) names the text; for the same text a human label
+  wins over an LLM's, and the latest of the same source wins.
+
+:meth:`LabelStore.labels` applies those rules and gives one row per text, with the LLM's
+scores beside a human label when both exist (the fusion head learns from both).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fusion.errors import ConfigError, DataError
+from fusion.texts import clean_text, text_id
+
+log = logging.getLogger(__name__)
+
+Source = Literal["human", "llm"]
+SOURCES: tuple[str, ...] = ("human", "llm")
+
+SCHEMA = pa.schema(
+    [
+        ("label_id", pa.string()),
+        ("text_id", pa.string()),
+        ("text", pa.string()),
+        ("source", pa.string()),
+        ("labels", pa.list_(pa.string())),
+        ("scores", pa.map_(pa.string(), pa.float32())),
+        ("llm", pa.string()),
+        ("prompt_version", pa.string()),
+        ("bundle_version", pa.string()),
+        ("origin", pa.string()),
+        ("created_at", pa.float64()),
+    ]
+)
+COLUMNS = tuple(SCHEMA.names)
+# LabelStore.labels(): one row per text
+LABEL_COLUMNS = (
+    "text_id",
+    "text",
+    "source",
+    "labels",
+    "created_at",
+    "label_id",
+    "origin",
+    "llm_scores",
+    "llm",
+    "prompt_version",
+)
+
+
+@dataclass
+class LabelRecord:
+    """One label for one text (see the module docstring); ``text_id`` and ``label_id`` default from the text."""
+
+    text: str
+    source: Source
+    labels: list[str]
+    scores: Mapping[str, float] | None = None  # llm: probability per class
+    label_id: str | None = None
+    text_id: str | None = None
+    llm: str | None = None
+    prompt_version: str | None = None
+    bundle_version: str | None = None
+    origin: str | None = None
+    created_at: float = field(default_factory=time.time)
+
+    def row(self) -> dict[str, Any]:
+        if self.source not in SOURCES:
+            raise DataError(f"label source must be one of {SOURCES}, got {self.source!r}")
+        tid = self.text_id or text_id(self.text)
+        scores = None if self.scores is None else [(str(k), float(v)) for k, v in self.scores.items()]
+        return {
+            "label_id": self.label_id or f"{self.source}:{self.llm or ''}:{tid}",
+            "text_id": tid,
+            "text": self.text,
+            "source": self.source,
+            "labels": list(self.labels),
+            "scores": scores,
+            "llm": self.llm,
+            "prompt_version": self.prompt_version,
+            "bundle_version": self.bundle_version,
+            "origin": self.origin,
+            "created_at": float(self.created_at),
+        }
+
+
+def human_label(
+    text: str, labels: str | Sequence[str], *, label_id: str | None = None, origin: str | None = None
+) -> LabelRecord:
+    """A person's label(s) for ``text`` (cleaned by the text rule)."""
+    labels = [labels] if isinstance(labels, str) else [str(x) for x in labels]
+    return LabelRecord(clean_text(text), "human", labels, label_id=label_id, origin=origin)
+
+
+def llm_labels(
+    texts: Sequence[str],
+    scores: np.ndarray,
+    classes: Sequence[str],
+    multilabel: bool,
+    *,
+    llm: str,
+    prompt_version: str | None = None,
+    bundle_version: str | None = None,
+    origin: str | None = None,
+) -> list[LabelRecord]:
+    """Records of an LLM's answers (``scores``: (n, k) in ``classes`` order; NaN rows, no answer, are skipped)."""
+    out = []
+    for text, row in zip(texts, np.asarray(scores, dtype=np.float64), strict=True):
+        if not np.isfinite(row).all():
+            continue
+        labels = [c for c, p in zip(classes, row, strict=True) if p >= 0.5] if multilabel else [classes[row.argmax()]]
+        out.append(
+            LabelRecord(
+                text,
+                "llm",
+                labels,
+                dict(zip(classes, row.tolist(), strict=True)),
+                llm=llm,
+                prompt_version=prompt_version,
+                bundle_version=bundle_version,
+                origin=origin,
+            )
+        )
+    return out
+
+
+def _filesystem(uri: str) -> tuple[Any, str, bool]:
+    """(pyarrow filesystem, path in it, is local) for a directory path or URI."""
+    from pyarrow import fs
+
+    if "://" not in uri:
+        uri = os.path.abspath(os.path.expanduser(uri))
+    try:
+        filesystem, path = fs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as err:
+        raise ConfigError(f"label store {uri!r}: {err}") from None
+    return filesystem, path.rstrip("/"), isinstance(filesystem, fs.LocalFileSystem)
+
+
+class LabelStore:
+    """Append-only parquet parts under ``uri`` (created on first use); see the module docstring."""
+
+    def __init__(self, uri: str | os.PathLike[str]):
+        self.uri = str(uri)
+        self.fs, self.path, self.local = _filesystem(self.uri)
+
+    def __repr__(self) -> str:
+        return f"LabelStore({self.uri!r})"
+
+    # -- writing --------------------------------------------------------------------------------------------
+    def append(self, records: Iterable[LabelRecord]) -> str | None:
+        """Write ``records`` as one part; returns its name (None when there was nothing to write).
+
+        The part is complete or absent: on return, every record is kept."""
+        rows = [r.row() for r in records]
+        if not rows:
+            return None
+        table = pa.Table.from_pylist(rows, schema=SCHEMA)
+        name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.parquet"
+        self.fs.create_dir(self.path, recursive=True)
+        final = f"{self.path}/{name}"
+        if self.local:  # write aside, flush to disk, then rename: the part appears whole or not at all
+            tmp = f"{self.path}/.{name}.tmp"
+            with open(tmp, "wb") as f:
+                pq.write_table(table, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        else:  # one PUT: object stores make a key visible only once it is complete
+            with self.fs.open_output_stream(final) as out:
+                pq.write_table(table, out)
+        return name
+
+    # -- reading --------------------------------------------------------------------------------------------
+    def parts(self) -> list[str]:
+        """Part names, oldest first (names start with their write time)."""
+        from pyarrow import fs
+
+        info = self.fs.get_file_info(fs.FileSelector(self.path, allow_not_found=True))
+        names = [i.base_name for i in info if i.type == fs.FileType.File]
+        return sorted(n for n in names if n.startswith("part-") and n.endswith(".parquet"))
+
+    def records(self, columns: Sequence[str] | None = None, after: str | None = None) -> pd.DataFrame:
+        """Every record as written (duplicates included), oldest part first; ``after``: only parts newer than it."""
+        cols = list(columns or COLUMNS)
+        tables = []
+        for name in self.parts():
+            if after is not None and name <= after:
+                continue
+            with self.fs.open_input_file(f"{self.path}/{name}") as f:
+                tables.append(pq.read_table(f, columns=cols))
+        if not tables:
+            return SCHEMA.empty_table().select(cols).to_pandas()
+        return pa.concat_tables(tables).to_pandas()
+
+    def labels(self) -> pd.DataFrame:
+        """One row per text: the winning label (human over LLM, then the latest), see the module docstring.
+
+        Columns: LABEL_COLUMNS; ``llm_scores`` ({class: p}), ``llm`` and ``prompt_version`` are the LLM's latest
+        answer for the text, beside a human label too (None when no LLM answered it)."""
+        df = self.records()
+        df = df.assign(order=np.arange(len(df))).drop_duplicates("label_id", keep="last")  # written twice: once
+        answers = df[df["source"] == "llm"].drop_duplicates("text_id", keep="last")
+        answers = answers[["text_id", "scores", "llm", "prompt_version"]].rename(columns={"scores": "llm_scores"})
+        win = df.assign(human=df["source"] == "human").sort_values(["human", "order"])
+        win = win.drop_duplicates("text_id", keep="last").sort_values("order")
+        out = win[["text_id", "text", "source", "labels", "created_at", "label_id", "origin"]]
+        out = out.merge(answers, on="text_id", how="left").reset_index(drop=True)
+        out["labels"] = out["labels"].map(list)
+        out["llm_scores"] = out["llm_scores"].map(lambda s: dict(s) if isinstance(s, list) else None)
+        return out[list(LABEL_COLUMNS)]
+
+    def stats(self) -> dict[str, Any]:
+        """Counts: parts, records written, labels kept (after the rules), of them human and LLM, and the newest part."""
+        parts = self.parts()
+        if not parts:
+            return {"parts": 0, "records": 0, "labels": 0, "human": 0, "llm": 0, "newest_part": None}
+        labels = self.labels()
+        human = int((labels["source"] == "human").sum())
+        return {
+            "parts": len(parts),
+            "records": len(self.records(["label_id"])),
+            "labels": len(labels),
+            "human": human,
+            "llm": len(labels) - human,
+            "newest_part": parts[-1],
+        }
+
+    def find_texts(self, text_ids: Iterable[str]) -> dict[str, str]:
+        """{text_id: text} for the ids the store has seen."""
+        wanted = set(text_ids)
+        if not wanted:
+            return {}
+        df = self.records(["text_id", "text"])
+        df = df[df["text_id"].isin(wanted)].drop_duplicates("text_id")
+        return dict(zip(df["text_id"], df["text"], strict=True))
+
+    def compact(self) -> int:
+        """Rewrite every part as one (records kept as written, duplicates included); returns parts removed.
+
+        Safe beside writers: the new part is written first, and only the parts it holds are deleted."""
+        parts = self.parts()
+        if len(parts) < 2:
+            return 0
+        df = self.records()
+        last = parts[-1]
+        table = pa.Table.from_pandas(df, schema=SCHEMA, preserve_index=False)
+        name = f"{last[: -len('.parquet')]}-compacted.parquet"  # sorts right after the newest part it holds
+        tmp = f"{self.path}/.{name}.tmp"
+        if self.local:
+            pq.write_table(table, tmp)
+            os.replace(tmp, f"{self.path}/{name}")
+        else:
+            with self.fs.open_output_stream(f"{self.path}/{name}") as out:
+                pq.write_table(table, out)
+        for p in parts:
+            self.fs.delete_file(f"{self.path}/{p}")
+        log.info("compacted %d parts of %s into %s", len(parts), self.uri, name)
+        return len(parts)

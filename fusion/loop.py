@@ -1,0 +1,266 @@
+"""The learning loop: retrain a challenger on the label store, compare it with the champion, promote or refuse.
+
+:func:`retrain` is what ``labelfuse retrain`` and ``python -m data_jobs.retrain`` run:
+
+1. **Labels.** :meth:`LabelStore.labels`: one label per text, a person's over an LLM's.
+   A person's label is a one-hot target with weight ``human_weight``; an LLM's answer is a
+   soft target (its per-class probabilities) weighted by its confidence (the top probability,
+   or for multilabel the mean of ``|2p - 1|``), so unsure answers count less. An LLM's stored
+   scores are also the LLM block of that text's features: retraining makes no LLM calls.
+2. **Held out.** A fixed slice of texts, chosen by a hash of the text id (``holdout_fraction``),
+   is never trained on, so every retrain is judged on the same kind of texts. Champion and
+   challenger are compared on the people's labels in it; with none yet, on their agreement
+   with the LLM's answers there through the encoder-only path (the fused path would copy the
+   LLM's own scores). The report says which.
+3. **The gate follows the model.** The challenger's gate threshold is fitted again on its
+   validation rows for the configured target accuracy (or call rate): as the encoder learns,
+   fewer texts fall below it, and fewer are sent to the LLM.
+4. **Promote** when the challenger is not worse than the champion (``min_delta``); otherwise
+   the refusal and its report are recorded. Either way the challenger is kept in the registry.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from fusion.bundle import Bundle
+from fusion.errors import DataError
+from fusion.head import FusionHead
+from fusion.labels import LabelSpace
+from fusion.labelstore import LabelStore
+from fusion.metrics import evaluate, headline_key
+from fusion.registry import Registry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    human_weight: float = 3.0  # a person's label counts this many times a fully confident LLM answer
+    holdout_fraction: float = 0.2  # texts (by text-id hash) never trained on: the comparison's slice
+    min_delta: float = 0.0  # promote when challenger >= champion - min_delta (headline metric)
+    min_new_labels: int = 0  # retrain only when the store has at least this many records since the champion's
+
+
+def in_holdout(text_ids: pd.Series, fraction: float) -> np.ndarray:
+    """The held-out texts: a fixed share by the hash in their id, the same at every retrain."""
+    return np.array([int(t[:8], 16) % 10_000 < fraction * 10_000 for t in text_ids], dtype=bool)
+
+
+def llm_confidence(p: np.ndarray, multilabel: bool) -> np.ndarray:
+    return np.abs(2 * p - 1).mean(axis=1) if multilabel else p.max(axis=1)
+
+
+@dataclass
+class Examples:
+    """The labelled texts as model inputs: soft targets, weights, the stored LLM scores as features."""
+
+    texts: list[str]
+    text_ids: list[str]
+    targets: np.ndarray  # (n, k)
+    weights: np.ndarray  # (n,)
+    human: np.ndarray  # (n,) bool
+    scores: dict[str, np.ndarray]  # {llm name: (n, k)} NaN rows where that LLM gave no stored answer
+    skipped: int  # labels outside the label space
+
+    def take(self, idx: np.ndarray) -> Examples:
+        return Examples(
+            [self.texts[i] for i in idx],
+            [self.text_ids[i] for i in idx],
+            self.targets[idx],
+            self.weights[idx],
+            self.human[idx],
+            {k: v[idx] for k, v in self.scores.items()},
+            0,
+        )
+
+    def hard(self, multilabel: bool) -> np.ndarray:
+        return (self.targets >= 0.5).astype(np.float32) if multilabel else self.targets.argmax(axis=1)
+
+
+def examples(labels: pd.DataFrame, space: LabelSpace, llm_names: tuple[str, ...], human_weight: float) -> Examples:
+    """Model inputs from :meth:`LabelStore.labels` rows; rows naming classes the model lacks are skipped."""
+    k, index = space.n_classes, {c: i for i, c in enumerate(space.classes)}
+    keep, targets, weights, human = [], [], [], []
+    scores = {name: [] for name in llm_names}  # type: dict[str, list[np.ndarray]]
+    nan_row = np.full(k, np.nan, np.float32)
+    for i, row in enumerate(labels.itertuples(index=False)):
+        answer = None
+        if isinstance(row.llm_scores, dict) and set(row.llm_scores) == set(space.classes):
+            answer = np.array([row.llm_scores[c] for c in space.classes], np.float32)
+        if row.source == "human":
+            if any(lab not in index for lab in row.labels) or (not space.multilabel and len(row.labels) != 1):
+                continue
+            t = np.zeros(k, np.float32)
+            t[[index[lab] for lab in row.labels]] = 1.0
+            w = human_weight
+        else:
+            if answer is None:
+                continue
+            t = answer if space.multilabel else answer / max(float(answer.sum()), 1e-9)
+            w = float(llm_confidence(t[None], space.multilabel)[0])
+        keep.append(i)
+        targets.append(t)
+        weights.append(w)
+        human.append(row.source == "human")
+        for name in llm_names:
+            scores[name].append(answer if answer is not None and row.llm == name else nan_row)
+    rows = labels.iloc[keep]
+    return Examples(
+        rows["text"].tolist(),
+        rows["text_id"].tolist(),
+        np.array(targets, np.float32).reshape(-1, k),
+        np.array(weights, np.float32),
+        np.array(human, bool),
+        {name: np.array(v, np.float32).reshape(-1, k) for name, v in scores.items()},
+        len(labels) - len(keep),
+    )
+
+
+def judge(head: FusionHead, emb: np.ndarray, ex: Examples, by_people: bool) -> dict[str, Any]:
+    """The headline metric of ``head`` on held-out examples, and its gate's LLM-call rate there.
+
+    People's labels: the gated answer, LLM scores from the store where the gate asks (no new calls).
+    LLM answers only: agreement of the encoder-only path with the LLM's decided labels."""
+    ml = head.multilabel
+    key = headline_key(ml)
+    y = ex.hard(ml)
+    if by_people:
+        given = {k: v for k, v in ex.scores.items() if k in head.layout.llm_names}
+        ask = head.ask(emb, "auto")
+        pred = head.fuse(emb, ask, {k: v[ask] for k, v in given.items()})
+        call_rate = float(ask.mean()) if head.layout.n_llms else 0.0
+    else:
+        pred = head.fuse(emb, np.zeros(len(emb), bool), {})
+        call_rate = float(head.ask(emb, "auto").mean()) if head.layout.n_llms else 0.0
+    m = evaluate(y, head.label_space.encode(pred.labels), pred.proba, head.label_space)
+    return {key: float(m[key]), "macro_f1": float(m["macro_f1"]), "llm_call_rate": call_rate}
+
+
+def new_records(store: LabelStore, registry: Registry) -> int:
+    """Records written to the store since the champion was trained (all of them without a champion)."""
+    watermark = None
+    champion = registry.champion()
+    if champion is not None:
+        watermark = Bundle.open(registry.bundle_path(champion)).manifest.get("training", {}).get("label_store_part")
+    return len(store.records(["label_id"], after=watermark))
+
+
+def retrain(
+    store: LabelStore,
+    registry: Registry,
+    settings: LoopSettings = LoopSettings(),
+    *,
+    config: Any = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Train a challenger on ``store``, compare it with ``registry``'s champion, promote it or not.
+
+    ``config`` (default: the champion's) sets the encoder, the LLMs, the gate and training. Returns the
+    promotion report (also saved in the registry); ``report["decision"]`` is promote, refuse or skip."""
+    from fusion.classifier import AutoFusionClassifier
+    from fusion.config import Config
+
+    start = time.perf_counter()
+    champion_v = registry.champion()
+    champion = None if champion_v is None else AutoFusionClassifier.load(registry.bundle_path(champion_v))
+    if config is None:
+        if champion is None:
+            raise DataError(f"registry {registry.root} has no champion: give a config for the first model")
+        config = champion.config
+    config = config if isinstance(config, Config) else Config.model_validate(config)
+    stats = store.stats()
+    report: dict[str, Any] = {"at": time.time(), "store": store.uri, "store_stats": stats, "champion": champion_v}
+    fresh = new_records(store, registry)
+    if fresh < settings.min_new_labels:
+        report.update(
+            decision="skip",
+            reason=f"{fresh} new label(s) since the champion; retraining needs {settings.min_new_labels}",
+        )
+        log.info("%s", report["reason"])
+        return report
+    if champion is not None:
+        space = champion._require_fitted().label_space
+    elif config.labels.classes:
+        space = LabelSpace(config.labels.classes, config.labels.mode == "multilabel")
+    else:
+        raise DataError("the first model needs labels.classes in its config")
+    config = config.model_copy(deep=True)
+    config.labels.classes = list(space.classes)
+    llm_names = tuple(c.name for c in config.llms)
+    ex = examples(store.labels(), space, llm_names, settings.human_weight)
+    if not len(ex.texts):
+        raise DataError(f"label store {store.uri} has no labels this model can learn from")
+    held = in_holdout(pd.Series(ex.text_ids), settings.holdout_fraction)
+    train, hold = ex.take(np.flatnonzero(~held)), ex.take(np.flatnonzero(held))
+    by_people = bool(hold.human.any())
+    if by_people:
+        hold = hold.take(np.flatnonzero(hold.human))
+    log.info(
+        "training a challenger on %d labels (%d people's), %d held out",
+        len(train.texts),
+        train.human.sum(),
+        len(hold.texts),
+    )
+
+    encoder = champion.encoder if champion is not None and not config.encoder.fine_tune else None
+    challenger = AutoFusionClassifier(config, encoder=encoder)
+    emb = challenger.encoder.embed(train.texts, progress=progress)
+    challenger.fit(
+        train.texts,
+        soft_labels=train.targets,
+        sample_weight=train.weights,
+        llm_scores=train.scores or None,
+        embeddings=emb,
+        progress=progress,
+    )
+    challenger.training["label_store_part"] = stats["newest_part"]
+    challenger.training["labels"] = {"human": int(train.human.sum()), "llm": int((~train.human).sum())}
+    registry.root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".challenger-", dir=registry.root) as tmp:
+        version = registry.register(challenger.save(Path(tmp) / "bundle"))
+
+    key = headline_key(space.multilabel)
+    report.update(
+        challenger=version,
+        trained_on={"labels": len(train.texts), "human": int(train.human.sum()), "skipped": ex.skipped},
+        holdout={
+            "kind": "human labels" if by_people else "agreement with the LLM (no human labels held out)",
+            "rows": len(hold.texts),
+        },
+        metric=key,
+        gate_threshold=challenger.head.gate_threshold if challenger.head else None,
+        training=challenger.training,
+    )
+    if len(hold.texts):
+        hold_emb = challenger.encoder.embed(hold.texts)
+        assert challenger.head is not None
+        report["challenger_scores"] = judge(challenger.head, hold_emb, hold, by_people)
+        if champion is not None and champion.head is not None:
+            champ_emb = hold_emb if encoder is not None else champion.encoder.embed(hold.texts)
+            report["champion_scores"] = judge(champion.head, champ_emb, hold, by_people)
+    c_score = report.get("challenger_scores", {}).get(key)
+    h_score = report.get("champion_scores", {}).get(key)
+    if champion is None:
+        decision, reason = "promote", "no champion yet"
+    elif c_score is None or h_score is None:
+        decision, reason = "refuse", "no held-out labels to compare on"
+    elif c_score >= h_score - settings.min_delta:
+        decision, reason = "promote", f"{key} {c_score:.4f} vs the champion's {h_score:.4f}"
+    else:
+        decision, reason = "refuse", f"{key} {c_score:.4f} is below the champion's {h_score:.4f}"
+    report.update(decision=decision, reason=reason, seconds=round(time.perf_counter() - start, 2))
+    if decision == "promote":
+        registry.promote(version, report)
+    else:
+        registry.refuse(version, report)
+    log.info("%s challenger %s: %s", decision, version, reason)
+    return report

@@ -1,0 +1,246 @@
+"""The learning loop's commands: ``bootstrap``, ``retrain``, ``registry`` and ``labels`` (see docs/learning-loop.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from fusion.args import add_config_args, add_llm_args, add_output_arg, config_from_args, with_llm_args
+from fusion.errors import ConfigError
+
+EPILOG = "The learning loop: docs/learning-loop.md. Errors exit with status 2."
+
+
+def add_loop_args(p: argparse.ArgumentParser) -> None:
+    """What ``labelfuse retrain`` and ``python -m data_jobs.retrain`` share."""
+    from fusion.loop import LoopSettings
+
+    d = LoopSettings()
+    p.add_argument("--store", required=True, metavar="URI", help="the label store: a directory or URI")
+    p.add_argument("--registry", required=True, metavar="DIR", help="the model registry (champion, bundles, reports)")
+    p.add_argument(
+        "--human-weight", type=float, default=d.human_weight, help="weight of a person's label against an LLM's"
+    )
+    p.add_argument(
+        "--holdout", type=float, default=d.holdout_fraction, help="share of texts held out for the comparison"
+    )
+    p.add_argument(
+        "--min-delta",
+        type=float,
+        default=d.min_delta,
+        help="promote when the challenger's headline metric is at least the champion's minus this",
+    )
+    p.add_argument(
+        "--min-new-labels",
+        type=int,
+        default=d.min_new_labels,
+        metavar="N",
+        help="skip unless the store has N new records since the champion was trained (for schedules)",
+    )
+    add_config_args(p)
+
+
+def loop_settings(args: argparse.Namespace) -> Any:
+    from fusion.loop import LoopSettings
+
+    if not 0 < args.holdout < 1:
+        raise ConfigError(f"--holdout must be in (0, 1), got {args.holdout}")
+    if args.human_weight <= 0:
+        raise ConfigError(f"--human-weight must be positive, got {args.human_weight}")
+    return LoopSettings(args.human_weight, args.holdout, args.min_delta, args.min_new_labels)
+
+
+def loop_config(args: argparse.Namespace) -> Any:
+    """The config given on the command line, or None to keep the champion's."""
+    return config_from_args(args) if args.config or args.overrides else None
+
+
+def print_report(report: dict[str, Any]) -> None:
+    print(json.dumps(report, indent=2, default=str))
+
+
+def add_commands(sub: Any) -> None:
+    b = sub.add_parser(
+        "bootstrap",
+        help="train a model from unlabelled texts and class names, with an LLM as the teacher",
+        epilog=EPILOG,
+        description="Asks the LLMs about --ask texts (first spread over the embedding space, then those a "
+        "provisional model is least sure about), trains on their soft labels and saves a bundle. With --gold, "
+        "calibration and the gate use those labelled texts; without, held-out LLM-labelled texts.",
+    )
+    b.add_argument("--input", required=True, metavar="FILE", help="unlabelled texts (.csv, .tsv, .jsonl, .parquet)")
+    b.add_argument("--text-column", metavar="NAME", help="column with the text (config: data.text_column)")
+    g = b.add_mutually_exclusive_group(required=True)
+    g.add_argument("--classes", metavar="A,B,..", help="the class names")
+    g.add_argument(
+        "--classes-file", metavar="FILE", help="YAML or JSON mapping each class name to a one-line description"
+    )
+    b.add_argument("--multilabel", action="store_true", help="multilabel task")
+    b.add_argument("--ask", type=int, required=True, metavar="N", help="texts to ask the LLMs about")
+    b.add_argument("--gold", metavar="FILE", help="a small labelled set (text and label columns) for calibration")
+    b.add_argument("--store", metavar="URI", help="keep every LLM answer (and --gold) in this label store")
+    b.add_argument("--registry", metavar="DIR", help="register the bundle and make it the champion")
+    add_config_args(b)
+    add_llm_args(b, train=True)
+    add_output_arg(b, "where to write the model bundle", metavar="DIR")
+    b.set_defaults(run=cmd_bootstrap)
+
+    r = sub.add_parser(
+        "retrain",
+        help="train a challenger on the label store; promote it if it is not worse than the champion",
+        epilog=EPILOG,
+        description="Trains on every label in --store (people's labels weighted above LLM answers), compares "
+        "with the registry's champion on held-out labels and promotes or refuses; prints the report, which "
+        "the registry keeps too. A Serve app whose bundle is the registry rolls the new champion out.",
+    )
+    add_loop_args(r)
+    r.set_defaults(run=cmd_retrain)
+
+    reg = sub.add_parser("registry", help="show the model registry, promote a bundle, or roll back", epilog=EPILOG)
+    reg.add_argument("action", choices=("show", "promote", "rollback"))
+    reg.add_argument("--registry", required=True, metavar="DIR", help="the model registry")
+    reg.add_argument("--bundle", metavar="DIR", help="promote: the bundle to register and make the champion")
+    reg.set_defaults(run=cmd_registry)
+
+    lab = sub.add_parser("labels", help="the label store: counts, import people's labels, compact", epilog=EPILOG)
+    lab.add_argument("action", choices=("stats", "import", "compact"))
+    lab.add_argument("--store", required=True, metavar="URI", help="the label store: a directory or URI")
+    lab.add_argument("--input", metavar="FILE", help="import: a table of texts and labels")
+    lab.add_argument("--text-column", default="text", help="import: the text column")
+    lab.add_argument("--label-column", default="label", help="import: the label column (a list for multilabel)")
+    lab.add_argument("--id-column", help="import: a column of label ids (a re-import then adds nothing)")
+    lab.set_defaults(run=cmd_labels)
+
+
+def read_classes(args: argparse.Namespace) -> tuple[list[str], dict[str, str] | None]:
+    if args.classes:
+        names = [c.strip() for c in args.classes.split(",") if c.strip()]
+        return names, None
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(args.classes_file).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"--classes-file {args.classes_file}: {err}") from None
+    if not isinstance(data, dict) or not all(isinstance(v, str) or v is None for v in data.values()):
+        raise ConfigError(f"--classes-file {args.classes_file}: expected a mapping of class name to description")
+    return [str(k) for k in data], {str(k): v for k, v in data.items() if v}
+
+
+def bootstrap_config(args: argparse.Namespace) -> Any:
+    """The config of ``bootstrap`` (command and job): --config/--set, the LLM options, the classes."""
+    from fusion.config import parse_config
+
+    classes, descriptions = read_classes(args)
+    data = with_llm_args(config_from_args(args), args).model_dump()
+    data["labels"].update(classes=classes, descriptions=descriptions)
+    if args.multilabel:
+        data["labels"]["mode"] = "multilabel"
+    if getattr(args, "text_column", None):
+        data["data"]["text_column"] = args.text_column
+    return parse_config(data, source="bootstrap options")
+
+
+def save_bootstrapped(clf: Any, report: dict[str, Any], output: str, registry: str | None) -> None:
+    """Save the bundle (the report inside, under training.bootstrap); register and promote it with ``registry``."""
+    clf.training["bootstrap"] = dict(report)
+    report["bundle"] = str(clf.save(output))
+    if registry:
+        from fusion.registry import Registry
+
+        reg = Registry(registry)
+        report["champion"] = reg.register(output)
+        reg.promote(report["champion"], {"bootstrap": report})
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    from fusion.bootstrap import bootstrap
+    from fusion.datasets import read_table, require_columns
+    from fusion.labelstore import LabelStore
+
+    config = bootstrap_config(args)
+    df = read_table(args.input)
+    column = config.data.text_column
+    require_columns(df, [column], "text")
+    gold: dict[str, Any] = {}
+    if args.gold:
+        g = read_table(args.gold)
+        label_col = config.data.label_column or "label"
+        require_columns(g, [column, label_col], "gold")
+        gold = {"gold_texts": g[column].tolist(), "gold_labels": g[label_col]}
+    store = LabelStore(args.store) if args.store else None
+    clf, report = bootstrap(df[column].tolist(), config, ask=args.ask, store=store, progress=not args.quiet, **gold)
+    save_bootstrapped(clf, report, args.output, args.registry)
+    print_report(report)
+    return 0
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    from fusion.labelstore import LabelStore
+    from fusion.loop import retrain
+    from fusion.registry import Registry
+
+    report = retrain(
+        LabelStore(args.store),
+        Registry(args.registry),
+        loop_settings(args),
+        config=loop_config(args),
+        progress=not args.quiet,
+    )
+    print_report(report)
+    return 0
+
+
+def cmd_registry(args: argparse.Namespace) -> int:
+    from fusion.registry import Registry
+
+    reg = Registry(args.registry)
+    if args.action == "promote":
+        if not args.bundle:
+            raise ConfigError("registry promote needs --bundle DIR")
+        version = reg.register(args.bundle)
+        reg.promote(version, {"manual": True, "bundle": args.bundle})
+        print(f"champion: {version}")
+    elif args.action == "rollback":
+        print(f"champion: {reg.rollback()} (rolled back)")
+    else:
+        state = reg.state()
+        print(json.dumps({"root": str(reg.root), **state, "versions": reg.versions()}, indent=2))
+    return 0
+
+
+def cmd_labels(args: argparse.Namespace) -> int:
+    from fusion.labelstore import LabelStore, human_label
+
+    store = LabelStore(args.store)
+    if args.action == "import":
+        from fusion.datasets import read_table, require_columns
+
+        if not args.input:
+            raise ConfigError("labels import needs --input FILE")
+        df = read_table(args.input)
+        require_columns(df, [args.text_column, args.label_column], "labels")
+        ids = df[args.id_column].astype(str).tolist() if args.id_column else [None] * len(df)
+        from fusion.errors import DataError
+        from fusion.labels import normalize_labels
+
+        records, refused = [], []
+        for row, (t, lab, i) in enumerate(zip(df[args.text_column], df[args.label_column], ids, strict=True)):
+            try:  # a bad row is refused alone, with its row number and reason
+                labels = normalize_labels([lab], multilabel=not isinstance(lab, str))[0]
+                if not labels:
+                    raise DataError("has no label")
+                records.append(human_label(t, labels, label_id=i, origin=f"import:{Path(args.input).name}"))
+            except DataError as err:
+                refused.append(f"row {row}: {err}")
+        store.append(records)
+        print(f"imported {len(records)} labels into {store.uri}", file=sys.stderr)
+        if refused:
+            print(f"refused {len(refused)} rows: " + "; ".join(refused[:5]), file=sys.stderr)
+    elif args.action == "compact":
+        print(f"compacted {store.compact()} parts", file=sys.stderr)
+    print(json.dumps(store.stats(), indent=2))
+    return 0
