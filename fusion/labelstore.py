@@ -22,6 +22,7 @@ scores beside a human label when both exist (the fusion head learns from both).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -260,6 +261,29 @@ class LabelStore:
         df = self.records(["text_id", "text"])
         df = df[df["text_id"].isin(wanted)].drop_duplicates("text_id")
         return dict(zip(df["text_id"], df["text"], strict=True))
+
+    # -- what was sent to people -----------------------------------------------------------------------------
+    def log_export(self, text_ids: Sequence[str], day: str | None = None) -> None:
+        """Remember that these texts were sent to people for a label (``exports/<day>-*.json``)."""
+        if not text_ids:
+            return
+        day = day or time.strftime("%Y-%m-%d", time.gmtime())
+        directory = f"{self.path}/exports"
+        self.fs.create_dir(directory, recursive=True)
+        name = f"{day}-{time.time_ns()}-{uuid.uuid4().hex[:8]}.json"
+        with self.fs.open_output_stream(f"{directory}/{name}") as out:
+            out.write(json.dumps(list(text_ids)).encode())
+
+    def exported(self) -> dict[str, str]:
+        """{text_id: the day it was sent to people} for every text ever exported."""
+        from pyarrow import fs
+
+        out: dict[str, str] = {}
+        for info in self.fs.get_file_info(fs.FileSelector(f"{self.path}/exports", allow_not_found=True)):
+            if info.type == fs.FileType.File and info.base_name.endswith(".json"):
+                with self.fs.open_input_stream(info.path) as f:
+                    out.update(dict.fromkeys(json.loads(f.read()), info.base_name[:10]))
+        return out
 
     def compact(self) -> int:
         """Rewrite every part as one (records kept as written, duplicates included); returns parts removed.

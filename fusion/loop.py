@@ -264,3 +264,63 @@ def retrain(
         registry.refuse(version, report)
     log.info("%s challenger %s: %s", decision, version, reason)
     return report
+
+
+def worth_asking(
+    store: LabelStore, champion: Any, n: int, *, max_per_day: int | None = None, candidates: int = 5000
+) -> pd.DataFrame:
+    """The texts a person's label would help most, at most ``n`` (and ``max_per_day`` a day), logged as exported.
+
+    Candidates are the newest ``candidates`` texts the LLMs answered and no person labelled or was sent yet.
+    Each is scored by what the champion's encoder-only path says about it: 2 when it disagrees with the
+    LLM, plus the lack of margin between its top two classes (0 to 1), plus how rare its predicted class is
+    among the candidates (0 to 1). Columns: text_id, text, llm_labels, model_labels, margin, reason."""
+    exported = store.exported()
+    if max_per_day is not None:
+        today = time.strftime("%Y-%m-%d", time.gmtime())
+        n = min(n, max_per_day - sum(day == today for day in exported.values()))
+    labels = store.labels()
+    cand = labels[(labels["source"] == "llm") & ~labels["text_id"].isin(list(exported))].tail(candidates)
+    columns = ["text_id", "text", "llm_labels", "model_labels", "margin", "reason"]
+    if n <= 0 or cand.empty:
+        return pd.DataFrame(columns=columns)
+    head = champion._require_fitted()
+    proba = head.proba(head.features(champion.encoder.embed(cand["text"].tolist())))  # every LLM missing
+    model_labels = head.decide(proba)
+    as_list = [m if isinstance(m, list) else [m] for m in model_labels]
+    disagree = np.array([sorted(m) != sorted(lab) for m, lab in zip(as_list, cand["labels"], strict=True)])
+    if head.multilabel:
+        margin = np.abs(2 * proba - 1).min(axis=1)
+    else:
+        top = np.sort(proba, axis=1)
+        margin = top[:, -1] - top[:, -2]
+    first = [m[0] if m else "" for m in as_list]
+    counts = pd.Series(first).map(pd.Series(first).value_counts()).to_numpy()
+    rarity = 1.0 - (counts - 1) / max(len(first) - 1, 1)
+    score = 2.0 * disagree + (1.0 - margin) + rarity
+    pick = np.argsort(-score, kind="stable")[:n]
+    reasons = [
+        "; ".join(
+            r
+            for r, on in (
+                ("the encoder and the LLM disagree", disagree[i]),
+                (f"low margin {margin[i]:.2f}", margin[i] < 0.2),
+                (f"rare predicted class {first[i]!r}", rarity[i] > 0.9),
+            )
+            if on
+        )
+        or "least sure"
+        for i in pick
+    ]
+    out = pd.DataFrame(
+        {
+            "text_id": cand["text_id"].to_numpy()[pick],
+            "text": cand["text"].to_numpy()[pick],
+            "llm_labels": [list(cand["labels"].iloc[i]) for i in pick],
+            "model_labels": [as_list[i] for i in pick],
+            "margin": np.round(margin[pick], 4),
+            "reason": reasons,
+        }
+    )
+    store.log_export(out["text_id"].tolist())
+    return out

@@ -105,13 +105,27 @@ def add_commands(sub: Any) -> None:
     reg.add_argument("--bundle", metavar="DIR", help="promote: the bundle to register and make the champion")
     reg.set_defaults(run=cmd_registry)
 
-    lab = sub.add_parser("labels", help="the label store: counts, import people's labels, compact", epilog=EPILOG)
-    lab.add_argument("action", choices=("stats", "import", "compact"))
+    lab = sub.add_parser(
+        "labels",
+        help="the label store: counts, import people's labels, export the texts most worth a label, compact",
+        epilog=EPILOG,
+        description="export: the texts the LLMs answered where a person's label would help most (the champion's "
+        "encoder disagrees with the LLM, a low margin, a rare predicted class), at most --count, and at most "
+        "--max-per-day a day; to --output FILE or a Kafka --topic. People answer with POST /v1/feedback or on the "
+        "labels topic, naming each text by its text_id.",
+    )
+    lab.add_argument("action", choices=("stats", "import", "export", "compact"))
     lab.add_argument("--store", required=True, metavar="URI", help="the label store: a directory or URI")
     lab.add_argument("--input", metavar="FILE", help="import: a table of texts and labels")
     lab.add_argument("--text-column", default="text", help="import: the text column")
     lab.add_argument("--label-column", default="label", help="import: the label column (a list for multilabel)")
     lab.add_argument("--id-column", help="import: a column of label ids (a re-import then adds nothing)")
+    lab.add_argument("--registry", metavar="DIR", help="export: the registry whose champion ranks the texts")
+    lab.add_argument("--count", type=int, default=100, help="export: texts at most (default: 100)")
+    lab.add_argument("--max-per-day", type=int, help="export: texts at most per day, counting earlier exports")
+    lab.add_argument("--output", metavar="FILE", help="export: a .jsonl, .csv or .parquet file")
+    lab.add_argument("--topic", help="export: a Kafka topic instead (one JSON message per text, keyed by text_id)")
+    lab.add_argument("--kafka-bootstrap", metavar="HOST:PORT,..", help="export: the brokers of --topic")
     lab.set_defaults(run=cmd_labels)
 
 
@@ -240,7 +254,38 @@ def cmd_labels(args: argparse.Namespace) -> int:
         print(f"imported {len(records)} labels into {store.uri}", file=sys.stderr)
         if refused:
             print(f"refused {len(refused)} rows: " + "; ".join(refused[:5]), file=sys.stderr)
+    elif args.action == "export":
+        export(args, store)
     elif args.action == "compact":
         print(f"compacted {store.compact()} parts", file=sys.stderr)
     print(json.dumps(store.stats(), indent=2))
     return 0
+
+
+def export(args: argparse.Namespace, store: Any) -> None:
+    from fusion.classifier import AutoFusionClassifier
+    from fusion.loop import worth_asking
+    from fusion.registry import resolve_bundle
+
+    if not args.registry or (args.output is None) == (args.topic is None):
+        raise ConfigError("labels export needs --registry and one of --output FILE or --topic (with --kafka-bootstrap)")
+    if args.topic and not args.kafka_bootstrap:
+        raise ConfigError("labels export --topic needs --kafka-bootstrap")
+    champion = AutoFusionClassifier.load(resolve_bundle(args.registry))
+    picked = worth_asking(store, champion, args.count, max_per_day=args.max_per_day)
+    if args.output:
+        from fusion.datasets import write_table
+
+        write_table(picked, args.output)
+    else:
+        try:
+            from kafka import KafkaProducer  # type: ignore[import-untyped]
+        except ImportError:
+            raise ConfigError("labels export --topic needs kafka-python: pip install 'labelfuse[ray]'") from None
+
+        producer = KafkaProducer(bootstrap_servers=args.kafka_bootstrap.split(","), acks="all")
+        for row in picked.to_dict("records"):
+            producer.send(args.topic, key=row["text_id"].encode(), value=json.dumps(row, default=str).encode())
+        producer.flush()
+        producer.close()
+    print(f"exported {len(picked)} texts to {args.output or args.topic}", file=sys.stderr)

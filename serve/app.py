@@ -43,7 +43,7 @@ def build(settings: AppSettings | dict[str, Any], options: dict[str, dict[str, A
     # the tagger is bound into the graph through Ingress, which serves its counters at GET /v1/kafka
     tagger = None
     if s.kafka is not None:
-        tagger = bind(KafkaTagger, fusion, s.kafka.model_dump(), num_replicas=s.kafka.replicas)
+        tagger = bind(KafkaTagger, fusion, s.kafka.model_dump(), labels, num_replicas=s.kafka.replicas)
     return bind(Ingress, fusion, s.model_dump(exclude={"kafka"}), tagger, labels)
 
 

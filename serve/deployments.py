@@ -457,11 +457,11 @@ class Ingress:
 class KafkaTagger:
     """Tags Kafka messages in real time through Fusion; replicas share one consumer group."""
 
-    def __init__(self, fusion: DeploymentHandle, settings: dict[str, Any]):
+    def __init__(self, fusion: DeploymentHandle, settings: dict[str, Any], labels: DeploymentHandle | None = None):
         from ray.exceptions import RayActorError
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-        from serve.kafka import GraphUnavailable, TaggerLoop
+        from serve.kafka import GraphUnavailable, LabelsLoop, TaggerLoop
         from serve.settings import KafkaSettings
 
         s = KafkaSettings.model_validate(settings)
@@ -477,16 +477,29 @@ class KafkaTagger:
             text_metrics.observe("kafka", out["results"])
             return out
 
-        name = f"tagger-{serve.get_replica_context().replica_id.unique_id}"
-        self.loop = TaggerLoop(s, classify, name=name, metrics=KafkaMetrics())
-        self.loop.start()
+        replica = serve.get_replica_context().replica_id.unique_id
+        self.loop = TaggerLoop(s, classify, name=f"tagger-{replica}", metrics=KafkaMetrics())
+        self.loops = [self.loop]
+        if s.labels_topic and labels is not None:
+            self.loops.append(
+                LabelsLoop(
+                    s,
+                    keep=lambda records: labels.add.remote(records).result(timeout_s=timeout),
+                    text_of=lambda tid: labels.text_of.remote(tid).result(timeout_s=timeout),
+                    model=lambda: fusion.info.remote().result(timeout_s=timeout),
+                    name=f"labels-{replica}",
+                )
+            )
+        for loop in self.loops:
+            loop.start()
 
     def check_health(self) -> None:
-        if not self.loop.alive:
-            raise RuntimeError(f"the Kafka loop stopped: {self.loop.stats()['error']}")
+        for loop in self.loops:
+            if not loop.alive:
+                raise RuntimeError(f"the Kafka loop {loop.name} stopped: {loop.stats()['error']}")
 
     def stats(self) -> dict[str, Any]:
         return self.loop.stats()
 
     async def __del__(self) -> None:
-        await asyncio.to_thread(self.loop.stop)
+        await asyncio.gather(*(asyncio.to_thread(loop.stop) for loop in self.loops))

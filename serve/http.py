@@ -201,33 +201,22 @@ def http_api(
     )
     async def feedback(req: FeedbackRequest) -> Any:
         """A person's label for a text (or a text_id a classification returned), kept in the label store."""
-        from fusion.labelstore import human_label
-        from fusion.texts import TextError, clean_text, text_id
+        from fusion.errors import DataError
+        from fusion.texts import text_id
+        from serve import feedback as fb
 
         if labels is None:
             raise HTTPException(404, "this application keeps no labels (no 'label_store' in its args)")
-        if (req.text is None) == (req.text_id is None):
-            raise HTTPException(422, "give exactly one of 'text' or 'text_id'")
-        if (req.label is None) == (req.labels is None):
-            raise HTTPException(422, "give exactly one of 'label' or 'labels'")
         info = await fusion.info.remote()
-        given = [req.label] if req.label is not None else list(req.labels or [])
-        unknown = sorted(set(given) - set(info["classes"]))
-        if unknown:
-            raise HTTPException(422, f"unknown class(es) {unknown}; this model knows {info['classes']}")
-        if not info["multilabel"] and len(given) != 1:
-            raise HTTPException(422, f"a multi-class model needs exactly one label, got {len(given)}")
-        if req.text is not None:
-            try:
-                text = clean_text(req.text, lim.max_chars)
-            except TextError as err:
-                raise HTTPException(422, str(err)) from None
-        else:
-            found = await labels.text_of.remote(req.text_id)
-            if found is None:
+        try:
+            text, given = fb.check(req, info["classes"], info["multilabel"], lim.max_chars)
+        except DataError as err:
+            raise HTTPException(422, str(err)) from None
+        if text is None:
+            text = await labels.text_of.remote(req.text_id)
+            if text is None:
                 raise HTTPException(422, f"text_id {req.text_id!r} is not in the label store; send the text instead")
-            text = found
-        record = human_label(text, given, label_id=f"feedback:{req.id}", origin="http")
+        record = fb.record(req, text, given, "http")
         try:
             await labels.add.remote([record])
         except Exception as err:

@@ -48,6 +48,7 @@ ERROR_HEADER = "labelfuse.error"
 Classify = Callable[[list[str]], dict[str, Any]]  # texts -> Fusion.classify's answer
 COUNTERS = ("consumed", "tagged", "dead_lettered", "failed_alone", "graph_failures", "batches", "commits",
             "commit_failures", "retries", "pauses")  # fmt: skip
+LABEL_COUNTERS = ("consumed", "kept", "dead_lettered", "batches", "commits", "commit_failures", "pauses")
 
 
 class GraphUnavailable(Exception):
@@ -62,26 +63,40 @@ class Decoded:
     error: str | None = None
 
 
+class BadMessage(ValueError):
+    """Why a message cannot be used (the dead letter's ``labelfuse.error`` header)."""
+
+
+def message_text(raw: bytes | None) -> str:
+    if raw is None:
+        raise BadMessage("empty message (null value)")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise BadMessage(f"value is not valid UTF-8 ({err.reason} at byte {err.start})") from None
+
+
+def message_json(raw: bytes | None) -> Any:
+    value = message_text(raw)
+    try:
+        return load_json(value)
+    except json.JSONDecodeError as err:
+        raise BadMessage(f"value is not valid JSON ({err.msg} at char {err.pos})") from None
+    except ValueError as err:  # too deep, or an integer of over 4,300 digits
+        raise BadMessage(f"value is not valid JSON ({str(err)[:100]})") from None
+
+
 def decode(record: Any, s: KafkaSettings) -> Decoded:
     """The text (and id) of one message, or why it cannot be classified."""
-    raw = record.value
-    if raw is None:
-        return Decoded(record, error="empty message (null value)")
-    try:
-        value = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        return Decoded(record, error=f"value is not valid UTF-8 ({err.reason} at byte {err.start})")
     msg_id = None
+    try:
+        value = message_json(record.value) if s.value_format == "json" else message_text(record.value)
+    except BadMessage as err:
+        return Decoded(record, error=str(err))
     if s.value_format == "json":
-        try:
-            obj = load_json(value)
-        except json.JSONDecodeError as err:
-            return Decoded(record, error=f"value is not valid JSON ({err.msg} at char {err.pos})")
-        except ValueError as err:  # too deep, or an integer of over 4,300 digits
-            return Decoded(record, error=f"value is not valid JSON ({str(err)[:100]})")
-        if not isinstance(obj, dict):
-            return Decoded(record, error=f"JSON value is a {type(obj).__name__}, expected an object")
-        text, msg_id = obj.get(s.text_field), obj.get(s.id_field)
+        if not isinstance(value, dict):
+            return Decoded(record, error=f"JSON value is a {type(value).__name__}, expected an object")
+        text, msg_id = value.get(s.text_field), value.get(s.id_field)
         if not isinstance(text, str):
             what = "missing" if text is None else f"a {type(text).__name__}, not a string"
             return Decoded(record, id=msg_id, error=f"field {s.text_field!r} is {what}")
@@ -112,6 +127,7 @@ class TaggerLoop:
         self.error: BaseException | None = None
         self.counts = dict.fromkeys(COUNTERS, 0)
         self.assignment: list[str] = []
+        self.topics, self.group_id = list(settings.input_topics), settings.group_id
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def start(self) -> TaggerLoop:
@@ -158,9 +174,9 @@ class TaggerLoop:
 
         s = self.s
         consumer = KafkaConsumer(
-            *s.input_topics,
+            *self.topics,
             bootstrap_servers=s.bootstrap_servers,
-            group_id=s.group_id,
+            group_id=self.group_id,
             enable_auto_commit=False,
             auto_offset_reset=s.auto_offset_reset,
             max_poll_records=s.batch_size,
@@ -179,7 +195,7 @@ class TaggerLoop:
         pool = ThreadPoolExecutor(self.s.max_in_flight, thread_name_prefix=f"labelfuse-{self.name}-batch")
         try:
             consumer, producer = self._clients()
-            log.info("%s: consuming %s as group %r", self.name, self.s.input_topics, self.s.group_id)
+            log.info("%s: consuming %s as group %r", self.name, self.topics, self.group_id)
             while not self._stop.is_set():
                 self._finish_done(consumer, inflight, block=False)
                 full = len(inflight) >= self.s.max_in_flight
@@ -265,21 +281,28 @@ class TaggerLoop:
             }
             futures.append(producer.send(s.output_topic, key=r.key, value=json.dumps(out).encode()))
             tagged += 1
-        for d in decoded:
-            if d.error is not None:
-                r = d.record
-                headers = [
-                    (ERROR_HEADER, d.error.encode()),
-                    ("labelfuse.source", f"{r.topic}:{r.partition}:{r.offset}".encode()),
-                ]
-                futures.append(producer.send(s.dead_letter_topic, key=r.key, value=r.value, headers=headers))
-        deadline = time.monotonic() + s.produce_timeout_s
-        for f in futures:
-            f.get(timeout=max(0.1, deadline - time.monotonic()))  # raises if a result was not acknowledged
+        futures += self._dead_letters(producer, [(d.record, d.error) for d in decoded if d.error is not None])
+        self._wait(futures)
         self._count("tagged", tagged)
         self._count("dead_lettered", len(decoded) - tagged)
         self._count("failed_alone", alone)
         self._count("batches")
+
+    def _dead_letters(self, producer: Any, bad: list[tuple[Any, str]]) -> list[Any]:
+        """Send each (message, reason) to the dead-letter topic: original key and bytes, the reason in a header."""
+        futures = []
+        for r, reason in bad:
+            headers = [
+                (ERROR_HEADER, reason.encode()),
+                ("labelfuse.source", f"{r.topic}:{r.partition}:{r.offset}".encode()),
+            ]
+            futures.append(producer.send(self.s.dead_letter_topic, key=r.key, value=r.value, headers=headers))
+        return futures
+
+    def _wait(self, futures: list[Any]) -> None:
+        deadline = time.monotonic() + self.s.produce_timeout_s
+        for f in futures:
+            f.get(timeout=max(0.1, deadline - time.monotonic()))  # raises if a message was not acknowledged
 
     def _classify_each(self, texts: list[str]) -> list[tuple[dict[str, Any], str | None]]:
         """(result, model version) per text; a result with ``error`` failed alone (see the module doc)."""
@@ -323,6 +346,54 @@ class TaggerLoop:
                 log.warning("%s: classifying a batch failed (%s); retry in %.1f s", self.name, err, delay)
                 time.sleep(delay)
         raise AssertionError("unreachable")
+
+
+class LabelsLoop(TaggerLoop):
+    """People's labels from ``labels_topic`` into the label store (:mod:`serve.feedback`'s rules).
+
+    The same consume → process → commit loop as the tagger, in its own consumer group: a batch's
+    labels are written to the store (one part) and its bad messages dead-lettered with the reason
+    before its offsets are committed. A store that cannot be written stops the loop without
+    committing (the replica is replaced and the batch re-read); labels are idempotent by their id
+    (``feedback:<id>``), so a re-read batch is kept once."""
+
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        keep: Callable[[list[Any]], None],
+        text_of: Callable[[str], str | None],
+        model: Callable[[], dict[str, Any]],
+        name: str = "labels",
+    ):
+        super().__init__(settings, classify=lambda texts: {}, name=name)
+        assert settings.labels_topic is not None
+        self.topics, self.group_id = [settings.labels_topic], f"{settings.group_id}-labels"
+        self.keep, self.text_of, self.model = keep, text_of, model
+        self.counts = dict.fromkeys(LABEL_COUNTERS, 0)
+
+    def _process(self, records: list[Any], producer: Any) -> None:
+        from fusion.errors import DataError
+        from serve import feedback as fb
+
+        info = self.model()
+        kept, bad = [], []
+        for r in records:
+            try:
+                req = fb.parse(message_json(r.value))
+                text, labels = fb.check(req, info["classes"], info["multilabel"], self.s.max_chars)
+                if text is None:
+                    text = self.text_of(req.text_id or "")
+                    if text is None:
+                        raise DataError(f"text_id {req.text_id!r} is not in the label store; send the text")
+                kept.append(fb.record(req, text, labels, f"kafka:{r.topic}"))
+            except (DataError, BadMessage) as err:
+                bad.append((r, str(err)[:500]))
+        if kept:
+            self.keep(kept)  # raises when the store cannot be written: nothing is committed
+        self._wait(self._dead_letters(producer, bad))
+        self._count("kept", len(kept))
+        self._count("dead_lettered", len(bad))
+        self._count("batches")
 
 
 def _str(err: BaseException | None) -> str | None:

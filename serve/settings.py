@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fusion.errors import ConfigError
 from fusion.head import LLMMode
@@ -47,6 +47,12 @@ class KafkaSettings(_Strict):
     linger_ms: int = Field(50, ge=0, description="How long a poll waits for a batch to fill.")
     max_in_flight: int = Field(4, ge=1, description="Batches in the graph at once; beyond it, partitions are paused.")
     llm: LLMMode = Field("auto", description="LLM use per message (see POST /v1/classify).")
+    labels_topic: str | None = Field(
+        None,
+        description="A topic of people's labels: JSON feedback items as POST /v1/feedback takes them, kept in the "
+        "app's label_store (needed then); bad ones go to the dead-letter topic with the reason. Consumed by "
+        "group `<group_id>-labels`.",
+    )
     session_timeout_ms: int = Field(10_000, ge=1000, description="Consumer group session timeout.")
     heartbeat_interval_ms: int = Field(3_000, ge=100, description="Consumer heartbeat interval.")
     max_poll_interval_ms: int = Field(
@@ -93,6 +99,12 @@ class AppSettings(_Strict):
     )
     ledger_name: str = Field("labelfuse-serve-ledger", description="Named Ray actor holding the LLM budget/rates.")
     kafka: KafkaSettings | None = Field(None, description="Tag Kafka topics too; none: HTTP only.")
+
+    @model_validator(mode="after")
+    def _labels_need_a_store(self) -> AppSettings:
+        if self.kafka is not None and self.kafka.labels_topic and not self.label_store:
+            raise ValueError("kafka.labels_topic needs label_store: where the labels are kept")
+        return self
 
 
 def parse_settings(args: dict[str, Any] | AppSettings) -> AppSettings:

@@ -5,6 +5,7 @@ The one fake is the served model's LLM: a scripted OpenAI-compatible stub standi
 because the answers the loop keeps are the ones the app pays for.
 """
 
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,14 +23,17 @@ from fusion.cli import main as cli
 from fusion.labelstore import LabelStore
 from fusion.registry import Registry
 from serve.app import build
+from serve.dev_kafka import DEV_CLIENT, create_topics, dev_kafka_args
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 APP = "labelfuse-loop"
+TOPICS = ("loop-labels", "loop-in", "loop-out", "loop-dead")  # labels, then the tagger's in, out, dead letters
 
 
 @pytest.fixture(scope="module")
-def loop(serve_url, encoder, bbc, tmp_path_factory):
-    """The app serving a registry's champion (a poor model, on purpose) and keeping labels in a store."""
+def loop(serve_url, kafka_broker, encoder, bbc, tmp_path_factory):
+    """The app serving a registry's champion (a poor model, on purpose), keeping labels in a store, and
+    reading people's labels from a Kafka topic too."""
     root = tmp_path_factory.mktemp("loop")
     classes = sorted(bbc["train"]["label"].unique())
     truth = dict(zip(bbc["train"]["text"], bbc["train"]["label"], strict=True))
@@ -44,10 +48,15 @@ def loop(serve_url, encoder, bbc, tmp_path_factory):
         version = reg.register(champion.save(root / "poor"))
         reg.promote(version)
         store = root / "labels"
-        settings = {"bundle": str(reg.root), "registry_poll_s": 0.5, "label_store": str(store)}
+        create_topics(kafka_broker.bootstrap, [TOPICS[0], TOPICS[1]], 2)
+        create_topics(kafka_broker.bootstrap, [TOPICS[2]], 1)
+        kafka = dev_kafka_args(kafka_broker.bootstrap, list(TOPICS[1:]), "loop-tagger", batch_size=16)
+        kafka["labels_topic"] = TOPICS[0]
+        settings = {"bundle": str(reg.root), "registry_poll_s": 0.5, "label_store": str(store), "kafka": kafka}
         serve.run(build(settings), name=APP, route_prefix="/")
         try:
-            yield {"url": serve_url, "registry": reg, "store": LabelStore(store), "first": version, "stub": stub}
+            yield {"url": serve_url, "registry": reg, "store": LabelStore(store), "first": version,
+                   "bootstrap": kafka_broker.bootstrap}  # fmt: skip
         finally:
             serve.delete(APP)
 
@@ -129,6 +138,58 @@ def test_paid_llm_answers_and_feedback_are_kept_once_even_when_the_writer_dies(l
     info = requests.get(f"{url}/v1/model", timeout=30).json()
     assert info["registry"] == str(loop["registry"].root) and info["llm_call_rate"] is not None
     assert info["label_store"]["human"] == 120 and info["label_store"]["llm"] >= 0
+
+
+def test_labels_from_a_kafka_topic_are_kept_once_through_a_killed_consumer_and_bad_ones_dead_lettered(loop, bbc):
+    from kafka import KafkaConsumer, KafkaProducer
+
+    store, run = loop["store"], f"k{time.monotonic_ns() % 10**6}"
+    rows = sample(bbc["test"], 60, seed=12)
+    good = [
+        {"id": f"{run}-{i}", "text": t, "label": lab}
+        for i, (t, lab) in enumerate(zip(rows["text"], rows["label"], strict=True))
+    ]
+    bad = {
+        f"{run}-class": ({"id": "b1", "text": "t", "label": "weather"}, "unknown class"),
+        f"{run}-noid": ({"text": "t", "label": "tech"}, "id: Field required"),
+        f"{run}-json": (b"{not json", "JSON"),
+        f"{run}-both": ({"id": "b2", "text": "t", "label": "tech", "labels": ["tech"]}, "exactly one of 'label'"),
+        f"{run}-unseen": ({"id": "b3", "text_id": "ffffffffffffffff", "label": "tech"}, "not in the label store"),
+    }
+    p = KafkaProducer(bootstrap_servers=loop["bootstrap"])
+
+    def send(key, value):
+        p.send(TOPICS[0], key=key.encode(), value=value if isinstance(value, bytes) else json.dumps(value).encode())
+
+    for i, g in enumerate(good):
+        send(g["id"], g)
+        if i == 30:
+            for key, (v, _) in bad.items():
+                send(key, v)
+            p.flush()
+            deadline = time.monotonic() + 60  # let the consumer take part of the stream, then kill its replica
+            while store.labels()["label_id"].str.startswith(f"feedback:{run}").sum() < 10:
+                assert time.monotonic() < deadline, "no Kafka label kept"
+                time.sleep(0.2)
+            [tagger] = [a for a in ray.util.list_named_actors(all_namespaces=True) if f"{APP}#KafkaTagger" in a["name"]]
+            ray.kill(ray.get_actor(tagger["name"], namespace=tagger["namespace"]), no_restart=True)  # like kill -9
+    p.flush()
+    p.close()
+    deadline = time.monotonic() + 120
+    while True:
+        human = store.labels().query("source == 'human'")
+        ids = human.loc[human["label_id"].str.startswith(f"feedback:{run}"), "label_id"]
+        if len(ids) >= len(good) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert sorted(ids) == sorted(f"feedback:{g['id']}" for g in good)  # each exactly once
+    c = KafkaConsumer(TOPICS[3], bootstrap_servers=loop["bootstrap"], group_id=None, auto_offset_reset="earliest",
+                      consumer_timeout_ms=3000, **DEV_CLIENT)  # fmt: skip
+    reasons = {r.key.decode(): dict(r.headers)["labelfuse.error"].decode() for r in c if r.key.decode() in bad}
+    c.close()
+    assert sorted(reasons) == sorted(bad)
+    for key, (_, why) in bad.items():
+        assert why in reasons[key], (key, reasons[key])
 
 
 def test_retrain_promotes_the_better_model_refuses_a_worse_one_and_rollback_restores(loop, bbc, capsys):

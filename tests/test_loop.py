@@ -281,3 +281,37 @@ def test_labels_command_imports_counts_and_compacts(tmp_path, capsys):
     assert (stats["parts"], stats["records"], stats["labels"], stats["human"]) == (1, 4, 2, 2)
     assert main(["labels", "import", "--store", store]) == 2
     assert "needs --input" in capsys.readouterr().err
+
+
+def test_export_sends_people_the_disagreements_first_capped_per_day(tmp_path, bbc, bbc_model, capsys):
+    import pandas as pd
+
+    from fusion.cli import main
+
+    rows = sample(bbc["test"], 40, seed=5)
+    y = class_ids(rows, CLASSES)
+    wrong = np.arange(len(y)) < 6  # the LLM is wrong on the first 6 texts, where the model is right
+    answers = np.full((len(y), 5), 0.05)
+    answers[np.arange(len(y)), np.where(wrong, (y + 1) % 5, y)] = 0.8
+    store = LabelStore(tmp_path / "labels")
+    store.append(llm_labels(rows["text"].tolist(), answers, CLASSES, False, llm="teacher"))
+    store.append([human_label(rows["text"].iloc[7], rows["label"].iloc[7])])  # a person labelled it: not sent
+    reg = Registry(tmp_path / "reg")
+    reg.promote(reg.register(bbc_model.save(tmp_path / "model")))
+
+    argv = ["labels", "export", "--store", store.uri, "--registry", str(reg.root), "--count", "6"]
+    assert main([*argv, "--max-per-day", "10", "--output", str(tmp_path / "ask.jsonl")]) == 0
+    first = pd.read_json(tmp_path / "ask.jsonl", lines=True)
+    model = np.array(bbc_model.predict(rows["text"], llm="off"))
+    llm = np.array(CLASSES)[answers.argmax(axis=1)]
+    disagree = set(rows["text"][model != llm])
+    assert len(disagree) >= 6 and set(first["text"]) <= disagree  # disagreements first
+    assert all("disagree" in r for r in first["reason"])
+    assert main([*argv, "--max-per-day", "10", "--output", str(tmp_path / "ask2.jsonl")]) == 0
+    second = pd.read_json(tmp_path / "ask2.jsonl", lines=True)
+    assert len(second) == 4 and set(second["text_id"]).isdisjoint(first["text_id"])  # 10 a day, none twice
+    assert text_id(rows["text"].iloc[7]) not in set(second["text_id"])
+    assert main([*argv, "--max-per-day", "10", "--output", str(tmp_path / "ask3.jsonl")]) == 0
+    assert "exported 0 texts" in capsys.readouterr().err
+    assert len(store.exported()) == 10
+    assert main([*argv, "--output", "x.jsonl", "--topic", "t"]) == 2
