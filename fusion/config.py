@@ -147,7 +147,15 @@ class GatingConfig(_Strict):
         gt=0,
         le=1,
         description="Instead of target_call_rate: the lowest validation call rate (0, 5, 10, 20 ... 100%) whose "
-        "accuracy (subset accuracy for multilabel) reaches this.",
+        "accuracy (subset accuracy for multilabel) reaches this; when none does, the lowest within a point of the "
+        "best.",
+    )
+    min_call_rate: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Ask the LLMs about at least this share of validation texts (the least sure ones), whatever the "
+        "target: a model that keeps learning from the LLM's answers (the learning loop) keeps getting new ones.",
     )
 
 

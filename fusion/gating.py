@@ -5,7 +5,8 @@ trained for that with LLM dropout), so gating needs no second model. Confidence 
 top probability (multiclass) or, for multilabel, the least certain class's
 ``max(p, 1 - p)``. A text gets LLM calls when its confidence is below the threshold; the
 threshold is the ``target_call_rate`` quantile of validation confidences, or, with
-``target_accuracy``, the threshold of the lowest tabulated call rate reaching it.
+``target_accuracy``, the threshold of the lowest tabulated call rate reaching it (when none does,
+the lowest within a point of the best accuracy); never below the ``min_call_rate`` quantile.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from fusion.metrics import evaluate, headline_key
 log = logging.getLogger(__name__)
 
 RATES = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
+UNREACHABLE_SLACK = 0.01  # a target no rate reaches: the lowest rate within this of the best accuracy
 
 
 def confidence(proba: np.ndarray, multilabel: bool) -> np.ndarray:
@@ -73,17 +75,27 @@ def call_rate_table(
 
 
 def choose_threshold(conf: np.ndarray, table: list[dict[str, Any]], gating: Any, multilabel: bool) -> float:
-    """The gate threshold for a ``GatingConfig`` from validation confidences and :func:`call_rate_table`."""
+    """The gate threshold for a ``GatingConfig`` from validation confidences and :func:`call_rate_table`,
+    asking about at least ``gating.min_call_rate`` of the texts."""
+    return max(_target_threshold(conf, table, gating, multilabel), threshold_for_rate(conf, gating.min_call_rate))
+
+
+def _target_threshold(conf: np.ndarray, table: list[dict[str, Any]], gating: Any, multilabel: bool) -> float:
     if gating.target_accuracy is None:
         return threshold_for_rate(conf, gating.target_call_rate)
     key = headline_key(multilabel)
     for row in table:  # ascending call rate
         if row[key] >= gating.target_accuracy:
             return float(row["threshold"])
+    best = max(r[key] for r in table)
+    row = next(r for r in table if r[key] >= best - UNREACHABLE_SLACK)  # the LLMs only where they still help
     log.warning(
-        "no LLM-call rate reaches validation %s %.4f (best %.4f): every text will be sent to the LLMs",
+        "no LLM-call rate reaches validation %s %.4f (best %.4f): the gate asks about %.0f%% of the texts, the "
+        "lowest call rate within %.0f point of the best",
         key,
         gating.target_accuracy,
-        max(r[key] for r in table),
+        best,
+        100 * row["target_rate"],
+        100 * UNREACHABLE_SLACK,
     )
-    return float(table[-1]["threshold"])
+    return float(row["threshold"])

@@ -253,15 +253,6 @@ class LabelStore:
             "newest_part": parts[-1],
         }
 
-    def find_texts(self, text_ids: Iterable[str]) -> dict[str, str]:
-        """{text_id: text} for the ids the store has seen."""
-        wanted = set(text_ids)
-        if not wanted:
-            return {}
-        df = self.records(["text_id", "text"])
-        df = df[df["text_id"].isin(wanted)].drop_duplicates("text_id")
-        return dict(zip(df["text_id"], df["text"], strict=True))
-
     # -- what was sent to people -----------------------------------------------------------------------------
     def log_export(self, text_ids: Sequence[str], day: str | None = None) -> None:
         """Remember that these texts were sent to people for a label (``exports/<day>-*.json``)."""

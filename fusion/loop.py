@@ -9,9 +9,9 @@
    scores are also the LLM block of that text's features: retraining makes no LLM calls.
 2. **Held out.** A fixed slice of texts, chosen by a hash of the text id (``holdout_fraction``),
    is never trained on, so every retrain is judged on the same kind of texts. Champion and
-   challenger are compared on the people's labels in it; with none yet, on their agreement
-   with the LLM's answers there through the encoder-only path (the fused path would copy the
-   LLM's own scores). The report says which.
+   challenger are compared on the people's labels in it; with fewer than ``min_human_holdout``
+   there, on their agreement with the LLM's answers through the encoder-only path (the fused path
+   would copy the LLM's own scores). The report says which.
 3. **The gate follows the model.** The challenger's gate threshold is fitted again on its
    validation rows for the configured target accuracy (or call rate): as the encoder learns,
    fewer texts fall below it, and fewer are sent to the LLM.
@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ class LoopSettings:
     holdout_fraction: float = 0.2  # texts (by text-id hash) never trained on: the comparison's slice
     min_delta: float = 0.0  # promote when challenger >= champion - min_delta (headline metric)
     min_new_labels: int = 0  # retrain only when the store has at least this many records since the champion's
+    min_human_holdout: int = 20  # fewer people's labels held out: compare on agreement with the LLM instead
 
 
 def in_holdout(text_ids: pd.Series, fraction: float) -> np.ndarray:
@@ -160,11 +162,13 @@ def retrain(
     settings: LoopSettings = LoopSettings(),
     *,
     config: Any = None,
+    embed: Callable[[list[str]], np.ndarray] | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Train a challenger on ``store``, compare it with ``registry``'s champion, promote it or not.
 
-    ``config`` (default: the champion's) sets the encoder, the LLMs, the gate and training. Returns the
+    ``config`` (default: the champion's) sets the encoder, the LLMs, the gate and training. ``embed``: the
+    texts' embeddings by that encoder from elsewhere (a cache), instead of encoding them here. Returns the
     promotion report (also saved in the registry); ``report["decision"]`` is promote, refuse or skip."""
     from fusion.classifier import AutoFusionClassifier
     from fusion.config import Config
@@ -201,9 +205,9 @@ def retrain(
         raise DataError(f"label store {store.uri} has no labels this model can learn from")
     held = in_holdout(pd.Series(ex.text_ids), settings.holdout_fraction)
     train, hold = ex.take(np.flatnonzero(~held)), ex.take(np.flatnonzero(held))
-    by_people = bool(hold.human.any())
-    if by_people:
-        hold = hold.take(np.flatnonzero(hold.human))
+    n_people = int(hold.human.sum())
+    by_people = n_people >= max(settings.min_human_holdout, 1)
+    hold = hold.take(np.flatnonzero(hold.human if by_people else ~hold.human))
     log.info(
         "training a challenger on %d labels (%d people's), %d held out",
         len(train.texts),
@@ -211,9 +215,15 @@ def retrain(
         len(hold.texts),
     )
 
-    encoder = champion.encoder if champion is not None and not config.encoder.fine_tune else None
+    runtime = {"device", "batch_size", "num_threads"}  # how an encoder runs, not what it computes
+    same = champion is not None and champion.config.encoder.model_dump(exclude=runtime) == config.encoder.model_dump(
+        exclude=runtime
+    )
+    encoder = champion.encoder if champion is not None and same and not config.encoder.fine_tune else None
     challenger = AutoFusionClassifier(config, encoder=encoder)
-    emb = challenger.encoder.embed(train.texts, progress=progress)
+    if embed is None or config.encoder.fine_tune:
+        embed = lambda texts: challenger.encoder.embed(texts, progress=progress)  # noqa: E731
+    emb = embed(train.texts)
     challenger.fit(
         train.texts,
         soft_labels=train.targets,
@@ -233,7 +243,9 @@ def retrain(
         challenger=version,
         trained_on={"labels": len(train.texts), "human": int(train.human.sum()), "skipped": ex.skipped},
         holdout={
-            "kind": "human labels" if by_people else "agreement with the LLM (no human labels held out)",
+            "kind": "human labels"
+            if by_people
+            else f"agreement with the LLM ({n_people} human labels held out, fewer than {settings.min_human_holdout})",
             "rows": len(hold.texts),
         },
         metric=key,
@@ -241,7 +253,7 @@ def retrain(
         training=challenger.training,
     )
     if len(hold.texts):
-        hold_emb = challenger.encoder.embed(hold.texts)
+        hold_emb = embed(hold.texts)
         assert challenger.head is not None
         report["challenger_scores"] = judge(challenger.head, hold_emb, hold, by_people)
         if champion is not None and champion.head is not None:

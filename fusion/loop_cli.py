@@ -40,6 +40,13 @@ def add_loop_args(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="skip unless the store has N new records since the champion was trained (for schedules)",
     )
+    p.add_argument(
+        "--min-human-holdout",
+        type=int,
+        default=d.min_human_holdout,
+        metavar="N",
+        help="compare on the people's labels held out when there are at least N, else on agreement with the LLM",
+    )
     add_config_args(p)
 
 
@@ -50,7 +57,7 @@ def loop_settings(args: argparse.Namespace) -> Any:
         raise ConfigError(f"--holdout must be in (0, 1), got {args.holdout}")
     if args.human_weight <= 0:
         raise ConfigError(f"--human-weight must be positive, got {args.human_weight}")
-    return LoopSettings(args.human_weight, args.holdout, args.min_delta, args.min_new_labels)
+    return LoopSettings(args.human_weight, args.holdout, args.min_delta, args.min_new_labels, args.min_human_holdout)
 
 
 def loop_config(args: argparse.Namespace) -> Any:

@@ -128,7 +128,9 @@ def test_gating_by_call_rate_and_by_target_accuracy(encoder, bbc, bbc_emb):
     assert acc.head.gate_threshold == target["threshold"]
     unreachable = AutoFusionClassifier({"gating": {"enabled": True, "target_accuracy": 1.0}}, encoder=encoder)
     unreachable.fit(bbc["train"].iloc[idx], **common)
-    assert unreachable.head.gate_threshold == table[-1]["threshold"] or table[-1]["accuracy"] == 1.0
+    best = max(r["accuracy"] for r in table)  # unreachable: the lowest rate within a point of the best
+    if best < 1.0:
+        assert unreachable.head.gate_threshold == next(r for r in table if r["accuracy"] >= best - 0.01)["threshold"]
 
 
 def test_llm_dropout_hides_blocks_and_sets_flags():

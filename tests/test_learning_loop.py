@@ -201,7 +201,8 @@ def test_retrain_promotes_the_better_model_refuses_a_worse_one_and_rollback_rest
             post_until_kept(url, {"id": f"fb-{i}", "text": t, "label": lab})
     assert served_version(url) == first  # labels alone change nothing that is served
 
-    assert retrain_job.main(["--store", store.uri, "--registry", str(reg.root)]) == 0  # the Ray job
+    loop_args = ["--store", store.uri, "--registry", str(reg.root), "--min-human-holdout", "10"]
+    assert retrain_job.main(loop_args) == 0  # the Ray job
     better = reg.champion()
     assert better != first
     report = reg.state()["history"][-1]
@@ -210,7 +211,7 @@ def test_retrain_promotes_the_better_model_refuses_a_worse_one_and_rollback_rest
     print(f"\npromoted {better}: served after {took:.1f}s")
 
     worse = ["--set", "train.max_epochs=1", "--set", "train.learning_rate=1e-7"]  # an untrained head, on purpose
-    assert cli(["retrain", "--store", store.uri, "--registry", str(reg.root), *worse]) == 0
+    assert cli(["retrain", *loop_args, *worse]) == 0
     out = capsys.readouterr().out
     assert '"decision": "refuse"' in out and reg.champion() == better
     time.sleep(1.5)  # three registry polls

