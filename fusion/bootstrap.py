@@ -113,9 +113,6 @@ def bootstrap(
         raise ConfigError(f"coverage_share must be in (0, 1], got {coverage_share}")
     space = LabelSpace(config.labels.classes, config.labels.mode == "multilabel")
     ask = min(ask, len(texts))
-    clf = AutoFusionClassifier(config, ledger=ledger)
-    encoder = clf.encoder
-    emb = clf._embed(texts, embeddings, progress)
     panel = LLMPanel(
         config.llms,
         space.classes,
@@ -124,6 +121,9 @@ def bootstrap(
         ledger=ledger,
         descriptions=config.labels.descriptions,
     )
+    clf = AutoFusionClassifier(config, ledger=panel.ledger)  # one budget for the texts asked and the gold set
+    encoder = clf.encoder
+    emb = clf._embed(texts, embeddings, progress)
     usage: dict[str, Counter] = {}
 
     def ask_llms(idx: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:

@@ -91,14 +91,18 @@ class LabelRecord:
     origin: str | None = None
     created_at: float = field(default_factory=time.time)
 
+    @property
+    def key(self) -> str:
+        """The label id: the one given, else one per source, LLM and text."""
+        return self.label_id or f"{self.source}:{self.llm or ''}:{self.text_id or text_id(self.text)}"
+
     def row(self) -> dict[str, Any]:
         if self.source not in SOURCES:
             raise DataError(f"label source must be one of {SOURCES}, got {self.source!r}")
-        tid = self.text_id or text_id(self.text)
         scores = None if self.scores is None else [(str(k), float(v)) for k, v in self.scores.items()]
         return {
-            "label_id": self.label_id or f"{self.source}:{self.llm or ''}:{tid}",
-            "text_id": tid,
+            "label_id": self.key,
+            "text_id": self.text_id or text_id(self.text),
             "text": self.text,
             "source": self.source,
             "labels": list(self.labels),

@@ -216,10 +216,10 @@ def retrain(
     )
 
     runtime = {"device", "batch_size", "num_threads"}  # how an encoder runs, not what it computes
-    same = champion is not None and champion.config.encoder.model_dump(exclude=runtime) == config.encoder.model_dump(
-        exclude=runtime
+    same_encoder = champion is not None and (
+        champion.config.encoder.model_dump(exclude=runtime) == config.encoder.model_dump(exclude=runtime)
     )
-    encoder = champion.encoder if champion is not None and same and not config.encoder.fine_tune else None
+    encoder = champion.encoder if champion is not None and same_encoder and not config.encoder.fine_tune else None
     challenger = AutoFusionClassifier(config, encoder=encoder)
     if embed is None or config.encoder.fine_tune:
         embed = lambda texts: challenger.encoder.embed(texts, progress=progress)  # noqa: E731

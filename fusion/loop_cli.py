@@ -234,39 +234,44 @@ def cmd_registry(args: argparse.Namespace) -> int:
 
 
 def cmd_labels(args: argparse.Namespace) -> int:
-    from fusion.labelstore import LabelStore, human_label
+    from fusion.labelstore import LabelStore
 
     store = LabelStore(args.store)
     if args.action == "import":
-        from fusion.datasets import read_table, require_columns
-
-        if not args.input:
-            raise ConfigError("labels import needs --input FILE")
-        df = read_table(args.input)
-        require_columns(df, [args.text_column, args.label_column], "labels")
-        ids = df[args.id_column].astype(str).tolist() if args.id_column else [None] * len(df)
-        from fusion.errors import DataError
-        from fusion.labels import normalize_labels
-
-        records, refused = [], []
-        for row, (t, lab, i) in enumerate(zip(df[args.text_column], df[args.label_column], ids, strict=True)):
-            try:  # a bad row is refused alone, with its row number and reason
-                labels = normalize_labels([lab], multilabel=not isinstance(lab, str))[0]
-                if not labels:
-                    raise DataError("has no label")
-                records.append(human_label(t, labels, label_id=i, origin=f"import:{Path(args.input).name}"))
-            except DataError as err:
-                refused.append(f"row {row}: {err}")
-        store.append(records)
-        print(f"imported {len(records)} labels into {store.uri}", file=sys.stderr)
-        if refused:
-            print(f"refused {len(refused)} rows: " + "; ".join(refused[:5]), file=sys.stderr)
+        import_labels(args, store)
     elif args.action == "export":
         export(args, store)
     elif args.action == "compact":
         print(f"compacted {store.compact()} parts", file=sys.stderr)
     print(json.dumps(store.stats(), indent=2))
     return 0
+
+
+def import_labels(args: argparse.Namespace, store: Any) -> None:
+    """People's labels from a table; a bad row is refused alone, with its row number and reason."""
+    from fusion.datasets import read_table, require_columns
+    from fusion.errors import DataError
+    from fusion.labels import normalize_labels
+    from fusion.labelstore import human_label
+
+    if not args.input:
+        raise ConfigError("labels import needs --input FILE")
+    df = read_table(args.input)
+    require_columns(df, [args.text_column, args.label_column], "labels")
+    ids = df[args.id_column].astype(str).tolist() if args.id_column else [None] * len(df)
+    records, refused = [], []
+    for row, (t, lab, i) in enumerate(zip(df[args.text_column], df[args.label_column], ids, strict=True)):
+        try:
+            labels = normalize_labels([lab], multilabel=not isinstance(lab, str))[0]
+            if not labels:
+                raise DataError("has no label")
+            records.append(human_label(t, labels, label_id=i, origin=f"import:{Path(args.input).name}"))
+        except DataError as err:
+            refused.append(f"row {row}: {err}")
+    store.append(records)
+    print(f"imported {len(records)} labels into {store.uri}", file=sys.stderr)
+    if refused:
+        print(f"refused {len(refused)} rows: " + "; ".join(refused[:5]), file=sys.stderr)
 
 
 def export(args: argparse.Namespace, store: Any) -> None:

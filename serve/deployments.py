@@ -11,12 +11,16 @@ Each loads only the part of the bundle it runs (:class:`fusion.bundle.Bundle`):
   ledger actor (budget, concurrency, rates) shared by all replicas.
 - **Fusion**: the fusion head, set through ``user_config`` (``{"bundle": path}``): a new
   bundle is loaded next to the old one and swapped in when ready, so a rollout drops no
-  request. Each request runs entirely on the bundle it started with: Fusion names the bundle
+  request. When the path is a model registry (:mod:`fusion.registry`), Fusion serves its
+  champion and checks it every ``registry_poll_s``: a promotion or rollback rolls out alone. Each request runs entirely on the bundle it started with: Fusion names the bundle
   to Embedder and Scorer, which keep the parts of the last two bundles. When the Scorer
   fails, the answer degrades to the encoder-only path with the error reported.
+- **Labels** (with ``label_store``): writes people's labels (POST /v1/feedback, a Kafka labels
+  topic) and the LLM answers Fusion paid for to the label store, many callers per part.
 - **Ingress**: the HTTP API (:mod:`serve.http`); it reserves no CPU, so autoscaling can place
   a second replica of the model deployments on a small machine.
-- **KafkaTagger**: tags Kafka topics through Fusion (:mod:`serve.kafka`).
+- **KafkaTagger**: tags Kafka topics through Fusion, and reads a labels topic into Labels
+  (:mod:`serve.kafka`).
 """
 
 from __future__ import annotations
@@ -396,10 +400,9 @@ class Fusion:
                 bundle_version=m.ref.version,
                 origin="serve",
             ):
-                key = r.row()["label_id"]
-                if key not in self._kept:
+                if r.key not in self._kept:
                     records.append(r)
-                    self._kept[key] = None
+                    self._kept[r.key] = None
         while len(self._kept) > KEPT_IDS:
             self._kept.popitem(last=False)
         if not records:
@@ -408,7 +411,7 @@ class Fusion:
             await self.labels.add.remote(records)  # type: ignore[union-attr]
         except Exception as err:
             for r in records:
-                self._kept.pop(r.row()["label_id"], None)  # not kept: try again when they come back
+                self._kept.pop(r.key, None)  # not kept: try again when they come back
             self.metrics.labels_lost(len(records))
             log.warning(
                 "could not keep %d LLM answers in the label store: %s: %s", len(records), type(err).__name__, err
@@ -424,7 +427,7 @@ class Fusion:
 )
 @serve.ingress()
 class Ingress:
-    """HTTP API: POST /v1/classify, GET /v1/model, GET /v1/kafka, GET /healthz, GET /readyz, /docs."""
+    """HTTP API: POST /v1/classify, POST /v1/feedback, GET /v1/model, GET /v1/kafka, /healthz, /readyz, /docs."""
 
     def __init__(
         self,

@@ -102,7 +102,7 @@ def test_fuzzed_appends_follow_the_rules(tmp_path_factory, ops):
                 p[0, c] = 0.8
                 [r] = llm_labels([text], p, CLASSES, False, llm="teacher")
             records.append(r)
-            written.append((r.row()["label_id"], text, kind, CLASSES[c]))
+            written.append((r.key, text, kind, CLASSES[c]))
         store.append(records)
     last = {lid: (i, text, kind, label) for i, (lid, text, kind, label) in enumerate(written)}
     expected = {}
