@@ -186,11 +186,15 @@ class LabelStore:
         rows = [r.row() for r in records]
         if not rows:
             return None
-        table = pa.Table.from_pylist(rows, schema=SCHEMA)
         name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.parquet"
+        self._write(name, pa.Table.from_pylist(rows, schema=SCHEMA))
+        return name
+
+    def _write(self, name: str, table: pa.Table) -> None:
+        """One part, whole or not at all."""
         self.fs.create_dir(self.path, recursive=True)
         final = f"{self.path}/{name}"
-        if self.local:  # write aside, flush to disk, then rename: the part appears whole or not at all
+        if self.local:  # write aside, flush to disk, then rename
             tmp = f"{self.path}/.{name}.tmp"
             with open(tmp, "wb") as f:
                 pq.write_table(table, f)
@@ -200,7 +204,6 @@ class LabelStore:
         else:  # one PUT: object stores make a key visible only once it is complete
             with self.fs.open_output_stream(final) as out:
                 pq.write_table(table, out)
-        return name
 
     # -- reading --------------------------------------------------------------------------------------------
     def parts(self) -> list[str]:
@@ -211,11 +214,14 @@ class LabelStore:
         names = [i.base_name for i in info if i.type == fs.FileType.File]
         return sorted(n for n in names if n.startswith("part-") and n.endswith(".parquet"))
 
-    def records(self, columns: Sequence[str] | None = None, after: str | None = None) -> pd.DataFrame:
-        """Every record as written (duplicates included), oldest part first; ``after``: only parts newer than it."""
+    def records(
+        self, columns: Sequence[str] | None = None, after: str | None = None, parts: Sequence[str] | None = None
+    ) -> pd.DataFrame:
+        """Every record as written (duplicates included), oldest part first; ``after``: only parts newer than
+        it; ``parts``: only these."""
         cols = list(columns or COLUMNS)
         tables = []
-        for name in self.parts():
+        for name in self.parts() if parts is None else parts:
             if after is not None and name <= after:
                 continue
             with self.fs.open_input_file(f"{self.path}/{name}") as f:
@@ -287,17 +293,9 @@ class LabelStore:
         parts = self.parts()
         if len(parts) < 2:
             return 0
-        df = self.records()
-        last = parts[-1]
-        table = pa.Table.from_pandas(df, schema=SCHEMA, preserve_index=False)
-        name = f"{last[: -len('.parquet')]}-compacted.parquet"  # sorts right after the newest part it holds
-        tmp = f"{self.path}/.{name}.tmp"
-        if self.local:
-            pq.write_table(table, tmp)
-            os.replace(tmp, f"{self.path}/{name}")
-        else:
-            with self.fs.open_output_stream(f"{self.path}/{name}") as out:
-                pq.write_table(table, out)
+        table = pa.Table.from_pandas(self.records(parts=parts), schema=SCHEMA, preserve_index=False)
+        name = f"{parts[-1][: -len('.parquet')]}-compacted.parquet"  # sorts with the newest part it holds
+        self._write(name, table)
         for p in parts:
             self.fs.delete_file(f"{self.path}/{p}")
         log.info("compacted %d parts of %s into %s", len(parts), self.uri, name)

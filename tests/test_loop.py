@@ -314,3 +314,28 @@ def test_export_sends_people_the_disagreements_first_capped_per_day(tmp_path, bb
     assert "exported 0 texts" in capsys.readouterr().err
     assert len(store.exported()) == 10
     assert main([*argv, "--output", "x.jsonl", "--topic", "t"]) == 2
+
+
+def test_retrain_learns_a_multilabel_task_from_llm_answers_and_people(tmp_path):
+    """Multi-label: the LLM's per-class probabilities as soft targets, people's label sets one-hot."""
+    from fusion.datasets import builtin_split
+
+    rows = builtin_split("bbc-news-multilabel", "train").iloc[:240]
+    truth = np.array([[c in labels for c in CLASSES] for labels in rows["label"]], np.float32)
+    answers = np.clip(truth * 0.85 + 0.05 + np.random.default_rng(1).normal(0, 0.05, truth.shape), 0, 1)
+    store, reg = LabelStore(tmp_path / "labels"), Registry(tmp_path / "reg")
+    store.append(llm_labels(rows["text"].tolist(), answers, CLASSES, True, llm="teacher"))
+    people = rows.iloc[::3]
+    store.append(
+        human_label(t, list(lab), label_id=f"p{i}")
+        for i, (t, lab) in enumerate(zip(people["text"], people["label"], strict=True))
+    )
+    config = {**FAST, "labels": {"classes": CLASSES, "mode": "multilabel"}}
+    report = retrain(store, reg, LoopSettings(min_human_holdout=10), config=config)
+    assert report["decision"] == "promote" and report["metric"] == "subset_accuracy"
+    clf = AutoFusionClassifier.load(reg.champion_path())
+    assert clf.multilabel and clf.classes == CLASSES
+    test = builtin_split("bbc-news-multilabel", "test").iloc[:100]
+    pred = clf.predict(test["text"], llm="off")
+    exact = np.mean([sorted(p) == sorted(t) for p, t in zip(pred, test["label"], strict=True)])
+    assert exact > 0.5, exact  # chance is far below: 5 classes, label sets of one or two
