@@ -14,7 +14,6 @@ holds the corpus' embeddings (1.5 GB per million texts with MiniLM): sample very
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 
 import numpy as np
@@ -50,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from data_jobs.ledger import shared_ledger
     from fusion.bootstrap import bootstrap
     from fusion.labelstore import LabelStore
-    from fusion.loop_cli import bootstrap_config, save_bootstrapped
+    from fusion.loop_cli import bootstrap_config, print_report, save_bootstrapped
 
     common.connect(args.address)
     config = bootstrap_config(args)
@@ -82,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     )
     save_bootstrapped(clf, report, args.output, args.registry)
     report["rows_left_out"] = int(bad.sum())
-    print(json.dumps(report, indent=2, default=str))
+    print_report(report)
     return 0
 
 

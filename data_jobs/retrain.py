@@ -13,7 +13,6 @@ champion out by itself. On a schedule: docs/learning-loop.md (a KubeRay RayJob).
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,13 +40,13 @@ def _retrain(store: str, registry: str, settings: Any, config: Any) -> dict[str,
 def run(args: argparse.Namespace) -> int:
     import ray
 
-    from fusion.loop_cli import loop_config, loop_settings
+    from fusion.loop_cli import loop_config, loop_settings, print_report
 
     common.connect(args.address)
     settings, config = loop_settings(args), loop_config(args)
     task = ray.remote(num_cpus=args.num_cpus, num_gpus=args.num_gpus)(_retrain)
     report = ray.get(task.remote(args.store, args.registry, settings, config))
-    print(json.dumps(report, indent=2, default=str))
+    print_report(report)
     common.log.info("%s: %s", report["decision"], report["reason"])
     return 0
 
