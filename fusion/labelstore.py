@@ -230,12 +230,13 @@ class LabelStore:
             return SCHEMA.empty_table().select(cols).to_pandas()
         return pa.concat_tables(tables).to_pandas()
 
-    def labels(self) -> pd.DataFrame:
+    def labels(self, records: pd.DataFrame | None = None) -> pd.DataFrame:
         """One row per text: the winning label (human over LLM, then the latest), see the module docstring.
 
         Columns: LABEL_COLUMNS; ``llm_scores`` ({class: p}), ``llm`` and ``prompt_version`` are the LLM's latest
-        answer for the text, beside a human label too (None when no LLM answered it)."""
-        df = self.records()
+        answer for the text, beside a human label too (None when no LLM answered it). ``records``: what
+        :meth:`records` returned, when the caller has read it already."""
+        df = self.records() if records is None else records
         df = df.assign(order=np.arange(len(df))).drop_duplicates("label_id", keep="last")  # written twice: once
         answers = df[df["source"] == "llm"].drop_duplicates("text_id", keep="last")
         answers = answers[["text_id", "scores", "llm", "prompt_version"]].rename(columns={"scores": "llm_scores"})
@@ -252,11 +253,12 @@ class LabelStore:
         parts = self.parts()
         if not parts:
             return {"parts": 0, "records": 0, "labels": 0, "human": 0, "llm": 0, "newest_part": None}
-        labels = self.labels()
+        raw = self.records(parts=parts)  # one read for both counts
+        labels = self.labels(raw)
         human = int((labels["source"] == "human").sum())
         return {
             "parts": len(parts),
-            "records": len(self.records(["label_id"])),
+            "records": len(raw),
             "labels": len(labels),
             "human": human,
             "llm": len(labels) - human,

@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fusion.bundle import Bundle
 from fusion.errors import DataError
 from fusion.head import FusionHead
 from fusion.labels import LabelSpace
@@ -147,12 +146,9 @@ def judge(head: FusionHead, emb: np.ndarray, ex: Examples, by_people: bool) -> d
     return {key: float(m[key]), "macro_f1": float(m["macro_f1"]), "llm_call_rate": call_rate}
 
 
-def new_records(store: LabelStore, registry: Registry) -> int:
+def new_records(store: LabelStore, champion: Any) -> int:
     """Records written to the store since the champion was trained (all of them without a champion)."""
-    watermark = None
-    champion = registry.champion()
-    if champion is not None:
-        watermark = Bundle.open(registry.bundle_path(champion)).manifest.get("training", {}).get("label_store_part")
+    watermark = None if champion is None else champion.training.get("label_store_part")
     return len(store.records(["label_id"], after=watermark))
 
 
@@ -183,7 +179,7 @@ def retrain(
     config = config if isinstance(config, Config) else Config.model_validate(config)
     stats = store.stats()
     report: dict[str, Any] = {"at": time.time(), "store": store.uri, "store_stats": stats, "champion": champion_v}
-    fresh = new_records(store, registry)
+    fresh = new_records(store, champion)
     if fresh < settings.min_new_labels:
         report.update(
             decision="skip",

@@ -275,6 +275,7 @@ class Fusion:
         self._follower: asyncio.Task | None = None
         self._swap = asyncio.Lock()
         self._asked: deque[bool] = deque(maxlen=CALL_RATE_WINDOW)  # the gate's recent decisions
+        self._n_asked = 0  # how many of them asked the LLMs
         self._kept: OrderedDict[str, None] = OrderedDict()  # LLM answers recently kept (label ids)
         self.metrics = LoopMetrics()
 
@@ -328,7 +329,7 @@ class Fusion:
 
     async def info(self) -> dict[str, Any]:
         """The model's description, the registry it follows and its gate's recent LLM-call rate."""
-        rate = round(sum(self._asked) / len(self._asked), 4) if self._asked else None
+        rate = round(self._n_asked / len(self._asked), 4) if self._asked else None
         return {**self._current().info, "registry": self._registry, "llm_call_rate": rate}
 
     async def classify(self, texts: list[str], llm: LLMMode = "auto") -> dict[str, Any]:
@@ -371,8 +372,12 @@ class Fusion:
                 scorer_error = f"LLM scorer unavailable: {type(err).__name__}: {err}"[:500]
                 log.warning("%s", scorer_error)
         if m.head.layout.n_llms:
-            self._asked.extend(bool(a) for a in ask)
-            self.metrics.call_rate(sum(self._asked) / len(self._asked))
+            for a in ask:  # keep the window's count as texts come and go: no sum over the window per request
+                if len(self._asked) == self._asked.maxlen:
+                    self._n_asked -= self._asked[0]
+                self._asked.append(bool(a))
+                self._n_asked += bool(a)
+            self.metrics.call_rate(self._n_asked / len(self._asked))
         results = m.head.fuse(emb, ask, scores, batches).results()
         if batches and self.labels is not None:
             await self._keep_answers(m, [texts[i] for i in idx], batches)
