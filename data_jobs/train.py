@@ -6,6 +6,7 @@ The input is what :mod:`data_jobs.embed` / :mod:`data_jobs.score` wrote: ``embed
 label column and, per configured LLM ``NAME``, ``llm_NAME`` scores (null = no answer; the
 model learns to do without). Rows with an ``error`` are left out and counted. Training runs
 in the job's driver: the data are embeddings and scores, small next to the texts they came from.
+With ``encoder.fine_tune`` on, the encoder trains on the texts instead (give the job a GPU).
 """
 
 from __future__ import annotations
@@ -95,14 +96,16 @@ def run(args: argparse.Namespace) -> int:
     columns = [config.data.text_column, "embedding", *labels, *[f"llm_{c.name}" for c in config.llms]]
     classes = config.labels.classes or []
     train_df, emb, scores = split_features(load_table(args.input, columns), config, classes)
+    tuned = config.encoder.fine_tuned  # a fine-tuned encoder trains on the texts, not on their frozen embeddings
     val: dict[str, Any] = {}
     if args.validation:
         v_df, v_emb, v_scores = split_features(load_table(args.validation, columns), config, classes)
-        val = {"validation": v_df, "validation_embeddings": v_emb, "validation_llm_scores": v_scores or None}
+        val = {"validation": v_df, "validation_llm_scores": v_scores or None}
+        val["validation_embeddings"] = None if tuned else v_emb
     common.log.info("training on %d rows (%d-d embeddings, LLMs %s)", len(train_df), emb.shape[1], list(scores))
     start = time.perf_counter()
     clf = AutoFusionClassifier(config)
-    clf.fit(train_df, embeddings=emb, llm_scores=scores or None, **val)
+    clf.fit(train_df, embeddings=None if tuned else emb, llm_scores=scores or None, **val)
     path = clf.save(args.output)
     summary = {k: clf.metrics["validation"].get(k) for k in ("accuracy", "macro_f1", "ece")}
     common.log.info("trained in %.1fs; validation %s; bundle %s", time.perf_counter() - start, summary, path)

@@ -18,6 +18,7 @@ also says, per text, whether each LLM was used and what its answer cost.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import warnings
@@ -37,6 +38,7 @@ from fusion.datasets import texts_and_labels
 from fusion.encoder import TextEncoder
 from fusion.errors import ConfigError, DataError, NotFittedError
 from fusion.fewshot import ExamplePool
+from fusion.finetune import two_stage
 from fusion.gating import call_rate_table, choose_threshold, confidence
 from fusion.head import FusionHead, Labels, LLMMode, Prediction, Scores
 from fusion.labels import LabelSpace, normalize_labels
@@ -125,6 +127,7 @@ class AutoFusionClassifier(_Estimator):
         self.config = _coerce_config(config)
         self._encoder_param, self._ledger = encoder, ledger
         self._encoder = encoder
+        self._encoder_changed = False  # _encoder is a fine-tuned one (from fit or load), not the stock encoder
         self._panel: LLMPanel | None = None
         self.head: FusionHead | None = None
         self.pool: ExamplePool | None = None  # few-shot examples (configs with few_shot > 0)
@@ -145,6 +148,7 @@ class AutoFusionClassifier(_Estimator):
             self.config = _coerce_config(params["config"])
         if "encoder" in params:
             self._encoder_param = self._encoder = params["encoder"]
+            self._encoder_changed = False
         if "ledger" in params:
             self._ledger = params["ledger"]
         self._panel = None
@@ -322,8 +326,15 @@ class AutoFusionClassifier(_Estimator):
         if not texts:
             raise DataError("no training rows")
         fine_tune = cfg.encoder.fine_tune
-        if fine_tune and embeddings is not None:
+        if cfg.encoder.fine_tuned and (embeddings is not None or validation_embeddings is not None):
             raise ConfigError("encoder.fine_tune needs texts, not precomputed embeddings")
+        if fine_tune == "two-stage" and cfg.llms and max(c.few_shot for c in cfg.llms) > 0:
+            raise ConfigError(
+                "few_shot examples are not supported with encoder.fine_tune 'two-stage' yet: "
+                "use fine_tune 'off' or 'joint', or few_shot 0"
+            )
+        if self._encoder_changed:  # a previous fit (or load) fine-tuned it: start again from the stock encoder
+            self._encoder, self._encoder_changed = self._encoder_param, False
         if soft_labels is None:
             y_all, space = self._encode_labels(raw, len(texts), None)
             targets = y_all
@@ -371,6 +382,35 @@ class AutoFusionClassifier(_Estimator):
                 self.llm_usage["validation"] = self._usage(batches)
             x_va = build_features(v_emb, va_scores, layout)
 
+        w_tr = None if weights is None else weights[tr]
+        stage1 = None
+        if fine_tune == "two-stage":
+            d = layout.embed_dim
+            stage1 = two_stage(
+                self.encoder,
+                t_tr,
+                x_tr[:, :d],
+                y_tr,
+                y_all[tr],
+                t_va,
+                x_va[:, :d],
+                y_va,
+                cfg,
+                space.n_classes,
+                space.multilabel,
+                with_llms=bool(layout.n_llms),
+                w_tr=w_tr,
+                progress=progress,
+            )
+            rows = stage1.rows
+            layout = FeatureLayout(space.n_classes, space.n_classes, layout.llm_names)
+            x_tr = np.concatenate([stage1.logits_tr, x_tr[rows, d:]], axis=1)
+            x_va = np.concatenate([stage1.logits_va, x_va[:, d:]], axis=1)
+            y_tr, w_tr = y_tr[rows], None if w_tr is None else w_tr[rows]
+            self._encoder, self._encoder_changed = stage1.encoder, True
+        elif fine_tune == "joint":
+            self._encoder, self._encoder_changed = copy.deepcopy(self.encoder), True  # never the caller's encoder
+        joint = fine_tune == "joint"
         scaler = FeatureScaler.fit(x_tr, layout)
         fit = fit_head(
             scaler.transform(x_tr),
@@ -381,23 +421,24 @@ class AutoFusionClassifier(_Estimator):
             cfg.fusion,
             cfg.train,
             space.multilabel,
-            encoder=self.encoder if fine_tune else None,
-            texts_train=t_tr if fine_tune else None,
-            texts_val=t_va if fine_tune else None,
+            encoder=self.encoder if joint else None,
+            texts_train=t_tr if joint else None,
+            texts_val=t_va if joint else None,
             scaler=scaler,
-            w_train=None if weights is None else weights[tr],
+            w_train=w_tr,
             progress=progress,
         )
         head = FusionHead(space, layout, scaler, fit.head, fit.temperature, fit.thresholds, fit.at_least_one)
         self.training = {
             "n_train": len(y_tr),
             "n_val": len(y_va),
-            "best_epoch": fit.best_epoch,
-            "epochs_run": len(fit.history),
+            **fit.summary(),
             "fine_tuned_encoder": fine_tune,
         }
-        # a fine-tuned encoder changed under training: re-embed validation texts with the final weights
-        z_va = head.features(self.encoder.embed(t_va), va_scores) if fine_tune else scaler.transform(x_va)
+        if stage1 is not None:
+            self.training["two_stage"] = {"features": cfg.encoder.fine_tuning.features, **stage1.summary()}
+        # a jointly fine-tuned encoder changed under training: re-embed validation texts with the final weights
+        z_va = head.features(self.encoder.embed(t_va), va_scores) if joint else scaler.transform(x_va)
         self.metrics = {"validation": _metrics(head, head.logits(z_va), y_va)}
         if layout.n_llms:
             enc_va = head.proba(head.encoder_only(z_va))
@@ -504,7 +545,7 @@ class AutoFusionClassifier(_Estimator):
     def save(self, path: str | Path) -> Path:
         """Write the model as a bundle directory (see :mod:`fusion.bundle`); returns its path."""
         head = self._require_fitted()
-        fine_tuned = self.config.encoder.fine_tune
+        fine_tuned = self.config.encoder.fine_tuned
         probe = self.encoder.embed([PROBE_TEXT])[0, : bundle_io.PROBE_DIMS]
         tensors = head.tensors() | (self.pool.tensors() if self.pool is not None else {})
         manifest = {
@@ -538,7 +579,7 @@ class AutoFusionClassifier(_Estimator):
         clf.head, clf.pool = b.head(), b.pool()
         clf.metrics, clf.training = b.manifest.get("metrics", {}), b.manifest.get("training", {})
         clf.version = b.version
-        clf._encoder = b.encoder(device, encoder)
+        clf._encoder, clf._encoder_changed = b.encoder(device, encoder), b.fine_tuned
         return clf
 
 

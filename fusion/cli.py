@@ -258,6 +258,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"trained in {time.perf_counter() - start:.1f}s: {tr['n_train']} train / {tr['n_val']} validation rows, "
         f"best epoch {tr['best_epoch']} of {tr['epochs_run']}"
     )
+    if "two_stage" in tr:
+        ts = tr["two_stage"]
+        print(
+            f"encoder fine-tuned in two stages ({ts['features']}): {len(ts['fine_tunes'])} fine-tune(s) in "
+            f"{ts['seconds']}s; the fusion head trained on the logits of {ts['head_rows']} rows"
+        )
     print("validation:\n" + format_summary(clf.metrics["validation"]))
     for part, usage in clf.llm_usage.items():
         print(f"LLM usage ({part}):\n" + format_table(usage_rows(usage), USAGE_COLUMNS))

@@ -53,6 +53,40 @@ class LabelsConfig(_Strict):
         return v
 
 
+class FineTuneConfig(_Strict):
+    """How the encoder is fine-tuned (``encoder.fine_tune``): steps, not the head's epochs, set its pace."""
+
+    max_epochs: int = Field(
+        10, ge=1, description="Upper bound on passes over the training rows; early stopping usually ends sooner."
+    )
+    batch_size: int = Field(16, ge=1, description="Rows per optimiser step.")
+    eval_every: int | None = Field(
+        None,
+        ge=1,
+        description="Optimiser steps between validation checks. Default: four checks per epoch, but at most one "
+        "per validation set's worth of training rows (a check costs about a third of training on as many rows).",
+    )
+    patience: int = Field(
+        4, ge=1, description="Validation checks without improvement before stopping; the best weights are restored."
+    )
+    warmup_fraction: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="Share of the steps over which the encoder's learning rate warms up "
+        "from 0; it then decays linearly to 0.",
+    )
+    features: Literal["crossfit", "holdout"] = Field(
+        "crossfit",
+        description="two-stage: how the fusion head gets encoder logits for rows the encoder did not train on. "
+        "'crossfit': from `folds` encoders, each fine-tuned without one fold, then one on all rows for "
+        "prediction; 'holdout': one encoder fine-tuned without `holdout_fraction` of the rows, on which the head "
+        "trains.",
+    )
+    folds: int = Field(3, ge=2, le=10, description="crossfit: number of folds.")
+    holdout_fraction: float = Field(0.3, gt=0.0, lt=0.9, description="holdout: share of rows kept for the head.")
+
+
 class EncoderConfig(_Strict):
     """The transformer text encoder."""
 
@@ -68,8 +102,27 @@ class EncoderConfig(_Strict):
     num_threads: int | None = Field(
         None, ge=1, description="torch CPU threads for this process. Default: leave torch's setting alone."
     )
-    fine_tune: bool = Field(False, description="Train the encoder weights with the fusion head (slow on CPU).")
+    fine_tune: Literal["off", "joint", "two-stage"] = Field(
+        "off",
+        description="'off': a frozen encoder. 'two-stage': fine-tune the encoder as a classifier, then train the "
+        "fusion head on its logits for rows it did not train on (see encoder.fine_tuning.features), so the head "
+        "learns how far to trust it against the LLMs. 'joint': train the encoder with the fusion head "
+        "(true = 'joint'). Slow on CPU.",
+    )
     fine_tune_lr: float = Field(2e-5, gt=0, description="Learning rate for encoder weights when fine_tune is on.")
+    fine_tuning: FineTuneConfig = Field(
+        default_factory=lambda: FineTuneConfig(), description="Schedule and early stopping when fine_tune is on."
+    )
+
+    @field_validator("fine_tune", mode="before")
+    @classmethod
+    def _fine_tune_bool(cls, v: Any) -> Any:
+        return {True: "joint", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
+    @property
+    def fine_tuned(self) -> bool:
+        """The encoder's weights train (``fine_tune`` is not 'off')."""
+        return self.fine_tune != "off"
 
     @field_validator("device")
     @classmethod

@@ -7,6 +7,11 @@ already in the local cache.
 
 Texts are sorted by token length before batching so each batch pads only to its
 own longest text (dynamic padding); results come back in input order.
+
+An encoder fine-tuned as a classifier (``encoder.fine_tune: two-stage``) carries its
+classification layer (:class:`Classifier`, saved beside the weights as
+``classifier.safetensors``) and gives that layer's class logits instead of the pooled vector:
+the same ``embed`` call, so every caller (the Serve Embedder, the Ray Data jobs) runs it unchanged.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from fusion.errors import EncoderError, LabelfuseError
 from fusion.texts import PROBE_TEXT, TextError, check_texts, clean_text
 
 log = logging.getLogger(__name__)
+
+CLASSIFIER_FILE = "classifier.safetensors"
 
 _BUNDLED = {DEFAULT_ENCODER.lower(), f"sentence-transformers/{DEFAULT_ENCODER}".lower()}
 
@@ -58,6 +65,29 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+class Classifier(torch.nn.Module):
+    """A classification layer over pooled embeddings: standardise with ``mean``/``std``, then linear."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mean", mean.detach().float().clone())
+        self.register_buffer("std", std.detach().float().clone())
+        self.linear = torch.nn.Linear(weight.shape[1], weight.shape[0])
+        with torch.no_grad():
+            self.linear.weight.copy_(weight)
+            self.linear.bias.copy_(bias)
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.linear.out_features)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.linear((pooled - self.mean) / self.std)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"mean": self.mean, "std": self.std, "weight": self.linear.weight, "bias": self.linear.bias}
+
+
 class TextEncoder:
     """A Hugging Face encoder turned into a sentence embedder.
 
@@ -84,18 +114,43 @@ class TextEncoder:
                 "Use the bundled 'all-MiniLM-L6-v2', a local model directory, or a hub model already in your cache."
             ) from None
         self.model.to(self.device).eval()
-        self.dim = int(self.model.config.hidden_size)
+        self.hidden_size = int(self.model.config.hidden_size)
+        self.classifier: Classifier | None = None
+        path = Path(self.source) / CLASSIFIER_FILE
+        if model_dir is not None and path.is_file():
+            from safetensors.torch import load_file
+
+            try:
+                self.attach(Classifier(**load_file(str(path))))
+            except Exception as err:
+                raise EncoderError(f"cannot load the encoder's classification layer {path}: {err}") from None
+
+    @property
+    def dim(self) -> int:
+        """Width of :meth:`embed`'s rows: the hidden size, or the number of classes with a classifier."""
+        return self.classifier.n_classes if self.classifier is not None else self.hidden_size
+
+    def attach(self, classifier: Classifier) -> None:
+        """From now on :meth:`embed` and :meth:`forward` give ``classifier``'s logits."""
+        if classifier.mean.shape[0] != self.hidden_size:
+            raise EncoderError(
+                f"a classifier over {classifier.mean.shape[0]}-d vectors on a {self.hidden_size}-d encoder"
+            )
+        self.classifier = classifier.to(self.device).eval()
 
     # -- identity -----------------------------------------------------------------
     def reference(self) -> dict[str, Any]:
         """What a bundle records to find (and check) this encoder again."""
-        return {
+        ref: dict[str, Any] = {
             "model": self.config.model,
             "dim": self.dim,
             "max_length": self.config.max_length,
             "pooling": self.config.pooling,
             "normalize": self.config.normalize,
         }
+        if self.classifier is not None:
+            ref["output"] = "logits"
+        return ref
 
     # -- core -----------------------------------------------------------------------
     def _pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -115,10 +170,11 @@ class TextEncoder:
         return {k: v.to(self.device) for k, v in enc.items()}
 
     def forward(self, texts: Sequence[str]) -> torch.Tensor:
-        """Embeddings with gradients (for fine-tuning); the caller sets train/eval mode."""
+        """Embeddings (or logits) with gradients (for fine-tuning); the caller sets train/eval mode."""
         batch = self._batch(texts)
         hidden = self.model(**batch).last_hidden_state
-        return self._pool(hidden, batch["attention_mask"])
+        pooled = self._pool(hidden, batch["attention_mask"])
+        return pooled if self.classifier is None else self.classifier(pooled)
 
     def embed(self, texts: Sequence[str], *, batch_size: int | None = None, progress: bool = False) -> np.ndarray:
         """Embed texts, returning float32 ``(len(texts), dim)`` in input order."""
@@ -181,6 +237,13 @@ class TextEncoder:
         return out, reasons
 
     def save(self, directory: str | Path) -> None:
-        """Write model + tokenizer (used for fine-tuned encoders inside a bundle)."""
+        """Write model + tokenizer (+ the classification layer) (used for fine-tuned encoders inside a bundle)."""
         self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
+        if self.classifier is not None:
+            from safetensors.torch import save_file
+
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in self.classifier.tensors().items()},
+                str(Path(directory) / CLASSIFIER_FILE),
+            )

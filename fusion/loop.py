@@ -215,11 +215,11 @@ def retrain(
     same_encoder = champion is not None and (
         champion.config.encoder.model_dump(exclude=runtime) == config.encoder.model_dump(exclude=runtime)
     )
-    encoder = champion.encoder if champion is not None and same_encoder and not config.encoder.fine_tune else None
+    encoder = champion.encoder if champion is not None and same_encoder and not config.encoder.fine_tuned else None
     challenger = AutoFusionClassifier(config, encoder=encoder)
-    if embed is None or config.encoder.fine_tune:
+    if embed is None or config.encoder.fine_tuned:
         embed = lambda texts: challenger.encoder.embed(texts, progress=progress)  # noqa: E731
-    emb = embed(train.texts)
+    emb = None if config.encoder.fine_tuned else embed(train.texts)  # a fine-tuned encoder trains on the texts
     challenger.fit(
         train.texts,
         soft_labels=train.targets,

@@ -1,19 +1,24 @@
 """Fitting the fusion head: AdamW, LLM dropout, early stopping, calibration.
 
-The loop minimises cross-entropy (multiclass) or BCE (multilabel), evaluates the
-validation loss after every epoch, stops after ``patience`` epochs without
-improvement and restores the best weights. Temperature and multilabel thresholds
-are then fitted on the validation logits of those best weights.
+The loop minimises cross-entropy (multiclass) or BCE (multilabel) and checks the
+validation loss every ``eval_every`` optimiser steps. It stops after ``patience``
+checks without improvement and restores the best weights. Temperature and multilabel
+thresholds are then fitted on the validation logits of those best weights.
 
-With ``encoder.fine_tune`` the encoder's weights train too: the embedding columns
-are recomputed from the texts for every batch (standardised with the scaler fitted
-on the frozen embeddings), everything else is the same.
+A frozen encoder: one check per epoch, ``train.patience`` and ``train.max_epochs``, as the small
+head needs. A fine-tuned encoder (``encoder.fine_tune``) follows ``encoder.fine_tuning``: its own
+batch size and epochs, several checks per epoch with patience counted in checks, and a learning
+rate that warms up and then decays linearly to 0. The embedding columns are then recomputed from
+the texts for every batch (standardised with the scaler fitted on the frozen embeddings).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import math
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,8 +39,32 @@ class HeadFit:
     temperature: float
     thresholds: np.ndarray | None
     at_least_one: bool
-    best_epoch: int
-    history: list[dict[str, float]] = field(default_factory=list)
+    best_step: int
+    steps_per_epoch: int
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per validation check
+
+    def _epochs(self, step: float) -> float | int:
+        e = round(step / self.steps_per_epoch, 2)
+        return int(e) if e.is_integer() else e
+
+    @property
+    def best_epoch(self) -> float | int:
+        return self._epochs(self.best_step)
+
+    @property
+    def epochs_run(self) -> float | int:
+        return self._epochs(self.history[-1]["step"] if self.history else 0)
+
+    def summary(self) -> dict[str, float | int]:
+        return {"best_epoch": self.best_epoch, "epochs_run": self.epochs_run, "train_seconds": round(self.seconds, 1)}
+
+
+def warmup_linear(step: int, warmup: int, total: int) -> float:
+    """Learning-rate factor at ``step``: rises from 0 to 1 over ``warmup`` steps, then falls linearly to 0 at ``total``."""
+    if step < warmup:
+        return step / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
 
 
 def seed_everything(seed: int) -> None:
@@ -109,12 +138,26 @@ def fit_head(
         rows = rows.mean(dim=1) if rows.ndim == 2 else rows
         return rows.mean() if weight is None else (rows * weight).sum() / weight.sum().clamp_min(1e-12)
 
+    tune = encoder.config.fine_tuning if encoder is not None else None
+    batch_size = tune.batch_size if tune else train_cfg.batch_size
+    steps_per_epoch = math.ceil(len(yt) / batch_size)
+    max_steps = steps_per_epoch * (tune.max_epochs if tune else train_cfg.max_epochs)
+    if tune is None:
+        eval_every = steps_per_epoch
+    else:  # a check embeds the validation rows: never spend more on checks than about a third of the training
+        eval_every = tune.eval_every or max(math.ceil(steps_per_epoch / 4), math.ceil(len(yv) / batch_size))
+    patience = tune.patience if tune else train_cfg.patience
+
     groups: list[dict] = [{"params": head.parameters(), "lr": train_cfg.learning_rate}]
     modules: list[nn.Module] = [head]
-    if encoder is not None:
+    schedules = [lambda step: 1.0]
+    if encoder is not None and tune is not None:
         groups.append({"params": encoder.model.parameters(), "lr": encoder.config.fine_tune_lr})
         modules.append(encoder.model)
+        warmup = max(1, round(tune.warmup_fraction * max_steps))
+        schedules.append(lambda step: warmup_linear(step, warmup, max_steps))
     opt = torch.optim.AdamW(groups, weight_decay=train_cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedules)
     gen = torch.Generator().manual_seed(train_cfg.seed)
 
     def snapshot() -> list[dict]:
@@ -124,45 +167,59 @@ def fit_head(
         for m in modules:
             m.eval()
         with torch.no_grad():
-            return head(val_x.all_rows(train_cfg.batch_size))
+            return head(val_x.all_rows(batch_size))
 
-    best_loss, best_epoch, best_state = float("inf"), 0, snapshot()
+    def batches() -> Iterator[np.ndarray]:
+        for _ in range(max_steps // steps_per_epoch):
+            perm = torch.randperm(len(yt), generator=gen).numpy()
+            for s in range(0, len(yt), batch_size):
+                yield perm[s : s + batch_size]
+
+    started = time.perf_counter()
+    best_loss, best_step, best_check, best_state = float("inf"), 0, 0, snapshot()
     history: list[dict[str, float]] = []
-    n = len(yt)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=train_cfg.max_epochs, desc="training", unit="epoch")
+        bar = tqdm(total=max_steps, desc="fine-tuning" if tune else "training", unit="step")
     try:
-        for epoch in range(1, train_cfg.max_epochs + 1):
+        total, seen = 0.0, 0
+        for step, idx in enumerate(batches(), 1):
             for m in modules:
                 m.train()
-            perm = torch.randperm(n, generator=gen).numpy()
-            total = 0.0
-            for s in range(0, n, train_cfg.batch_size):
-                idx = perm[s : s + train_cfg.batch_size]
-                xb = drop_llm_blocks(train_x.rows(idx), layout, fusion_cfg.llm_dropout, gen)
-                loss = loss_fn(head(xb), yt[idx], wt[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += loss.item() * len(idx)
-            vl = float(loss_fn(val_logits(), yv)) if len(yv) else total / n
-            history.append({"epoch": epoch, "train_loss": total / n, "val_loss": vl})
-            if vl < best_loss - 1e-4:
-                best_loss, best_epoch, best_state = vl, epoch, snapshot()
+            xb = drop_llm_blocks(train_x.rows(idx), layout, fusion_cfg.llm_dropout, gen)
+            loss = loss_fn(head(xb), yt[idx], wt[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total, seen = total + loss.item() * len(idx), seen + len(idx)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(val_loss=f"{vl:.4f}", best_epoch=best_epoch)
-            if epoch - best_epoch >= train_cfg.patience:
+            if step % eval_every and step != max_steps:
+                continue
+            vl = float(loss_fn(val_logits(), yv)) if len(yv) else total / seen
+            history.append({"step": step, "train_loss": total / seen, "val_loss": vl})
+            total, seen = 0.0, 0
+            if vl < best_loss - 1e-4:
+                best_loss, best_step, best_check, best_state = vl, step, len(history), snapshot()
+            if bar is not None:
+                bar.set_postfix(val_loss=f"{vl:.4f}", best_epoch=f"{best_step / steps_per_epoch:.2f}")
+            if len(history) - best_check >= patience:
                 break
     finally:
         if bar is not None:
             bar.close()
     for m, state in zip(modules, best_state, strict=True):
         m.load_state_dict(state)
-    log.info("early stopping: best epoch %d of %d (val loss %.4f)", best_epoch, len(history), best_loss)
+    log.info(
+        "early stopping: best at step %d of %d (epoch %.2f; val loss %.4f)",
+        best_step,
+        history[-1]["step"] if history else 0,
+        best_step / steps_per_epoch,
+        best_loss,
+    )
 
     logits = val_logits().numpy()
     temperature = fit_temperature(logits, y_val, multilabel) if train_cfg.calibrate and len(y_val) else 1.0
@@ -177,4 +234,6 @@ def fit_head(
     at_least_one = bool(multilabel and (y_train >= 0.5).any(axis=1).all())
     for m in modules:
         m.eval()
-    return HeadFit(head, temperature, thresholds, at_least_one, best_epoch, history)
+    return HeadFit(
+        head, temperature, thresholds, at_least_one, best_step, steps_per_epoch, time.perf_counter() - started, history
+    )

@@ -110,3 +110,15 @@ def serve_url(ray_local):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
+
+
+@pytest.fixture(scope="session")
+def two_stage_bundle(bbc, tmp_path_factory):
+    """A model whose encoder was fine-tuned as a classifier (``two-stage``, no LLM), saved: (path, model)."""
+    from fusion.classifier import AutoFusionClassifier
+
+    cfg = {"encoder": {"fine_tune": "two-stage", "max_length": 32, "fine_tuning": {"max_epochs": 2}}}
+    clf = AutoFusionClassifier(cfg).fit(
+        bbc["train"].groupby("label").head(8), validation=bbc["val"].groupby("label").head(4)
+    )
+    return str(clf.save(tmp_path_factory.mktemp("two-stage") / "bundle")), clf

@@ -124,6 +124,21 @@ def test_score_train_and_backfill_with_the_local_llm(ray_local, corpora, tmp_pat
     assert run["prompt_tokens"] > 0 and 4 <= summary["parts"] <= 8 and summary["all_runs"]["rows"] == 32
 
 
+def test_a_two_stage_bundle_backfills_what_the_library_predicts(ray_local, corpora, two_stage_bundle, tmp_path):
+    """The backfill's encoder actors load the fine-tuned encoder with its classification layer."""
+    path, clf = two_stage_bundle
+    argv = ["--bundle", path, "--input", str(corpora["dir"] / "test.jsonl"), "--output", str(tmp_path / "pred")]
+    assert backfill.main(argv) == 0
+    good = read_output(tmp_path / "pred").set_index("id")
+    good = good[good["error"].isna()]
+    assert len(good) == 30
+    ids = [f"te-{i}" for i in range(30)]
+    texts = [short(t) for t in corpora["test"]["text"]]
+    expected = clf.predict_proba(texts)
+    got = np.array([[good.loc[i, "probabilities"][c] for c in clf.classes] for i in ids])
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
 def test_the_scorer_pool_shares_one_budget(ray_local, tmp_path):
     """Two scorer actors, one ledger actor: together they never pass the dollar budget."""
     from data_jobs.ledger import shared_ledger

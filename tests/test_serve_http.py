@@ -290,3 +290,19 @@ def test_llm_path_over_capacity_503_and_a_replica_killed_mid_request(serve_url, 
     assert 1 <= codes.count(200) <= 3  # one running, one queued (a third may slip in as the first finishes)
     assert died[0].status_code == 500 and died[0].json()["request_id"] == "killed-mid-request", died[0].text
     assert "internal error" in died[0].json()["detail"]
+
+
+def test_a_two_stage_bundle_serves_what_the_library_predicts(url, bundles, two_stage_bundle, bbc):
+    """The Embedder loads the fine-tuned encoder with its classification layer and sends its logits on."""
+    path, clf = two_stage_bundle
+    texts = sample(bbc["test"], 5, seed=4)["text"].str.slice(0, 1500).tolist()
+    deploy({"bundle": path, "limits": LIMITS})
+    try:
+        r = requests.post(f"{url}/v1/classify", json={"texts": texts}, timeout=60)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model_version"] == clf.version
+        got = np.array([[res["probabilities"][c] for c in clf.classes] for res in body["results"]])
+        np.testing.assert_allclose(got, clf.predict_proba(texts), atol=1e-4)
+    finally:
+        deploy({"bundle": bundles["a"][0], "limits": LIMITS})
