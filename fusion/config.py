@@ -111,7 +111,7 @@ class EncoderConfig(_Strict):
     )
     fine_tune_lr: float = Field(2e-5, gt=0, description="Learning rate for encoder weights when fine_tune is on.")
     fine_tuning: FineTuneConfig = Field(
-        default_factory=lambda: FineTuneConfig(), description="Schedule and early stopping when fine_tune is on."
+        default_factory=FineTuneConfig, description="Schedule and early stopping when fine_tune is on."
     )
 
     @field_validator("fine_tune", mode="before")

@@ -31,6 +31,7 @@ import torch
 
 from fusion.config import Config, FusionConfig
 from fusion.encoder import Classifier, TextEncoder
+from fusion.errors import ConfigError, DataError
 from fusion.model import FeatureLayout, FeatureScaler
 from fusion.train import HeadFit, fit_head
 
@@ -56,7 +57,10 @@ def fine_tune_classifier(
     rows and given that layer (its ``embed`` then returns logits). ``emb_*`` are ``base``'s embeddings,
     for the standardisation the layer starts from. ``base`` is not changed."""
     if base.classifier is not None:
-        raise ValueError("fine_tune_classifier needs an encoder without a classification layer")
+        raise ConfigError(
+            "this encoder was already fine-tuned as a classifier; two-stage starts from a stock encoder "
+            "(pass encoder=None, or the encoder the model was first trained from)"
+        )
     encoder = copy.deepcopy(base)
     layout = FeatureLayout(encoder.hidden_size, n_classes)
     scaler = FeatureScaler.fit(emb_tr, layout)
@@ -143,6 +147,12 @@ def two_stage(
     ``labels_tr``: decided labels, for stratified folds; ``y_va``: validation labels."""
     started = time.perf_counter()
     tune = config.encoder.fine_tuning
+    need = 2 if tune.features == "holdout" else tune.folds
+    if with_llms and len(texts_tr) < need:
+        raise DataError(
+            f"two-stage fine-tuning ({tune.features}) needs at least {need} training rows besides the validation "
+            f"rows; got {len(texts_tr)}"
+        )
     seed = config.train.seed
     fits: list[dict[str, Any]] = []
 

@@ -14,7 +14,7 @@ from fusion.bundle import Bundle
 from fusion.classifier import AutoFusionClassifier
 from fusion.config import EncoderConfig, FineTuneConfig, FusionConfig, TrainConfig
 from fusion.encoder import CLASSIFIER_FILE, TextEncoder
-from fusion.errors import ConfigError
+from fusion.errors import ConfigError, DataError
 from fusion.model import FeatureLayout, FeatureScaler
 from fusion.train import fit_head, warmup_linear
 
@@ -175,6 +175,11 @@ def test_two_stage_refuses_what_it_cannot_do(bbc):
     df = bbc["train"].groupby("label").head(2)
     with pytest.raises(ConfigError, match="needs texts"):
         AutoFusionClassifier({"encoder": {"fine_tune": "two-stage"}}).fit(df, embeddings=np.zeros((len(df), 384)))
+    three = bbc["train"].head(3).assign(label=CLASSES)
+    with pytest.raises(DataError, match="at least 3 training rows"):  # 3 folds
+        AutoFusionClassifier({"encoder": {"fine_tune": "two-stage"}, "labels": {"classes": CLASSES}}).fit(
+            three.head(2), validation=three, llm_scores={"sim": np.zeros((2, 3))}
+        )
     llm = {"name": "q", "provider": "local", "model": "qwen2.5-coder-0.5b", "few_shot": 2}
     with pytest.raises(ConfigError, match="few_shot"):
         AutoFusionClassifier({"encoder": {"fine_tune": "two-stage"}, "llms": [llm]}).fit(df)
