@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.model_selection import train_test_split
 
 from fusion import bundle as bundle_io
 from fusion.calibration import decide, to_proba
@@ -45,7 +44,7 @@ from fusion.labels import LabelSpace, normalize_labels
 from fusion.metrics import SUMMARY_KEYS, evaluate, headline_key
 from fusion.model import FeatureLayout, FeatureScaler, build_features
 from fusion.texts import PROBE_TEXT, check_texts
-from fusion.train import fit_head
+from fusion.train import fit_head, holdout_rows
 
 if TYPE_CHECKING:
     from sklearn.utils import Tags
@@ -355,17 +354,10 @@ class AutoFusionClassifier(_Estimator):
         raw_x = build_features(emb, llm_scores, layout)
 
         if validation is None:
-            idx = np.arange(len(texts))
-            strat = None if space.multilabel else y_all
-            if strat is not None and np.bincount(strat, minlength=space.n_classes).min() < 2:
-                strat = None
             try:
-                tr, va = train_test_split(
-                    idx, test_size=cfg.train.val_fraction, random_state=cfg.train.seed, stratify=strat
-                )
+                tr, va = holdout_rows(y_all, cfg.train.val_fraction, cfg.train.seed)
             except ValueError as err:
                 raise DataError(f"cannot hold out a validation split from {len(texts)} rows: {err}") from None
-            tr, va = np.sort(tr), np.sort(va)
             x_tr, x_va, y_tr, y_va = raw_x[tr], raw_x[va], targets[tr], y_all[va]
             t_tr, t_va = [texts[i] for i in tr], [texts[i] for i in va]
             va_scores = _subset(llm_scores, va)

@@ -33,7 +33,7 @@ from fusion.config import Config, FusionConfig
 from fusion.encoder import Classifier, TextEncoder
 from fusion.errors import ConfigError, DataError
 from fusion.model import FeatureLayout, FeatureScaler
-from fusion.train import HeadFit, fit_head
+from fusion.train import HeadFit, fit_head, holdout_rows
 
 log = logging.getLogger(__name__)
 
@@ -115,17 +115,6 @@ def _folds(y: np.ndarray, n_splits: int, seed: int) -> list[np.ndarray]:
     return [va for _, va in KFold(n_splits, shuffle=True, random_state=seed).split(np.zeros(n))]
 
 
-def _holdout(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    from sklearn.model_selection import train_test_split
-
-    idx = np.arange(len(y))
-    strat = y if y.ndim == 1 and np.bincount(y).min() >= 2 else None
-    try:
-        return np.sort(train_test_split(idx, test_size=fraction, random_state=seed, stratify=strat)[1])
-    except ValueError:
-        return np.sort(train_test_split(idx, test_size=fraction, random_state=seed)[1])
-
-
 def two_stage(
     base: TextEncoder,
     texts_tr: list[str],
@@ -180,8 +169,8 @@ def two_stage(
         final = tune_on(every, "all rows")
         rows, logits_tr = every, final.embed(texts_tr)
     elif tune.features == "holdout":
-        rows = _holdout(labels_tr, tune.holdout_fraction, seed)
-        final = tune_on(np.setdiff1d(every, rows), f"all but the head's {len(rows)} rows")
+        kept, rows = holdout_rows(labels_tr, tune.holdout_fraction, seed)
+        final = tune_on(kept, f"all but the head's {len(rows)} rows")
         logits_tr = final.embed([texts_tr[i] for i in rows])
     else:
         folds = _folds(labels_tr, tune.folds, seed)

@@ -67,6 +67,20 @@ def warmup_linear(step: int, warmup: int, total: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
+def holdout_rows(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (kept, held out), each sorted: ``fraction`` held out, stratified by class where every
+    class has two rows (multi-class ``y``), at random otherwise. ValueError when ``y`` is too short to split."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(y))
+    strat = y if y.ndim == 1 and np.bincount(y).min() >= 2 else None
+    try:
+        kept, held = train_test_split(idx, test_size=fraction, random_state=seed, stratify=strat)
+    except ValueError:  # stratified, the held-out share is smaller than the number of classes
+        kept, held = train_test_split(idx, test_size=fraction, random_state=seed)
+    return np.sort(kept), np.sort(held)
+
+
 def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
