@@ -6,7 +6,8 @@ The input is what :mod:`data_jobs.embed` / :mod:`data_jobs.score` wrote: ``embed
 label column and, per configured LLM ``NAME``, ``llm_NAME`` scores (null = no answer; the
 model learns to do without). Rows with an ``error`` are left out and counted. Training runs
 in the job's driver: the data are embeddings and scores, small next to the texts they came from.
-With ``encoder.fine_tune`` on, the encoder trains on the texts instead (give the job a GPU).
+With ``encoder.fine_tune`` on (and with the default 'auto' where the driver has a CUDA GPU), the
+encoder trains on the texts instead.
 """
 
 from __future__ import annotations

@@ -324,10 +324,11 @@ class AutoFusionClassifier(_Estimator):
         texts, raw = self._texts_labels(X, y, require_labels=soft_labels is None)
         if not texts:
             raise DataError("no training rows")
-        fine_tune = cfg.encoder.fine_tune
-        if cfg.encoder.fine_tuned and (embeddings is not None or validation_embeddings is not None):
+        precomputed = embeddings is not None or validation_embeddings is not None
+        fine_tune = _fine_tune_mode(cfg, len(texts), precomputed)
+        if fine_tune != "off" and precomputed:
             raise ConfigError("encoder.fine_tune needs texts, not precomputed embeddings")
-        if fine_tune == "two-stage" and cfg.llms and max(c.few_shot for c in cfg.llms) > 0:
+        if fine_tune == "two-stage" and _few_shot(cfg):
             raise ConfigError(
                 "few_shot examples are not supported with encoder.fine_tune 'two-stage' yet: "
                 "use fine_tune 'off' or 'joint', or few_shot 0"
@@ -344,7 +345,7 @@ class AutoFusionClassifier(_Estimator):
         emb = self._embed(texts, embeddings, progress)
         layout = FeatureLayout(emb.shape[1], space.n_classes, self._llm_names(llm_scores))
         self.head, self.pool, self.llm_usage = None, None, {}
-        if cfg.llms and max(c.few_shot for c in cfg.llms) > 0:
+        if _few_shot(cfg):
             max_words = max(c.max_words for c in cfg.llms)
             self.pool = ExamplePool.from_training(texts, space.decode(y_all), emb, max_words)
         self._panel = self._build_panel(space)
@@ -537,7 +538,7 @@ class AutoFusionClassifier(_Estimator):
     def save(self, path: str | Path) -> Path:
         """Write the model as a bundle directory (see :mod:`fusion.bundle`); returns its path."""
         head = self._require_fitted()
-        fine_tuned = self.config.encoder.fine_tuned
+        fine_tuned = self._encoder_changed
         probe = self.encoder.embed([PROBE_TEXT])[0, : bundle_io.PROBE_DIMS]
         tensors = head.tensors() | (self.pool.tensors() if self.pool is not None else {})
         manifest = {
@@ -573,6 +574,19 @@ class AutoFusionClassifier(_Estimator):
         clf.version = b.version
         clf._encoder, clf._encoder_changed = b.encoder(device, encoder), b.fine_tuned
         return clf
+
+
+def _few_shot(cfg: Config) -> bool:
+    return bool(cfg.llms) and max(c.few_shot for c in cfg.llms) > 0
+
+
+def _fine_tune_mode(cfg: Config, n_rows: int, precomputed: bool) -> str:
+    """``encoder.fine_tune`` for this fit: 'auto' is 'off' below ``auto_min_rows`` training rows, for
+    precomputed embeddings and for few-shot prompts."""
+    few_rows = n_rows < cfg.encoder.fine_tuning.auto_min_rows
+    if cfg.encoder.fine_tune == "auto" and (few_rows or precomputed or _few_shot(cfg)):
+        return "off"
+    return cfg.encoder.resolved_fine_tune()
 
 
 def _metrics(head: FusionHead, logits: np.ndarray, y: np.ndarray) -> dict[str, Any]:

@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fusion.bundle import Bundle
-from fusion.classifier import AutoFusionClassifier
-from fusion.config import EncoderConfig, FineTuneConfig, FusionConfig, TrainConfig
+from fusion.classifier import AutoFusionClassifier, _fine_tune_mode
+from fusion.config import EncoderConfig, FineTuneConfig, FusionConfig, TrainConfig, parse_config
 from fusion.encoder import CLASSIFIER_FILE, TextEncoder
 from fusion.errors import ConfigError, DataError
 from fusion.model import FeatureLayout, FeatureScaler
@@ -187,6 +187,27 @@ def test_two_stage_refuses_what_it_cannot_do(bbc):
 
 def test_fine_tune_true_still_means_joint():
     assert EncoderConfig(fine_tune=True).fine_tune == "joint"
-    assert EncoderConfig(fine_tune=False).fine_tune == "off" and not EncoderConfig().fine_tuned
+    assert EncoderConfig(fine_tune=False).fine_tune == "off"
     with pytest.raises(ValueError, match="two-stage"):
         EncoderConfig(fine_tune="twostage")
+
+
+def test_auto_fine_tunes_two_stage_on_a_gpu_only_and_never_where_it_cannot(monkeypatch, bbc, encoder):
+    llm = {"name": "q", "provider": "local", "model": "qwen2.5-coder-0.5b"}
+    assert EncoderConfig().fine_tune == "auto"
+    assert EncoderConfig(device="cpu").resolved_fine_tune() == "off"
+    assert EncoderConfig(device="cuda:1").resolved_fine_tune() == "two-stage"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # what `auto` sees on a GPU machine
+    assert EncoderConfig().resolved_fine_tune() == "two-stage" and EncoderConfig().fine_tuned
+    assert EncoderConfig(device="cpu").resolved_fine_tune() == "off"
+    assert EncoderConfig(fine_tune="joint").resolved_fine_tune() == "joint"
+    cfg = parse_config({"llms": [llm]})
+    assert _fine_tune_mode(cfg, 150, precomputed=False) == "two-stage"
+    assert _fine_tune_mode(cfg, 149, precomputed=False) == "off"  # encoder.fine_tuning.auto_min_rows
+    assert _fine_tune_mode(cfg, 150, precomputed=True) == "off"
+    assert _fine_tune_mode(parse_config({"llms": [{**llm, "few_shot": 2}]}), 150, precomputed=False) == "off"
+    monkeypatch.undo()
+    # on this CPU machine the default trains the frozen head, and its bundle carries no encoder weights
+    df = bbc["train"].groupby("label").head(6)
+    clf = AutoFusionClassifier({"encoder": {"max_length": 128}}, encoder=encoder).fit(df)
+    assert clf.training["fine_tuned_encoder"] == "off" and clf.encoder is encoder
