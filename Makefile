@@ -60,9 +60,11 @@ serve: install
 	test -f $(SERVE_MODEL)/manifest.json || $(BIN)/labelfuse train --dataset bbc-news --output $(SERVE_MODEL)
 	$(BIN)/labelfuse serve --bundle $(SERVE_MODEL) --dev-kafka
 
-# lint, then pytest. pytest exits 5 when it collected no tests: that is a broken run, not a pass.
+# lint, then pytest in PYTEST_WORKERS processes (pytest-xdist; a test file stays in one process, so its
+# module fixtures start once). pytest exits 5 when it collected no tests: that is a broken run, not a pass.
+PYTEST_WORKERS ?= 2
 test: lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 # the inner loop: the library's tests, no Ray, no broker, no LLM (tests marked `integration` are left out)

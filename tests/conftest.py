@@ -29,9 +29,28 @@ def bbc() -> dict:
     return split(load_builtin("bbc-news"))
 
 
+def once_per_run(tmp_path_factory, name: str, compute) -> dict[str, np.ndarray]:
+    """``compute()`` (a dict of arrays) once per test run: under pytest-xdist the first worker saves it in
+    the run's shared temp dir and the others load it, instead of each worker computing it again."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return compute()
+    from filelock import FileLock
+
+    path = tmp_path_factory.getbasetemp().parent / f"{name}.npz"  # the run's dir, above each worker's
+    with FileLock(f"{path}.lock"):
+        if path.is_file():
+            with np.load(path) as saved:
+                return {k: saved[k] for k in saved.files}
+        out = compute()
+        np.savez(path, **out)
+        return out
+
+
 @pytest.fixture(scope="session")
-def bbc_emb(encoder, bbc) -> dict:
-    return {k: encoder.embed(df["text"].tolist()) for k, df in bbc.items()}
+def bbc_emb(encoder, bbc, tmp_path_factory) -> dict:
+    return once_per_run(
+        tmp_path_factory, "bbc_emb", lambda: {k: encoder.embed(df["text"].tolist()) for k, df in bbc.items()}
+    )
 
 
 @pytest.fixture(scope="session")
@@ -45,14 +64,14 @@ def bbc_model(encoder, bbc, bbc_emb):
 
 
 @pytest.fixture(scope="session")
-def multilabel_data(encoder) -> dict:
+def multilabel_data(encoder, tmp_path_factory) -> dict:
     """A subset of the derived bbc-news-multilabel set, with embeddings."""
     sizes = {"train": 600, "val": 200, "test": 300}
-    out = {}
-    for name, n in sizes.items():
-        df = builtin_split("bbc-news-multilabel", name).iloc[:n].reset_index(drop=True)
-        out[name] = (df, encoder.embed(df["text"].tolist()))
-    return out
+    dfs = {k: builtin_split("bbc-news-multilabel", k).iloc[:n].reset_index(drop=True) for k, n in sizes.items()}
+    emb = once_per_run(
+        tmp_path_factory, "multilabel_emb", lambda: {k: encoder.embed(df["text"].tolist()) for k, df in dfs.items()}
+    )
+    return {k: (df, emb[k]) for k, df in dfs.items()}
 
 
 def sample(df, n: int, seed: int = 0):
@@ -122,3 +141,10 @@ def two_stage_bundle(bbc, tmp_path_factory):
         bbc["train"].groupby("label").head(8), validation=bbc["val"].groupby("label").head(4)
     )
     return str(clf.save(tmp_path_factory.mktemp("two-stage") / "bundle")), clf
+
+
+def pytest_collection_modifyitems(items):
+    """Modules with slow tests run first (in their usual order, as do the rest): under pytest-xdist the short
+    modules then fill in at the end, instead of one long module running alone on one worker."""
+    slow = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module.__name__ not in slow)
