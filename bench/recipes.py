@@ -145,11 +145,10 @@ def main() -> None:
             f"| {row['ece']:.3f} | {row['train_s']} | {row['llm_calls_per_row']:g} |"
         )
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         meta = {"dataset": args.dataset, "llm": args.llm, "max_length": args.max_length}
-        out.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
-        plot(rows, recipes, key, out.with_suffix(".png"), f"{args.dataset}, LLM {args.llm}")
+        Path(f"{args.out}.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
+        plot(rows, recipes, key, Path(f"{args.out}.png"), f"{args.dataset}, LLM {args.llm}")
     summarize(rows, key, fractions)
 
 

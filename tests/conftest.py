@@ -7,6 +7,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # a fresh LLM score cache per test session: no test may pass on answers cached by an earlier run
 os.environ["LABELFUSE_CACHE_DIR"] = tempfile.mkdtemp(prefix="labelfuse-test-cache-")
+# Serve kills an HTTP proxy that is not ready within 5 s of its start, and serve.start then fails: on 2 busy
+# cores (two xdist workers) a proxy's process can take longer to start. Every Ray the tests start inherits this.
+os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
 
 import numpy as np
 import pytest
