@@ -144,10 +144,3 @@ def two_stage_bundle(bbc, tmp_path_factory):
         bbc["train"].groupby("label").head(8), validation=bbc["val"].groupby("label").head(4)
     )
     return str(clf.save(tmp_path_factory.mktemp("two-stage") / "bundle")), clf
-
-
-def pytest_collection_modifyitems(items):
-    """Modules with slow tests run first (in their usual order, as do the rest): under pytest-xdist the short
-    modules then fill in at the end, instead of one long module running alone on one worker."""
-    slow = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.module.__name__ not in slow)
