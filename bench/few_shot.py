@@ -4,8 +4,9 @@ At one share of the training split, for each ``--shots`` k (0 = zero-shot), the 
 is trained the product's way: the LLM scores the training rows with their k nearest *other* training rows as
 examples (``few_shot: k``), then the validation and test texts with their k nearest training rows. Printed
 per k: the LLM's own test accuracy (argmax of its scores), the fused model's test accuracy, macro-F1 and
-ECE, and the cost of scoring ``--cost-texts`` test texts again with an empty cache: prompt tokens per text
-and texts/s, measured one k after the other in this run. Answers are cached in ``--llm-cache``, so a rerun
+ECE, and the cost of scoring the first ``--cost-texts`` test texts with an empty answer cache, before the LLM
+server has seen them (llama.cpp answers a prompt it has just seen from RAM): prompt tokens per text and
+texts/s, measured one k after the other in this run. Answers are cached in ``--llm-cache``, so a rerun
 only times the cost rows. The last line is ``ratio: X``: texts/s of the largest k over zero-shot.
 
     make models-qwen && python bench/few_shot.py --dataset bbc-news --fraction 0.05 --shots 0,4 --val-texts 100 --test-texts 150
