@@ -6,6 +6,13 @@ the request/token rates hold for all of them together. The actor wraps
 :class:`fusion.llm.LocalLedger`; its methods run one at a time (a plain Ray actor), so the
 check-and-reserve stays atomic across processes and nodes.
 
+The ledger survives its own death. It journals every reservation and settlement to SQLite
+(:mod:`fusion.llm.journal`) before it answers; Ray restarts it (``max_restarts=-1``) on the
+head node, where its journal lives, and re-sends the calls that were in flight
+(``max_task_retries=-1``). The restarted actor resumes from the journal, and each request
+carries a key, so a re-sent reservation returns the grant it already got and a re-sent
+settlement counts once: no reset to $0, no double count.
+
 ```python
 ledger = shared_ledger("labelfuse-ledger", config.llm_limits)   # create or attach
 clf = AutoFusionClassifier.load(path, ledger=ledger)             # in any worker
@@ -14,6 +21,9 @@ clf = AutoFusionClassifier.load(path, ledger=ledger)             # in any worker
 
 from __future__ import annotations
 
+import os
+import uuid
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -21,22 +31,43 @@ import ray
 from fusion.config import LLMLimitsConfig
 from fusion.llm.ledger import Denial, Grant, LocalLedger
 
+HEAD_NODE = "node:__internal_head__"  # the resource only the head node has (Ray Train pins its state actor so)
 
-@ray.remote(num_cpus=0, max_restarts=0)
+
+def default_journal(name: str, namespace: str | None) -> Path:
+    base = os.environ.get("LABELFUSE_CACHE_DIR") or Path.home() / ".cache" / "labelfuse"
+    return Path(base) / "ledgers" / f"{namespace or 'default'}.{name}.sqlite"
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class LedgerActor:
     """Holds the shared :class:`LocalLedger`. ``num_cpus=0``: it must never wait for a CPU slot."""
 
-    def __init__(self, limits: dict[str, Any]):
-        self._ledger = LocalLedger.from_limits(LLMLimitsConfig(**limits))
+    def __init__(self, limits: dict[str, Any], name: str, namespace: str | None):
+        # the default journal is resolved here, on the head node where the actor always runs
+        self._ledger = LocalLedger.from_limits(LLMLimitsConfig(**limits), journal=default_journal(name, namespace))
 
-    def try_reserve(self, tokens: int, max_cost_usd: float) -> Grant | Denial:
-        return self._ledger.try_reserve(tokens, max_cost_usd)
+    def try_reserve(self, tokens: int, max_cost_usd: float, key: str | None = None) -> Grant | Denial:
+        return self._ledger.try_reserve(tokens, max_cost_usd, key)
 
     def settle(self, grant_id: int, tokens: int, cost_usd: float) -> None:
         self._ledger.settle(grant_id, tokens, cost_usd)
 
     def snapshot(self) -> dict[str, float]:
         return self._ledger.snapshot()
+
+    def set_limits(self, limits: dict[str, Any]) -> None:
+        lim = LLMLimitsConfig(**limits)
+        self._ledger.set_limits(
+            lim.budget_usd,
+            lim.max_concurrency,
+            lim.requests_per_minute,
+            lim.tokens_per_minute,
+            lim.reservation_timeout_s,
+        )
+
+    def journal(self) -> str | None:
+        return None if self._ledger.journal is None else str(self._ledger.journal.path)
 
 
 class RayLedger:
@@ -49,8 +80,9 @@ class RayLedger:
     def __init__(self, actor: Any):
         self.actor = actor
 
-    def try_reserve(self, tokens: int, max_cost_usd: float) -> Any:
-        return self.actor.try_reserve.remote(tokens, max_cost_usd)
+    def try_reserve(self, tokens: int, max_cost_usd: float, key: str | None = None) -> Any:
+        # the key makes Ray's re-send after a ledger restart return the same grant, not a second one
+        return self.actor.try_reserve.remote(tokens, max_cost_usd, key or uuid.uuid4().hex)
 
     def settle(self, grant_id: int, tokens: int, cost_usd: float) -> Any:
         return self.actor.settle.remote(grant_id, tokens, cost_usd)
@@ -59,10 +91,25 @@ class RayLedger:
         return ray.get(self.actor.snapshot.remote())
 
 
-def shared_ledger(name: str, limits: LLMLimitsConfig, namespace: str | None = None) -> RayLedger:
+def shared_ledger(
+    name: str, limits: LLMLimitsConfig, namespace: str | None = None, detached: bool = False
+) -> RayLedger:
     """Create the named ledger actor, or attach to it if this cluster already has one.
 
-    The limits of the first creator win; later callers attach to the running ledger.
+    A job's limits are the first creator's; later callers attach to the running ledger. A
+    ``detached`` ledger (Serve's) outlives its creator, since the replica that created it may
+    be replaced, and takes the limits of each caller that attaches: the bundle loaded last
+    sets them, and what was spent stays. The actor runs on the head node; its journal is
+    ``limits.ledger_journal`` or :func:`default_journal` there.
     """
-    actor = LedgerActor.options(name=name, namespace=namespace, get_if_exists=True).remote(limits.model_dump())
+    actor = LedgerActor.options(
+        name=name,
+        namespace=namespace,
+        get_if_exists=True,
+        lifetime="detached" if detached else None,
+        resources={HEAD_NODE: 0.001},
+        scheduling_strategy="DEFAULT",  # never inside the caller's placement group
+    ).remote(limits.model_dump(), name, namespace)
+    if detached:
+        ray.get(actor.set_limits.remote(limits.model_dump()))
     return RayLedger(actor)

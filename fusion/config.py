@@ -193,6 +193,18 @@ class LLMLimitsConfig(_Strict):
         None, ge=0, description="Dollar cap for LLM calls per run (reserved before each call); None = no cap."
     )
     max_concurrency: int = Field(8, ge=1, description="LLM calls in flight at once.")
+    ledger_journal: str | None = Field(
+        None,
+        description="SQLite file journaling the ledger's spend and open reservations, so a restarted ledger resumes "
+        "(never from $0). Default: the shared Ray ledger uses $LABELFUSE_CACHE_DIR/ledgers/<name>.sqlite on the head "
+        "node, an in-process ledger keeps spend for its process only. 'memory': no journal.",
+    )
+    reservation_timeout_s: float = Field(
+        900.0,
+        gt=0,
+        description="A reservation not settled after this long (its caller died) is charged its reserved worst case "
+        "and released; a late settle replaces the charge with the real cost.",
+    )
     requests_per_minute: float | None = Field(None, gt=0, description="Request rate cap; None = none.")
     tokens_per_minute: float | None = Field(None, gt=0, description="Token rate cap (prompt + completion).")
     max_retries: int = Field(4, ge=0, description="Retries on 429, 5xx, timeouts and connection errors.")

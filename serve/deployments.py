@@ -162,7 +162,8 @@ class Scorer:
         from data_jobs.ledger import shared_ledger
 
         bundle = Bundle.open(ref.path)
-        ledger = shared_ledger(self.ledger_name, bundle.config.llm_limits, namespace=NAMESPACE)
+        # detached: the ledger must outlive the replica that happened to create it
+        ledger = shared_ledger(self.ledger_name, bundle.config.llm_limits, namespace=NAMESPACE, detached=True)
         self._ledger = ledger.actor
         return bundle.panel(ledger)
 

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import ray
 from conftest import TEST_MAX_LENGTH, sample
 from fuzz import GOOD_TEXT, JSON, NASTY_TEXT, RAW, budget, dumps
 from hypothesis import given
@@ -140,7 +142,8 @@ def test_a_two_stage_bundle_backfills_what_the_library_predicts(ray_local, corpo
 
 
 def test_the_scorer_pool_shares_one_budget(ray_local, tmp_path):
-    """Two scorer actors, one ledger actor: together they never pass the dollar budget."""
+    """Two scorer actors, one ledger actor: together they never pass the dollar budget, even though the ledger
+    actor is killed in the middle of the job (Ray restarts it from its journal and the job goes on)."""
     from data_jobs.ledger import shared_ledger
     from fusion.config import LLMLimitsConfig
 
@@ -158,7 +161,19 @@ def test_the_scorer_pool_shares_one_budget(ray_local, tmp_path):
             "--config", str(tmp_path / "config.json"), "--classes", ",".join(classes),
             "--actors", "2", "--cpus-per-actor", "0", "--batch-size", "10", "--ledger-name", "ledger-pool-test",
         ]  # fmt: skip
+        killed: list[int] = []
+
+        def kill_the_ledger() -> None:
+            deadline = time.monotonic() + 120
+            while stub.requests < 3 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            killed.append(stub.requests)
+            ray.kill(ray.get_actor("ledger-pool-test"), no_restart=False)
+
+        killer = threading.Thread(target=kill_the_ledger, daemon=True)
+        killer.start()
         assert score.main(argv) == 0
+        killer.join()
         max_in_flight = stub.max_in_flight
     df = read_output(tmp_path / "out")
     snap = shared_ledger("ledger-pool-test", LLMLimitsConfig()).snapshot()
@@ -168,6 +183,7 @@ def test_the_scorer_pool_shares_one_budget(ray_local, tmp_path):
     assert df.loc[~answered, "llm_paid_error"].str.contains("budget").all()
     assert df["llm_paid_cost_usd"].sum() == pytest.approx(snap["spent_usd"])
     assert max_in_flight <= 8  # llm_limits.max_concurrency for the pool, not per actor
+    assert 3 <= killed[0] < answered.sum()  # the kill came while the job was scoring
 
 
 def _big_corpus(path: Path, n: int) -> list[str]:

@@ -9,17 +9,22 @@ paid API here. Scoring itself is tested against the real local model in test_llm
 import asyncio
 import math
 import multiprocessing
+import tempfile
 import threading
 import time
 
 import numpy as np
 import pytest
+from fuzz import budget
+from hypothesis import given
+from hypothesis import strategies as st
 from stub_llm import StubServer
 
 from fusion.config import LLMLimitsConfig, LLMScorerConfig
 from fusion.errors import ConfigError
 from fusion.llm import LLMPanel, LLMScorer, LocalLedger
 from fusion.llm.cache import ScoreCache, cache_key
+from fusion.llm.journal import LedgerJournal
 from fusion.llm.ledger import Denial, Grant, acquire, settle, to_pico
 
 CLASSES = ["business", "sports", "tech"]
@@ -113,6 +118,99 @@ def test_concurrency_and_rate_buckets_with_a_controlled_clock():
         burst.settle(burst.try_reserve(1, 0).id, 1, 0)
     d = burst.try_reserve(1, 0)
     assert d.reason == "rate" and d.retry_after_s == pytest.approx(1.0)
+
+
+def test_a_journaled_ledger_resumes_its_spend_and_open_reservations(tmp_path):
+    """A ledger that restarts on its journal carries on: never $0 again, never a double count."""
+    path = tmp_path / "ledger.sqlite"
+    ledger = LocalLedger(budget_usd=1.0, journal=path)
+    a, b = ledger.try_reserve(10, 0.3, key="req-a"), ledger.try_reserve(10, 0.3, key="req-b")
+    ledger.settle(a.id, 10, 0.25)
+    with pytest.raises(ConfigError, match="in use by another ledger"):  # two live ledgers would each spend it all
+        LocalLedger(budget_usd=1.0, journal=LedgerJournal(path, lock_wait_s=0.2))
+    ledger.journal.close()  # the process dies
+
+    again = LocalLedger(budget_usd=1.0, journal=path)
+    snap = again.snapshot()
+    assert snap["spent_usd"] == 0.25 and snap["reserved_usd"] == 0.3 and snap["in_flight"] == 1 and snap["calls"] == 1
+    assert again.try_reserve(10, 0.3, key="req-b") == b  # a request re-sent after the restart: the same grant
+    assert again.try_reserve(10, 0.5).reason == "budget_pending"  # b still holds its reservation
+    again.settle(b.id, 10, 0.2)
+    again.settle(a.id, 10, 0.25)  # a settle re-sent after the restart: counted once
+    c = again.try_reserve(10, 0.5)
+    assert c.id == b.id + 1  # grant numbers carry on, never reused
+    again.settle(c.id, 10, 0.5)
+    assert again.snapshot()["spent_usd"] == 0.95 and again.snapshot()["calls"] == 3
+    again.set_limits(2.0, None, None, None, None)  # a raised budget keeps what was spent (never a reset)
+    assert again.snapshot()["spent_usd"] == 0.95 and isinstance(again.try_reserve(10, 1.0), Grant)
+    with pytest.raises(KeyError):
+        again.settle(999, 1, 0.1)
+
+
+def test_a_reservation_whose_caller_died_is_charged_then_corrected_by_a_late_settle(tmp_path):
+    now = [1000.0]
+    path = tmp_path / "ledger.sqlite"
+    ledger = LocalLedger(budget_usd=1.0, journal=path, reservation_timeout_s=60, wall_clock=lambda: now[0])
+    dead, slow = ledger.try_reserve(10, 0.4), ledger.try_reserve(10, 0.4)
+    assert ledger.try_reserve(10, 0.4).reason == "budget_pending"  # both hold their worst case
+    now[0] += 61
+    snap = ledger.snapshot()  # both expired: charged at their worst case, their slots freed
+    assert snap["expired"] == 2 and snap["in_flight"] == 0 and snap["spent_usd"] == 0.8 and snap["reserved_usd"] == 0
+    ledger.journal.close()
+    ledger = LocalLedger(budget_usd=1.0, journal=path, reservation_timeout_s=60, wall_clock=lambda: now[0])
+    ledger.settle(slow.id, 10, 0.1)  # the slow caller was alive after all: its real cost replaces the charge
+    assert ledger.snapshot()["spent_usd"] == 0.5 and ledger.snapshot()["calls"] == 1
+    assert isinstance(ledger.try_reserve(10, 0.4), Grant) and dead.id not in ledger._held
+
+
+@budget(60)
+@given(
+    ops=st.lists(
+        st.one_of(
+            st.tuples(st.just("reserve"), st.integers(1, 40)),
+            st.tuples(st.just("settle"), st.integers(0, 10**6), st.floats(0, 1)),
+            st.tuples(st.just("restart"), st.booleans()),
+            st.tuples(st.just("wait"), st.integers(0, 90)),
+        ),
+        max_size=40,
+    )
+)
+def test_any_sequence_of_calls_and_restarts_keeps_the_books_exact(ops):
+    """Reservations, settles (some re-sent after a restart), restarts and expiries in any order: the journaled
+    ledger's spend is exactly what the callers were billed plus the charges of grants that expired unsettled,
+    and it never passes the budget."""
+    budget_pico, now = to_pico(1.0), [0.0]
+    with tempfile.TemporaryDirectory() as tmp:
+
+        def start() -> LocalLedger:
+            path = f"{tmp}/ledger.sqlite"
+            return LocalLedger(budget_usd=1.0, journal=path, reservation_timeout_s=60, wall_clock=lambda: now[0])
+
+        ledger, billed, open_grants, done = start(), 0, [], []
+        for op in ops:
+            if op[0] == "reserve":
+                d = ledger.try_reserve(10, op[1] / 100)
+                if isinstance(d, Grant):
+                    open_grants.append(d)
+            elif op[0] == "settle" and open_grants:
+                g = open_grants.pop(op[1] % len(open_grants))
+                cost = round(g.reserved_usd * op[2], 6)
+                ledger.settle(g.id, 10, cost)
+                billed += to_pico(cost)
+                done.append((g, cost))
+            elif op[0] == "restart":
+                ledger.journal.close()
+                ledger = start()
+                if op[1] and done:  # the last settle is re-sent, as Ray does when the ledger died under it
+                    ledger.settle(done[-1][0].id, 10, done[-1][1])
+            elif op[0] == "wait":
+                now[0] += op[1]
+            snap = ledger.snapshot()
+            charged = sum(ledger._expired.values())
+            assert to_pico(snap["spent_usd"]) == billed + charged
+            assert to_pico(snap["spent_usd"]) + to_pico(snap["reserved_usd"]) <= budget_pico
+            assert snap["in_flight"] == len([g for g in open_grants if g.id in ledger._held])
+        ledger.journal.close()
 
 
 # -- cache --------------------------------------------------------------------------------------------------

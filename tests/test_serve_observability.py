@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import ray
 import requests
 from conftest import TEST_MAX_LENGTH, sample
 from kafka import KafkaConsumer, KafkaProducer
@@ -17,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 from stub_llm import StubServer
 
+from data_jobs.common import NAMESPACE
 from fusion.classifier import AutoFusionClassifier
 from serve.app import LOGGING, build
 from serve.dev_kafka import DEV_CLIENT, create_topics, dev_kafka_args
@@ -73,6 +75,15 @@ def test_metrics_and_request_id_logs_from_http_and_kafka(serve_url, metrics_url,
             assert all(res["llm_used"] for res in r.json()["results"]), r.text
             assert requests.post(f"{serve_url}/v1/classify", json={"texts": []}, timeout=30).status_code == 422
 
+            # the ledger actor dies: Ray restarts it from its journal and the app spends on from where it was
+            ledger = ray.get_actor(settings["ledger_name"], namespace=NAMESPACE)
+            before = ray.get(ledger.snapshot.remote())
+            ray.kill(ledger, no_restart=False)
+            r = requests.post(f"{serve_url}/v1/classify", json={"texts": ["Profits rose"], "llm": "all"}, timeout=60)
+            assert r.status_code == 200 and r.json()["results"][0]["llm_used"], r.text
+            after = ray.get(ledger.snapshot.remote())
+            assert after["calls"] == before["calls"] + 1 and after["spent_usd"] > before["spent_usd"] > 0
+
             producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap)
             for i in range(5):
                 producer.send(topics[0], json.dumps({"id": i, "text": f"Budget vote number {i}"}).encode())
@@ -92,9 +103,9 @@ def test_metrics_and_request_id_logs_from_http_and_kafka(serve_url, metrics_url,
             want = {
                 ("ray_labelfuse_http_requests_total", (("route", "/v1/classify"), ("status", "200"))): 1,
                 ("ray_labelfuse_http_requests_total", (("route", "/v1/classify"), ("status", "422"))): 1,
-                ("ray_labelfuse_texts_total", (("llm_used", "true"), ("path", "http"))): 2,
+                ("ray_labelfuse_texts_total", (("llm_used", "true"), ("path", "http"))): 3,
                 ("ray_labelfuse_texts_total", (("path", "kafka"),)): 5,
-                ("ray_labelfuse_llm_calls_total", (("llm", "paid"),)): 2,
+                ("ray_labelfuse_llm_calls_total", (("llm", "paid"),)): 3,
                 ("ray_labelfuse_kafka_messages_total", (("event", "consumed"),)): 6,
                 ("ray_labelfuse_kafka_messages_total", (("event", "tagged"),)): 5,
                 ("ray_labelfuse_kafka_messages_total", (("event", "dead_lettered"),)): 1,
@@ -119,8 +130,6 @@ def test_metrics_and_request_id_logs_from_http_and_kafka(serve_url, metrics_url,
             assert value(m, "ray_labelfuse_kafka_commit_lag") == 0
 
             # one JSON log line per classification, carrying the caller's request id
-            import ray
-
             logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
             lines = [
                 json.loads(line)
