@@ -199,7 +199,12 @@ def summarize(fs: Any, parts: list[str]) -> dict[str, float]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = common.job_parser("Classify a corpus with a trained bundle (embed, gate, LLM-score, fuse); resumable by id.")
-    p.add_argument("--bundle", required=True, help="trained model bundle directory (reachable from every node)")
+    p.add_argument(
+        "--bundle",
+        required=True,
+        help="trained model bundle: a directory every node can read, or a URI (s3://, gs://, hf://owner/repo, "
+        "http(s)://) that each node fetches once",
+    )
     common.add_input_args(p, id_required=True)
     p.add_argument("--output", required=True, help="predictions directory or URI; a re-run resumes into it")
     llm = p.add_mutually_exclusive_group()

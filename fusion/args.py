@@ -40,9 +40,9 @@ def deprecated(p: Any, old: str, new: str, *, dest: str, const: Any = None) -> N
 
 
 def add_bundle_arg(p: argparse.ArgumentParser, help: str, required: bool = True) -> None:
-    """``--bundle DIR`` (old spelling: ``--model``)."""
+    """``--bundle DIR|URI`` (old spelling: ``--model``); a URI is fetched (``fusion.remote``)."""
     g = p.add_mutually_exclusive_group(required=required)
-    g.add_argument("--bundle", metavar="DIR", help=help)
+    g.add_argument("--bundle", metavar="DIR|URI", help=help)
     deprecated(g, "--model", "--bundle", dest="bundle")
 
 

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from fusion.errors import BundleError
+from fusion.remote import MANIFEST, local_bundle, sha256_file
 
 if TYPE_CHECKING:
     from fusion.config import Config
@@ -47,17 +48,8 @@ log = logging.getLogger(__name__)
 
 FORMAT = "labelfuse-bundle"
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 HEAD_FILE = "head.safetensors"
 ENCODER_DIR = "encoder"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -87,7 +79,7 @@ def write_bundle(
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / HEAD_FILE))
         if save_encoder is not None:
             save_encoder(tmp / ENCODER_DIR)
-        files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         full = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -131,7 +123,7 @@ def read_bundle(path: str | Path) -> BundleContents:
 
     from fusion import __version__
 
-    root = Path(path)
+    root = local_bundle(path)  # a URI is fetched (and cached) first: see fusion.remote
     if not root.is_dir():
         raise BundleError(f"model bundle not found: {root} is not a directory")
     mpath = root / MANIFEST
@@ -164,7 +156,7 @@ def read_bundle(path: str | Path) -> BundleContents:
         fp = root / rel
         if not fp.is_file():
             raise BundleError(f"{root} is incomplete: {rel} is missing; copy the whole bundle directory")
-        if _sha256(fp) != digest:
+        if sha256_file(fp) != digest:
             raise BundleError(f"{root} is corrupted: {rel} does not match its checksum; re-copy or re-train")
     try:
         tensors = load_file(str(root / HEAD_FILE))

@@ -24,6 +24,7 @@ from fusion.args import (
     with_llm_args,
 )
 from fusion.errors import ConfigError, LabelfuseError
+from fusion.remote import is_uri
 
 log = logging.getLogger("labelfuse")
 
@@ -154,6 +155,18 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--source", required=True, metavar="DIR", help="where your copy of the original files is")
     add_output_arg(pb, "where the three JSON-lines files go", metavar="DIR")
     pb.add_argument("--seed", type=int, default=42, help="seed of the sampled splits (default: 42)")
+
+    pub = sub.add_parser(
+        "publish",
+        help="copy a trained bundle to object storage, a model hub or a path, to load it from anywhere",
+        description="Checks the bundle, then copies it to URI: s3://bucket/key, gs://..., az://... (with s3fs, "
+        "gcsfs or adlfs installed), hf://owner/repo[@branch][/subdir] (a Hugging Face Hub model repo, created if "
+        "needed; the printed URI names the commit), or a new local path. Every --bundle takes the printed URI; "
+        "each machine downloads it once into $LABELFUSE_CACHE_DIR/bundles.",
+        epilog=EPILOG,
+    )
+    add_bundle_arg(pub, "the bundle directory to publish")
+    pub.add_argument("uri", metavar="URI", help="where to publish it")
 
     c = sub.add_parser("config", help="print the effective configuration as YAML", epilog=EPILOG)
     add_config_args(c)
@@ -351,7 +364,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     metrics = clf.evaluate(df, embeddings=emb, llm_scores=scores)
     proba = clf.predict_proba(df, embeddings=emb, llm_scores=scores, llm="all")
     raw = clf.predict_proba(df, embeddings=emb, llm_scores=scores, llm="all", calibrated=False)
-    report_dir = Path(args.report) if args.report else Path(args.bundle) / f"eval-{data_name.replace(':', '-')}"
+    report_name = f"eval-{data_name.replace(':', '-')}"
+    report_dir = Path(args.report or (report_name if is_uri(args.bundle) else Path(args.bundle) / report_name))
     info = {
         "model": str(args.bundle),
         "data": data_name,
@@ -455,6 +469,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_publish(args: argparse.Namespace) -> int:
+    from fusion.remote import publish
+
+    uri = publish(args.bundle, args.uri)
+    print(f"published {args.bundle} to {uri}\nload it with: --bundle {uri}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from fusion.config import config_to_yaml
 
@@ -467,6 +489,7 @@ COMMANDS = {
     "predict": cmd_predict,
     "eval": cmd_eval,
     "config": cmd_config,
+    "publish": cmd_publish,
     "prepare": cmd_prepare,
     "llm-server": cmd_llm_server,
     "llm-models": cmd_llm_models,

@@ -28,19 +28,20 @@ from typing import Any
 
 from fusion.bundle import MANIFEST, Bundle
 from fusion.errors import BundleError, ConfigError
+from fusion.remote import is_uri
 
 STATE = "registry.json"
 
 
 def is_registry(path: str | os.PathLike[str]) -> bool:
-    return (Path(path) / STATE).is_file()
+    return not is_uri(path) and (Path(path) / STATE).is_file()
 
 
-def resolve_bundle(path: str | os.PathLike[str]) -> Path:
-    """A bundle directory as it is, or a registry's champion bundle."""
+def resolve_bundle(path: str | os.PathLike[str]) -> str | Path:
+    """A bundle directory or URI as it is, or a (local) registry's champion bundle."""
+    if not is_registry(path):
+        return str(path) if is_uri(path) else Path(path)
     p = Path(path)
-    if not is_registry(p):
-        return p
     reg = Registry(p)
     champion = reg.champion()
     if champion is None:

@@ -9,6 +9,7 @@ import threading
 from typing import Any
 
 from fusion.args import add_bundle_arg
+from fusion.remote import is_uri
 
 DEV_TOPICS = ("labelfuse-in", "labelfuse-out", "labelfuse-dead-letter")
 
@@ -143,7 +144,8 @@ def _run(args: argparse.Namespace, settings: dict[str, Any]) -> None:
     from data_jobs.common import connect
     from serve.app import LOGGING, build
 
-    settings["bundle"] = str(Path(settings["bundle"]).resolve())
+    if not is_uri(settings["bundle"]):
+        settings["bundle"] = str(Path(settings["bundle"]).resolve())
     store = settings.get("label_store")
     if store and "://" not in store:  # replicas do not share this shell's working directory
         settings["label_store"] = str(Path(store).resolve())

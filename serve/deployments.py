@@ -286,7 +286,7 @@ class Fusion:
 
         path = user_config.get("bundle")
         if not isinstance(path, str) or not path:
-            raise ConfigError("Fusion's user_config needs 'bundle': the model bundle directory or a registry")
+            raise ConfigError("Fusion's user_config needs 'bundle': the model bundle directory or URI, or a registry")
         self._poll_s = float(user_config.get("registry_poll_s", 5.0))
         self._registry = path if await asyncio.to_thread(is_registry, path) else None
         await self._load(path)

@@ -44,7 +44,7 @@ class ClassifyResponse(BaseModel):
 
 class ModelInfo(BaseModel):
     model_version: str = Field(description="A hash of the bundle's files; every classification names it.")
-    bundle: str = Field(description="The bundle directory (the app's `bundle` arg).")
+    bundle: str = Field(description="The bundle directory or URI (the app's `bundle` arg).")
     loaded_at: float = Field(description="When this replica loaded it (Unix time).")
     classes: list[str] = Field(description="Class names, in the order of every probability vector.")
     multilabel: bool = Field(description="Results carry `labels` (a list) instead of `label`.")

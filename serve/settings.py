@@ -79,7 +79,8 @@ class AppSettings(_Strict):
     """``args`` of the labelfuse Serve application."""
 
     bundle: str = Field(
-        description="Model bundle directory, or a model registry (`labelfuse registry`) whose champion is served and "
+        description="Model bundle: a directory every node can read, a URI (s3://, gs://, hf://owner/repo@rev, "
+        "http(s)://; each node fetches it once), or a model registry (`labelfuse registry`) whose champion is served and "
         "followed: a promotion or rollback rolls out by itself. Reachable from every node. Rolled out by user_config."
     )
     registry_poll_s: float = Field(

@@ -1,7 +1,10 @@
 """Shared fixtures: the real bundled encoder and the real bbc-news corpus, embedded once per session."""
 
+import http.server
 import os
 import tempfile
+import threading
+from functools import partial
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -144,3 +147,24 @@ def two_stage_bundle(bbc, tmp_path_factory):
         bbc["train"].groupby("label").head(8), validation=bbc["val"].groupby("label").head(4)
     )
     return str(clf.save(tmp_path_factory.mktemp("two-stage") / "bundle")), clf
+
+
+@pytest.fixture
+def http_dir(tmp_path):
+    """A directory served over HTTP on 127.0.0.1; yields (root dir, base URL, list of requested paths)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    seen: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}", seen
+    server.shutdown()

@@ -163,6 +163,7 @@ RUN_BY = {
     "labelfuse predict": "tests/test_cli.py::test_train_predict_eval",
     "labelfuse eval": "tests/test_llm_local.py::test_cli_train_and_eval_with_the_local_llm",
     "labelfuse config": "tests/test_cli.py::test_the_installed_command_runs_with_its_plugins",
+    "labelfuse publish": "tests/test_remote.py::test_publish_to_s3_with_the_cli_then_load_from_there",
     "labelfuse llm-server": "tests/test_llm_local.py::test_llm_server_stops_cleanly_on_sigterm",
     "labelfuse llm-models": "tests/test_cli.py::test_llm_models_lists_bundled_models_and_bad_llm_flags_exit_2",
     "labelfuse demo": "tests/test_demo.py::test_demo_trains_serves_streams_reports_and_stops_only_what_it_started",

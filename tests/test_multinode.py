@@ -11,6 +11,7 @@ main lane's session-wide local Ray and this cluster must not meet in one process
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -93,13 +94,16 @@ def corpus(path: Path, n: int) -> list[str]:
     return ids
 
 
-def test_a_backfill_finishes_when_a_worker_node_is_lost(cluster, workers, bundle, tmp_path):
+def test_a_backfill_finishes_when_a_worker_node_is_lost(cluster, workers, bundle, http_dir, tmp_path):
     """A worker node dies (all its processes killed) while the backfill runs on both: the same job finishes on
-    the node that is left, and every id is written exactly once."""
+    the node that is left, and every id is written exactly once. The bundle is a URI (served over HTTP), so
+    no node needs a shared path: each fetches it into its cache."""
     c = cluster
+    root, base, _ = http_dir
+    shutil.copytree(bundle, root / "model")
     out = tmp_path / "pred"
     ids = corpus(tmp_path / "corpus.jsonl", 600)
-    argv = ["--bundle", str(bundle), "--input", str(tmp_path / "corpus.jsonl"), "--output", str(out),
+    argv = ["--bundle", f"{base}/model", "--input", str(tmp_path / "corpus.jsonl"), "--output", str(out),
             "--rows-per-file", "50", "--batch-size", "25", "--actors", "2", "--address", c.address]  # fmt: skip
     log = open(tmp_path / "job.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "data_jobs.backfill", *argv], cwd=REPO, stdout=log, stderr=log)

@@ -5,6 +5,7 @@ for a paid remote API (it gives a steady latency, which a real provider cannot h
 """
 
 import json
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -183,8 +184,12 @@ def test_oversized_bodies_get_413_declared_or_streamed(url):
     assert requests.post(f"{url}/v1/classify", json={"text": "still serving"}, timeout=30).status_code == 200
 
 
-def test_a_new_bundle_rolls_out_through_user_config_without_failing_requests(url, bundles):
-    a, (path_b, b) = bundles["a"][1], bundles["b"]
+def test_a_new_bundle_rolls_out_through_user_config_without_failing_requests(url, bundles, http_dir):
+    """The new bundle comes from a URI (a directory served over HTTP): each replica fetches it into its cache."""
+    a, (dir_b, b) = bundles["a"][1], bundles["b"]
+    root, base, _ = http_dir
+    shutil.copytree(dir_b, root / "b")
+    path_b = f"{base}/b"
     seen: list[tuple[int, str | None]] = []
     stop = threading.Event()
 
