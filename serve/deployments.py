@@ -471,9 +471,16 @@ class KafkaTagger:
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
         from serve.kafka import GraphUnavailable, LabelsLoop, TaggerLoop
-        from serve.settings import KafkaSettings
+        from serve.settings import KafkaSettings, client_options
 
         s = KafkaSettings.model_validate(settings)
+        for where, options in (
+            ("client", s.client),
+            ("consumer", s.consumer),
+            ("producer.options", s.producer.options),
+        ):
+            client_options(options, f"kafka.{where}")  # an unset secret variable fails the deployment, saying which
+        s.producer.check_codec()
         timeout = s.max_poll_interval_ms / 1000
         text_metrics = TextMetrics()
         down = (RayActorError, DeploymentUnavailableError, BackPressureError, TimeoutError)

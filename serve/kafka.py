@@ -172,7 +172,10 @@ class TaggerLoop:
     def _clients(self) -> tuple[Any, Any]:
         from kafka import KafkaConsumer, KafkaProducer
 
+        from serve.settings import client_options
+
         s = self.s
+        common = client_options(s.client, "kafka.client")
         consumer = KafkaConsumer(
             *self.topics,
             bootstrap_servers=s.bootstrap_servers,
@@ -183,9 +186,19 @@ class TaggerLoop:
             session_timeout_ms=s.session_timeout_ms,
             heartbeat_interval_ms=s.heartbeat_interval_ms,
             max_poll_interval_ms=s.max_poll_interval_ms,
-            **s.client,
+            **common,
+            **client_options(s.consumer, "kafka.consumer"),
         )
-        producer = KafkaProducer(bootstrap_servers=s.bootstrap_servers, acks="all", linger_ms=5, **s.client)
+        p = s.producer
+        producer = KafkaProducer(
+            bootstrap_servers=s.bootstrap_servers,
+            acks=p.acks,
+            linger_ms=p.linger_ms,
+            batch_size=p.batch_size,
+            compression_type=p.compression_type,
+            **common,
+            **client_options(p.options, "kafka.producer.options"),
+        )
         return consumer, producer
 
     # -- the loop ------------------------------------------------------------------------------------------

@@ -6,12 +6,15 @@ Deployment sizing (replicas, autoscaling, CPUs/GPUs) is not here: it is Serve's 
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fusion.errors import ConfigError
 from fusion.head import LLMMode
+
+log = logging.getLogger(__name__)
 
 
 class _Strict(BaseModel):
@@ -24,6 +27,112 @@ class HttpLimits(_Strict):
     max_texts: int = Field(64, ge=1, description="Texts per POST /v1/classify.")
     max_chars: int = Field(20_000, ge=1, description="Characters per text.")
     max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="Request body size; larger gives 413.")
+
+
+# KafkaConsumer / KafkaProducer settings this app sets from its own fields (or never lets change)
+MANAGED = {
+    "bootstrap_servers": "kafka.bootstrap_servers",
+    "group_id": "kafka.group_id",
+    "auto_offset_reset": "kafka.auto_offset_reset",
+    "max_poll_records": "kafka.batch_size",
+    "session_timeout_ms": "kafka.session_timeout_ms",
+    "heartbeat_interval_ms": "kafka.heartbeat_interval_ms",
+    "max_poll_interval_ms": "kafka.max_poll_interval_ms",
+    "acks": "kafka.producer.acks",
+    "linger_ms": "kafka.producer.linger_ms",
+    "batch_size": "kafka.producer.batch_size",
+    "compression_type": "kafka.producer.compression_type",
+    "enable_auto_commit": "",  # offsets are committed after the results are written: never automatically
+    "key_deserializer": "",
+    "value_deserializer": "",
+    "key_serializer": "",
+    "value_serializer": "",
+    "transactional_id": "",
+}
+SECRETS = ("sasl_plain_password", "ssl_password")
+
+
+def _client_keys() -> tuple[set[str], set[str]]:
+    from kafka import KafkaConsumer, KafkaProducer
+
+    return set(KafkaConsumer.DEFAULT_CONFIG), set(KafkaProducer.DEFAULT_CONFIG)
+
+
+def _check_options(where: str, options: dict[str, Any], allowed: set[str], hint: str) -> dict[str, Any]:
+    """Every key a kafka-python setting of this kind (or ``<setting>_env``: an environment variable's name)."""
+    import difflib
+
+    consumer, producer = _client_keys()
+    for key, value in options.items():
+        name = key.removesuffix("_env")
+        if name in MANAGED:
+            raise ValueError(f"{where}.{key}: set by labelfuse" + (f"; use {MANAGED[name]}" if MANAGED[name] else ""))
+        if name not in allowed:
+            if name in consumer | producer:
+                raise ValueError(f"{where}.{key}: {hint}")
+            close = difflib.get_close_matches(name, allowed, n=1)
+            raise ValueError(
+                f"{where}.{key}: not a kafka-python setting" + (f"; did you mean {close[0]!r}?" if close else "")
+            )
+        if key != name and not (isinstance(value, str) and value):
+            raise ValueError(f"{where}.{key}: the name of an environment variable holding {name}")
+    return options
+
+
+def client_options(options: dict[str, Any], where: str) -> dict[str, Any]:
+    """``options`` with every ``<setting>_env`` replaced by ``<setting>`` read from that environment variable
+    (here: on the node where the client starts)."""
+    import os
+
+    out = {}
+    for key, value in options.items():
+        if key.endswith("_env"):
+            if value not in os.environ:
+                raise ConfigError(
+                    f"{where}.{key} names the environment variable {value}, which is not set on this node: set it on "
+                    "every node (e.g. the Serve config's runtime_env: {env_vars: ...})"
+                )
+            out[key.removesuffix("_env")] = os.environ[value]
+        else:
+            out[key] = value
+    return out
+
+
+class ProducerSettings(_Strict):
+    """How results and dead letters are written."""
+
+    acks: Literal["all", 1, 0] = Field(
+        "all",
+        description="'all': a result counts as written once every in-sync replica has it, and only then is its "
+        "input committed. 1 or 0 trade that for latency: a result the leader alone had can be lost with it.",
+    )
+    linger_ms: int = Field(5, ge=0, description="How long the producer waits to fill a batch of results.")
+    batch_size: int = Field(16_384, ge=0, description="Bytes per batch of results to one partition.")
+    compression_type: Literal["gzip", "snappy", "lz4", "zstd"] | None = Field(
+        None, description="Compression of result batches; snappy, lz4 and zstd need their Python packages."
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Any other KafkaProducer setting (enable_idempotence, delivery_timeout_ms, max_request_size, "
+        "...); `<setting>_env` reads it from that environment variable.",
+    )
+
+    def check_codec(self) -> None:
+        """Where the producer runs: is its compression codec installed?"""
+        import kafka.codec
+
+        v = self.compression_type
+        if v is not None and not getattr(kafka.codec, f"has_{v}")():
+            package = {"snappy": "python-snappy", "lz4": "lz4", "zstd": "zstandard"}[v]
+            raise ConfigError(f"kafka.producer.compression_type {v} needs the Python package {package} on every node")
+
+    @field_validator("options")
+    @classmethod
+    def _known(cls, v: dict[str, Any]) -> dict[str, Any]:
+        consumer, producer = _client_keys()
+        return _check_options(
+            "kafka.producer.options", v, producer - consumer, "a setting of both clients: put it in kafka.client"
+        )
 
 
 class KafkaSettings(_Strict):
@@ -65,9 +174,36 @@ class KafkaSettings(_Strict):
     max_retries: int = Field(3, ge=0, description="Retries of a batch whose classification failed (not bad input).")
     client: dict[str, Any] = Field(
         default_factory=dict,
-        description="Passed to both KafkaConsumer and KafkaProducer: security_protocol, sasl_mechanism, "
-        "sasl_plain_username, sasl_plain_password, ssl_cafile, ssl_certfile, ssl_keyfile, client_id, ...",
+        description="Settings of both the consumer and the producer, named as in kafka-python: security_protocol, "
+        "sasl_mechanism, sasl_plain_username, ssl_cafile, ssl_certfile, ssl_keyfile, client_id, ... "
+        "`<setting>_env` reads the value from that environment variable (sasl_plain_password_env: KAFKA_PASSWORD), "
+        "so no secret sits in the file. An unknown name is an error.",
     )
+    consumer: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Consumer-only settings (fetch_max_bytes, isolation_level, ...; `<setting>_env` as in client). "
+        "The ones this app sets (group_id, offsets, poll sizes and timeouts) have their own fields above.",
+    )
+    producer: ProducerSettings = Field(default_factory=ProducerSettings)
+
+    @field_validator("client")
+    @classmethod
+    def _common(cls, v: dict[str, Any]) -> dict[str, Any]:
+        consumer, producer = _client_keys()
+        hint = "not a setting of both clients: put it in kafka.consumer or kafka.producer.options"
+        _check_options("kafka.client", v, consumer & producer, hint)
+        for key in SECRETS:
+            if key in v:
+                log.warning("kafka.client.%s is in the settings file: use %s_env (an environment variable)", key, key)
+        return v
+
+    @field_validator("consumer")
+    @classmethod
+    def _consumer_only(cls, v: dict[str, Any]) -> dict[str, Any]:
+        consumer, producer = _client_keys()
+        return _check_options(
+            "kafka.consumer", v, consumer - producer, "a setting of both clients: put it in kafka.client"
+        )
 
     @field_validator("bootstrap_servers", mode="before")
     @classmethod

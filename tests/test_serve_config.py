@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from fusion.errors import ConfigError
 from fusion.llm.local import free_port
 from serve.dev_kafka import DEV_CLIENT, _listening
-from serve.settings import parse_settings
+from serve.settings import client_options, parse_settings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,3 +103,40 @@ def test_labelfuse_serve_one_command_serves_http_and_tags_kafka(bbc_model, tmp_p
                 os.killpg(proc.pid, signal.SIGKILL)  # whatever Ray left behind in its session
     assert rc == 0
     assert not _listening(kafka_port)
+
+
+def test_kafka_client_settings_are_checked_by_name_and_secrets_come_from_the_environment(monkeypatch):
+    def app(**extra):
+        return {"bundle": "m", "kafka": {"bootstrap_servers": "b:1", "input_topics": ["in"], "output_topic": "out",
+                                         "dead_letter_topic": "dead", **extra}}  # fmt: skip
+
+    cases = {
+        "kafka.client.sasl_plain_pasword": {"client": {"sasl_plain_pasword": "x"}},  # a typo names its fix
+        "did you mean 'sasl_plain_password'": {"client": {"sasl_plain_pasword": "x"}},
+        "kafka.client.fetch_max_bytes: not a setting of both clients": {"client": {"fetch_max_bytes": 1}},
+        "kafka.consumer.acks: set by labelfuse; use kafka.producer.acks": {"consumer": {"acks": 1}},
+        "kafka.consumer.group_id: set by labelfuse; use kafka.group_id": {"consumer": {"group_id": "g"}},
+        "kafka.consumer.enable_auto_commit: set by labelfuse": {"consumer": {"enable_auto_commit": True}},
+        "kafka.producer.options.client_id: a setting of both clients": {"producer": {"options": {"client_id": "c"}}},
+        "kafka.client.ssl_password_env: the name of an environment variable": {"client": {"ssl_password_env": 3}},
+        "kafka.producer.acks": {"producer": {"acks": "most"}},
+    }
+    for message, extra in cases.items():
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            parse_settings(app(**extra))
+    s = parse_settings(app(
+        client={"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512", "sasl_plain_username": "tagger",
+                "sasl_plain_password_env": "LF_TEST_KAFKA_PASSWORD"},
+        consumer={"fetch_max_bytes": 1 << 20}, producer={"compression_type": "gzip", "options": {"retries": 5}},
+    )).kafka  # fmt: skip
+    assert s.producer.acks == "all" and s.producer.linger_ms == 5  # the safe defaults
+    with pytest.raises(ConfigError, match="LF_TEST_KAFKA_PASSWORD, which is not set on this node"):
+        client_options(s.client, "kafka.client")
+    monkeypatch.setenv("LF_TEST_KAFKA_PASSWORD", "s3cret")
+    resolved = client_options(s.client, "kafka.client")
+    assert resolved["sasl_plain_password"] == "s3cret" and "sasl_plain_password_env" not in resolved
+    from kafka.codec import has_lz4
+
+    if not has_lz4():  # said when the tagger starts, not when its first result is produced
+        with pytest.raises(ConfigError, match="compression_type lz4 needs the Python package lz4"):
+            parse_settings(app(producer={"compression_type": "lz4"})).kafka.producer.check_codec()

@@ -35,11 +35,17 @@ def tagging(serve_url, kafka_broker, bbc_model, tmp_path_factory):
     bbc_model.save(bundle)
     create_topics(kafka_broker.bootstrap, [IN], PARTITIONS)
     create_topics(kafka_broker.bootstrap, [OUT, DLQ], 1)
+    # gzip-compressed results, a producer option and a client setting read from the replicas' environment:
+    # every test of this module runs through them
     kafka = dev_kafka_args(
         kafka_broker.bootstrap, [IN, OUT, DLQ], "labelfuse-test-tagger",
         replicas=2, batch_size=16, max_in_flight=2, max_chars=5000,
+        client={"client_id_env": "LABELFUSE_TEST_KAFKA_CLIENT"},
+        producer={"compression_type": "gzip", "linger_ms": 20, "options": {"max_request_size": 2_000_000}},
     )  # fmt: skip
-    serve.run(build({"bundle": str(bundle), "kafka": kafka}), name=APP, route_prefix="/")
+    env = {"runtime_env": {"env_vars": {"LABELFUSE_TEST_KAFKA_CLIENT": "labelfuse-test-tagger"}}}
+    options = {"KafkaTagger": {"ray_actor_options": {"num_cpus": 0, **env}}}
+    serve.run(build({"bundle": str(bundle), "kafka": kafka}, options), name=APP, route_prefix="/")
     handle = serve.get_deployment_handle("KafkaTagger", app_name=APP)
     yield {"bootstrap": kafka_broker.bootstrap, "handle": handle, "model": bbc_model}
     serve.delete(APP)
