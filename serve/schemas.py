@@ -61,6 +61,24 @@ class ModelInfo(BaseModel):
     )
 
 
+class ModelStats(BaseModel):
+    model_version: str = Field(description="The model these figures are about.")
+    window: int = Field(description="Predictions counted: this Fusion replica's last ones, up to 1,000.")
+    label_mix: dict[str, float] = Field(description="Each class's share of those predictions.")
+    training_label_mix: dict[str, float] | None = Field(
+        None, description="Each class's share of the training labels (None: a bundle saved before it was recorded)."
+    )
+    drift_psi: float | None = Field(
+        None,
+        description="Population stability index of label_mix against training_label_mix: under 0.1 steady, 0.1 to "
+        "0.25 moving, over 0.25 shifted. None under 100 predictions.",
+    )
+    llm_call_rate: float | None = Field(None, description="Share of the window the gate sent to the LLMs.")
+    budget: dict[str, float] | None = Field(
+        None, description="The shared LLM budget: budget_usd, spent_usd, left_usd (None without a budget or LLM)."
+    )
+
+
 class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

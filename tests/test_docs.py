@@ -190,6 +190,7 @@ RUN_BY = {
 }
 NOT_RUN_HERE = {
     "make bench": "benchmarks take minutes and their figures vary by machine; docs/development.md gives the measured ratios",
+    "make system-deps": ".ci/run",
     "make fuzz": "the same property tests make test runs, with 10x the examples (about 15 minutes)",
     "make test-fast": "the tests make test runs that are not marked integration (pytest -m 'not integration')",
     "ray up": "needs a cloud account; tests/test_deploy.py validates cluster.yaml",

@@ -109,6 +109,9 @@ def test_metrics_and_request_id_logs_from_http_and_kafka(serve_url, metrics_url,
                 ("ray_labelfuse_kafka_messages_total", (("event", "consumed"),)): 6,
                 ("ray_labelfuse_kafka_messages_total", (("event", "tagged"),)): 5,
                 ("ray_labelfuse_kafka_messages_total", (("event", "dead_lettered"),)): 1,
+                ("ray_labelfuse_predictions_total", (("path", "http"),)): 3,
+                ("ray_labelfuse_predictions_total", (("path", "kafka"),)): 5,
+                ("ray_labelfuse_confidence_count", (("path", "kafka"),)): 5,
             }
             deadline = time.monotonic() + 90
             while True:
@@ -128,6 +131,16 @@ def test_metrics_and_request_id_logs_from_http_and_kafka(serve_url, metrics_url,
             assert BUDGET - spent - 1e-9 <= value(m, "ray_labelfuse_llm_budget_left_usd") < BUDGET
             assert value(m, "ray_labelfuse_http_request_seconds_count", route="/v1/classify") >= 2
             assert value(m, "ray_labelfuse_kafka_commit_lag") == 0
+
+            # GET /v1/stats: the 8 texts classified (3 over HTTP, 5 from Kafka), beside the training labels
+            stats = requests.get(f"{serve_url}/v1/stats", timeout=30).json()
+            assert stats["model_version"] == clf.version and stats["window"] == 8, stats
+            assert set(stats["label_mix"]) == set(classes) and sum(stats["label_mix"].values()) == pytest.approx(1)
+            assert stats["training_label_mix"] == pytest.approx(
+                train["label"].value_counts(normalize=True).reindex(classes).to_dict(), abs=1e-3
+            )
+            assert stats["drift_psi"] is None and stats["llm_call_rate"] > 0  # under 100 predictions: no drift yet
+            assert stats["budget"]["budget_usd"] == BUDGET and 0 < stats["budget"]["spent_usd"] < BUDGET
 
             # one JSON log line per classification, carrying the caller's request id
             logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
