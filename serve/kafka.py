@@ -86,17 +86,72 @@ def message_json(raw: bytes | None) -> Any:
         raise BadMessage(f"value is not valid JSON ({str(err)[:100]})") from None
 
 
-def decode(record: Any, s: KafkaSettings) -> Decoded:
+class RegistryUnavailable(GraphUnavailable):
+    """The schema registry could not be asked: never a message's fault (the loop stops, uncommitted)."""
+
+
+class RegistryDecoder:
+    """Avro or JSON Schema values in a schema registry's wire format (a 0 byte, the 4-byte schema id, the
+    payload), decoded by confluent-kafka's deserializers with the writer's schema fetched by id (and cached)."""
+
+    def __init__(self, s: KafkaSettings):
+        from confluent_kafka.schema_registry import SchemaRegistryClient
+        from confluent_kafka.schema_registry.avro import AvroDeserializer
+        from confluent_kafka.schema_registry.json_schema import JSONDeserializer
+
+        from serve.settings import client_options
+
+        reg = s.schema_registry
+        assert reg is not None  # the settings' validator
+        conf = {"url": reg.url, **client_options(reg.options, "kafka.schema_registry.options")}
+        client = SchemaRegistryClient(conf)
+        self._decode = (
+            AvroDeserializer(client)
+            if s.value_format == "avro"
+            else JSONDeserializer(None, schema_registry_client=client)
+        )
+
+    def __call__(self, topic: str, raw: bytes | None) -> Any:
+        from confluent_kafka.schema_registry.error import SchemaRegistryError
+        from confluent_kafka.serialization import MessageField, SerializationContext
+
+        if raw is None:
+            raise BadMessage("empty message (null value)")
+        if len(raw) < 5 or raw[0] != 0:
+            raise BadMessage("value is not in the schema registry's wire format (a 0 byte, then a 4-byte schema id)")
+        schema_id = int.from_bytes(raw[1:5], "big")
+        try:
+            return self._decode(raw, SerializationContext(topic, MessageField.VALUE))
+        except SchemaRegistryError as err:
+            if err.http_status_code < 0 or err.http_status_code >= 500:
+                raise RegistryUnavailable(f"schema registry: {err}") from err
+            raise BadMessage(f"schema id {schema_id}: {err.error_message}"[:500]) from None
+        except OSError as err:  # the registry cannot be reached (httpx's errors are OSErrors too)
+            raise RegistryUnavailable(f"schema registry unreachable: {type(err).__name__}: {err}") from err
+        except Exception as err:  # the payload does not match its schema
+            if type(err).__module__.startswith("httpx"):
+                raise RegistryUnavailable(f"schema registry unreachable: {type(err).__name__}: {err}") from err
+            raise BadMessage(
+                f"value does not decode with schema id {schema_id} ({type(err).__name__}: {err})"[:500]
+            ) from None
+
+
+def decode(record: Any, s: KafkaSettings, registry: RegistryDecoder | None = None) -> Decoded:
     """The text (and id) of one message, or why it cannot be classified."""
     msg_id = None
     try:
-        value = message_json(record.value) if s.value_format == "json" else message_text(record.value)
+        if registry is not None:
+            value = registry(record.topic, record.value)
+        else:
+            value = message_json(record.value) if s.value_format == "json" else message_text(record.value)
     except BadMessage as err:
         return Decoded(record, error=str(err))
-    if s.value_format == "json":
+    if s.value_format == "json" or not isinstance(value, str):  # an object (a registry record may be a string)
         if not isinstance(value, dict):
             return Decoded(record, error=f"JSON value is a {type(value).__name__}, expected an object")
         text, msg_id = value.get(s.text_field), value.get(s.id_field)
+        if not isinstance(msg_id, str | int | float | bool | None):  # a registry record's bytes, dates, decimals
+            msg_id = str(msg_id)
         if not isinstance(text, str):
             what = "missing" if text is None else f"a {type(text).__name__}, not a string"
             return Decoded(record, id=msg_id, error=f"field {s.text_field!r} is {what}")
@@ -120,6 +175,7 @@ class TaggerLoop:
         self.classify = classify
         self.name = name
         self.metrics = metrics  # serve.metrics.KafkaMetrics, or None
+        self.registry = RegistryDecoder(settings) if settings.schema_registry is not None else None
         self.uncommitted = 0  # messages consumed whose offsets are not committed yet
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -272,7 +328,7 @@ class TaggerLoop:
     def _process(self, records: list[Any], producer: Any) -> None:
         """Classify one batch and produce its results and dead letters; returns once all are acked."""
         s = self.s
-        decoded = [decode(r, s) for r in records]
+        decoded = [decode(r, s, self.registry) for r in records]
         good = [d for d in decoded if d.error is None]
         answers = self._classify_each([d.text for d in good]) if good else []
         futures = []

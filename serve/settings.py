@@ -135,6 +135,17 @@ class ProducerSettings(_Strict):
         )
 
 
+class SchemaRegistrySettings(_Strict):
+    """Where Avro and JSON Schema messages' schemas are (a Confluent-compatible schema registry)."""
+
+    url: str = Field(description="The registry's URL, e.g. https://registry:8081.")
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="More settings of confluent-kafka's SchemaRegistryClient (basic.auth.user.info, "
+        "ssl.ca.location, ...); `<setting>_env` reads it from that environment variable.",
+    )
+
+
 class KafkaSettings(_Strict):
     """Real-time tagging of Kafka topics: consume, classify, produce one result per message."""
 
@@ -146,8 +157,14 @@ class KafkaSettings(_Strict):
     )
     group_id: str = Field("labelfuse-tagger", description="Consumer group shared by all tagger replicas.")
     replicas: int = Field(1, ge=1, description="Tagger replicas; the group splits the partitions between them.")
-    value_format: Literal["json", "text"] = Field(
-        "json", description="json: an object with text_field (and optionally id_field); text: the UTF-8 text itself."
+    value_format: Literal["json", "text", "avro", "json_schema"] = Field(
+        "json",
+        description="json: an object with text_field (and optionally id_field); text: the UTF-8 text itself; avro, "
+        "json_schema: a record in a schema registry's wire format (needs schema_registry), then as json.",
+    )
+    schema_registry: SchemaRegistrySettings | None = Field(
+        None,
+        description="The schema registry of avro and json_schema messages (pip install labelfuse[schema-registry]).",
     )
     text_field: str = Field("text", description="JSON field holding the text.")
     id_field: str = Field("id", description="JSON field copied into the result as 'id' (optional in messages).")
@@ -185,6 +202,14 @@ class KafkaSettings(_Strict):
         "The ones this app sets (group_id, offsets, poll sizes and timeouts) have their own fields above.",
     )
     producer: ProducerSettings = Field(default_factory=ProducerSettings)
+
+    @model_validator(mode="after")
+    def _registry_formats(self) -> KafkaSettings:
+        if self.value_format in ("avro", "json_schema") and self.schema_registry is None:
+            raise ValueError(f"value_format {self.value_format} needs schema_registry: the registry's url")
+        if self.schema_registry is not None and self.value_format not in ("avro", "json_schema"):
+            raise ValueError("schema_registry is used by value_format avro or json_schema only")
+        return self
 
     @field_validator("client")
     @classmethod

@@ -132,3 +132,100 @@ def test_when_every_message_fails_a_known_good_probe_decides_who_is_at_fault(top
     stats = run_until(TaggerLoop(s, Graph(bbc_model, broken)), lambda st: not st["alive"] and st["consumed"])
     assert stats["graph_failures"] == 1 and stats["dead_lettered"] == 0 and "corrupt" in stats["error"]
     assert committed(bootstrap, s.group_id, inp) == 2  # the new messages stay for the next consumer
+
+
+class Registry:
+    """A Confluent-compatible schema registry's REST API, the two calls the clients make (register a schema,
+    fetch one by id), served over real HTTP on 127.0.0.1. A stand-in: no schema registry server ships in a
+    package this machine can install (Confluent's and Apicurio's are Java downloads; Karapace is not on PyPI)."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        self.schemas: list[dict] = []
+        self.up = True
+        registry = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _send(self, status, body):
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/vnd.schemaregistry.v1+json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self):  # /subjects/<subject>/versions
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                registry.schemas.append({"schema": body["schema"], "schemaType": body.get("schemaType", "AVRO")})
+                self._send(200, {"id": len(registry.schemas)})
+
+            def do_GET(self):  # /schemas/ids/<id>; anything else (newer clients' lookups) is not found
+                if not registry.up:
+                    return self._send(503, {"error_code": 50301, "message": "registry down"})
+                path = self.path.split("?")[0]
+                if not path.startswith("/schemas/ids/"):
+                    return self._send(404, {"error_code": 40401, "message": "Not found"})
+                sid = int(path.rsplit("/", 1)[1])
+                if not 1 <= sid <= len(registry.schemas):
+                    return self._send(404, {"error_code": 40403, "message": "Schema not found"})
+                self._send(200, registry.schemas[sid - 1])
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+TICKET = {
+    "type": "record",
+    "name": "Ticket",
+    "fields": [{"name": "id", "type": "long"}, {"name": "body", "type": "string"}],
+}
+
+
+def test_avro_messages_from_a_schema_registry_are_decoded_and_bad_ones_dead_lettered(topics, bbc_model):
+    """Avro values written by confluent-kafka's own serializer (the registry's wire format) are tagged; a value
+    without the wire format or naming an unknown schema is dead-lettered with the reason; a registry that is
+    down stops the loop uncommitted (the messages are not at fault)."""
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+    from confluent_kafka.schema_registry.avro import AvroSerializer
+    from confluent_kafka.serialization import MessageField, SerializationContext
+
+    bootstrap, (inp, out, dead), s = topics
+    registry = Registry()
+    try:
+        serialize = AvroSerializer(SchemaRegistryClient({"url": registry.url}), json.dumps(TICKET))
+        ctx = SerializationContext(inp, MessageField.VALUE)
+        texts = ["Shares in BP fell after the results", "The striker scored twice", "Parliament passed the bill"]
+        values = [serialize({"id": 100 + i, "body": t}, ctx) for i, t in enumerate(texts)]
+        values += [json.dumps({"body": "plain JSON"}).encode(), b"\x00\x00\x00\x00\x09garbage"]  # no format; id 9
+        p = KafkaProducer(bootstrap_servers=bootstrap)
+        for i, v in enumerate(values):
+            p.send(inp, key=str(i).encode(), value=v)
+        p.flush()
+        settings = s.model_copy(update={"value_format": "avro", "text_field": "body"})
+        settings = KafkaSettings.model_validate({**settings.model_dump(), "schema_registry": {"url": registry.url}})
+        graph = Graph(bbc_model, lambda t: None)
+        stats = run_until(TaggerLoop(settings, graph), lambda st: st["tagged"] + st["dead_lettered"] >= 5)
+        assert (stats["tagged"], stats["dead_lettered"]) == (3, 2)
+        results = {k: json.loads(r.value) for k, r in read(bootstrap, out).items()}
+        assert [results[str(i)]["id"] for i in range(3)] == [100, 101, 102]
+        assert [results[str(i)]["label"] for i in range(3)] == list(bbc_model.predict(texts))
+        why = {k: dict(r.headers)["labelfuse.error"].decode() for k, r in read(bootstrap, dead).items()}
+        assert "not in the schema registry's wire format" in why["3"] and "schema id 9: Schema not found" in why["4"]
+
+        other = AvroSerializer(SchemaRegistryClient({"url": registry.url}), json.dumps({**TICKET, "name": "Ticket2"}))
+        p.send(inp, key=b"5", value=other({"id": 5, "body": "A new phone"}, ctx))
+        p.flush()
+        p.close()
+        registry.up = False  # the new schema id, not cached by the loop yet, must be fetched: the registry is down
+        before = committed(bootstrap, s.group_id, inp)
+        stats = run_until(TaggerLoop(settings, graph), lambda st: not st["alive"] and st["consumed"])
+        assert "RegistryUnavailable" in stats["error"] and stats["dead_lettered"] == 0
+        assert committed(bootstrap, s.group_id, inp) == before == 5  # nothing dead-lettered, nothing committed
+    finally:
+        registry.server.shutdown()

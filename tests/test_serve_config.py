@@ -120,6 +120,8 @@ def test_kafka_client_settings_are_checked_by_name_and_secrets_come_from_the_env
         "kafka.producer.options.client_id: a setting of both clients": {"producer": {"options": {"client_id": "c"}}},
         "kafka.client.ssl_password_env: the name of an environment variable": {"client": {"ssl_password_env": 3}},
         "kafka.producer.acks": {"producer": {"acks": "most"}},
+        "value_format avro needs schema_registry": {"value_format": "avro"},
+        "schema_registry is used by value_format avro or json_schema only": {"schema_registry": {"url": "http://r"}},
     }
     for message, extra in cases.items():
         with pytest.raises(ConfigError, match=re.escape(message)):
