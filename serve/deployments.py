@@ -420,6 +420,7 @@ class Fusion:
         results = m.head.fuse(emb, ask, scores, batches).results()
         if record:
             m.mix.add(results)
+            self.metrics.drift(m.mix.psi())
         if batches and self.labels is not None:
             await self._keep_answers(m, [texts[i] for i in idx], batches)
         if scorer_error:

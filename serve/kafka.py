@@ -126,10 +126,10 @@ class RegistryDecoder:
             if err.http_status_code < 0 or err.http_status_code >= 500:
                 raise RegistryUnavailable(f"schema registry: {err}") from err
             raise BadMessage(f"schema id {schema_id}: {err.error_message}"[:500]) from None
-        except OSError as err:  # the registry cannot be reached (httpx's errors are OSErrors too)
-            raise RegistryUnavailable(f"schema registry unreachable: {type(err).__name__}: {err}") from err
-        except Exception as err:  # the payload does not match its schema
-            if type(err).__module__.startswith("httpx"):
+        except Exception as err:
+            # the registry cannot be reached: a socket error, or the HTTP client's (httpx, or httpx2 in newer
+            # confluent-kafka); anything else is the payload not matching its schema
+            if isinstance(err, OSError) or type(err).__module__.startswith(("httpx", "httpcore")):
                 raise RegistryUnavailable(f"schema registry unreachable: {type(err).__name__}: {err}") from err
             raise BadMessage(
                 f"value does not decode with schema id {schema_id} ({type(err).__name__}: {err})"[:500]

@@ -182,7 +182,7 @@ def prometheus_rules() -> dict[str, Any]:
 
 def _queries(m: Metric) -> list[tuple[str, str]]:
     """(PromQL, legend) of a metric's dashboard panel."""
-    by = ", ".join(t for t, _ in m.tags if t not in ("route",)) or ""
+    by = ", ".join(t for t, _ in m.tags)
     grouped = f" by ({by})" if by else ""
     legend = " ".join("{{" + t + "}}" for t, _ in m.tags) or m.name
     if m.kind == "counter":
@@ -305,7 +305,6 @@ class LabelMix:
         self.train = None if not train_share else [float(train_share.get(c, 0.0)) for c in self.classes]
         self.window: deque[list[str]] = deque(maxlen=window)
         self.counts: Counter[str] = Counter()
-        self.gauge = _new("labelfuse_label_drift_psi") if self.train else None
 
     def add(self, results: list[dict[str, Any]]) -> None:
         for r in results:
@@ -316,9 +315,6 @@ class LabelMix:
             labels = predicted(r)
             self.window.append(labels)
             self.counts.update(labels)
-        psi = self.psi()
-        if psi is not None and self.gauge is not None:
-            _never_raises(self.gauge.set)(psi)
 
     def share(self) -> dict[str, float]:
         total = sum(self.counts[c] for c in self.classes)
@@ -383,6 +379,7 @@ class LoopMetrics:
         self.size = _new("labelfuse_label_store_labels")
         self.rate = _new("labelfuse_llm_call_rate")
         self.model = _new("labelfuse_model_serving")
+        self.psi = _new("labelfuse_label_drift_psi")
 
     @_never_raises
     def labels_kept(self, records: list[Any]) -> None:
@@ -404,6 +401,11 @@ class LoopMetrics:
     @_never_raises
     def call_rate(self, rate: float) -> None:
         self.rate.set(rate)
+
+    @_never_raises
+    def drift(self, psi: float | None) -> None:
+        if psi is not None:
+            self.psi.set(psi)
 
     @_never_raises
     def serving(self, version: str, previous: str | None) -> None:

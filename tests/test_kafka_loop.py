@@ -229,3 +229,29 @@ def test_avro_messages_from_a_schema_registry_are_decoded_and_bad_ones_dead_lett
         assert committed(bootstrap, s.group_id, inp) == before == 5  # nothing dead-lettered, nothing committed
     finally:
         registry.server.shutdown()
+
+
+def test_json_schema_values_decode_like_json_objects():
+    from types import SimpleNamespace
+
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+    from confluent_kafka.schema_registry.json_schema import JSONSerializer
+    from confluent_kafka.serialization import MessageField, SerializationContext
+
+    from serve.kafka import RegistryDecoder, decode
+
+    registry = Registry()
+    try:
+        schema = {"type": "object", "properties": {"id": {"type": "integer"}, "body": {"type": "string"}}}
+        serialize = JSONSerializer(json.dumps(schema), SchemaRegistryClient({"url": registry.url}))
+        raw = serialize({"id": 7, "body": "Shares fell"}, SerializationContext("t", MessageField.VALUE))
+        s = KafkaSettings.model_validate(
+            {"bootstrap_servers": "b:1", "input_topics": ["t"], "output_topic": "o", "dead_letter_topic": "d",
+             "value_format": "json_schema", "text_field": "body", "schema_registry": {"url": registry.url}}
+        )  # fmt: skip
+        got = decode(SimpleNamespace(topic="t", value=raw), s, RegistryDecoder(s))
+        assert (got.text, got.id, got.error) == ("Shares fell", 7, None)
+        bad = decode(SimpleNamespace(topic="t", value=raw[:5] + b"{not json"), s, RegistryDecoder(s))
+        assert bad.text is None and "does not decode with schema id 1" in bad.error
+    finally:
+        registry.server.shutdown()

@@ -90,7 +90,6 @@ def test_label_drift_is_zero_for_the_training_mix_and_grows_as_the_mix_moves():
 
     def psi(mix: dict[str, int]) -> float | None:
         m = LabelMix(list(train), train, window=1000)
-        m.gauge = None  # no Ray here: the figure, not the gauge
         m.add([{"label": label} for label, n in mix.items() for _ in range(n)])
         return m.psi()
 
@@ -100,7 +99,6 @@ def test_label_drift_is_zero_for_the_training_mix_and_grows_as_the_mix_moves():
     assert 0 < small < 0.1 < 0.25 < big
     assert psi({"business": 0, "sport": 0, "tech": 1000}) > big  # a class never predicted: large, finite
     window = LabelMix(list(train), train, window=100)
-    window.gauge = None
     window.add([{"label": "tech"}] * 100 + [{"labels": ["business", "sport"]}] * 100 + [{"error": "x"}] * 5)
     assert len(window.window) == 100 and window.share() == {"business": 0.5, "sport": 0.5, "tech": 0.0}
     assert LabelMix(list(train), None).psi() is None  # a bundle without training shares: no figure
