@@ -80,6 +80,12 @@ def multilabel_data(encoder, tmp_path_factory) -> dict:
     return {k: (df, emb[k]) for k, df in dfs.items()}
 
 
+def report(capsys, line: str, tag: str = "reliability") -> None:
+    """Print a measured figure past pytest's capture, so CI's log keeps it."""
+    with capsys.disabled():
+        print(f"\n[{tag}] {line}")
+
+
 def sample(df, n: int, seed: int = 0):
     """``n`` rows spread over all classes (bbc splits are ordered by class)."""
     return df.sample(n=n, random_state=seed).reset_index(drop=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import report
 
 from fusion.datasets import builtin_split
 
@@ -94,7 +95,7 @@ def corpus(path: Path, n: int) -> list[str]:
     return ids
 
 
-def test_a_backfill_finishes_when_a_worker_node_is_lost(cluster, workers, bundle, http_dir, tmp_path):
+def test_a_backfill_finishes_when_a_worker_node_is_lost(cluster, workers, bundle, http_dir, tmp_path, capsys):
     """A worker node dies (all its processes killed) while the backfill runs on both: the same job finishes on
     the node that is left, and every id is written exactly once. The bundle is a URI (served over HTTP), so
     no node needs a shared path: each fetches it into its cache."""
@@ -130,8 +131,8 @@ def test_a_backfill_finishes_when_a_worker_node_is_lost(cluster, workers, bundle
     assert got["error"].isna().all()
     summary = json.loads((out / "_summary.json").read_text())
     assert summary["duplicate_ids"] == 0 and summary["output_rows"] == len(ids)
-    print(f"node loss in a backfill: {len(ids)} ids, 0 duplicates, {parts_before} of 12 parts written before the "
-          f"loss, job finished {finished:.1f} s after it")  # fmt: skip
+    report(capsys, f"node loss in a backfill: {len(ids)} ids, 0 duplicates, {parts_before} of 12 parts written "
+                   f"before the loss, job finished {finished:.1f} s after it", "multinode")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +152,7 @@ def serve_on_cluster(cluster):
 
 
 def test_the_serve_app_keeps_answering_and_tagging_when_a_worker_node_is_lost(
-    cluster, workers, serve_on_cluster, kafka_broker, bundle
+    cluster, workers, serve_on_cluster, kafka_broker, bundle, capsys
 ):
     """Two replicas of each deployment, one per worker node. HTTP requests and a Kafka stream run while one
     worker node is lost: HTTP answers 200 again within a bounded time, every Kafka key arrives, and nothing is
@@ -235,11 +236,11 @@ def test_the_serve_app_keeps_answering_and_tagging_when_a_worker_node_is_lost(
     after = [(t - lost, s) for t, s in answers if t >= lost]
     failed = [(t, s) for t, s in after if s != 200]
     back_in = max((t for t, _ in failed), default=0.0)  # seconds from the loss to the last failed answer
-    print(f"node loss under Serve: {len(before)} HTTP answers before the loss (all 200), {len(after)} after, "
+    report(capsys, f"node loss under Serve: {len(before)} HTTP answers before the loss (all 200), {len(after)} after, "
           f"{len(failed)} of them failed (statuses {sorted({s for _, s in failed})}, 0: no answer), the last "
           f"{back_in:.1f} s after the loss; Kafka {len(set(ids))}/{n} keys, "
           f"{len(ids) - len(set(ids))} repeats, {len(dead)} dead letters, all tagged {all_tagged:.0f} s after "
-          f"the loss")  # fmt: skip
+          f"the loss", "multinode")  # fmt: skip
     assert before and all(s == 200 for s in before)
     assert set(ids) == set(range(n)) and not dead
     assert back_in < 60 and after[-1][0] > back_in + 10  # then at least 10 s of nothing but 200s

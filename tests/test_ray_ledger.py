@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 import ray
+from conftest import report
 from stub_llm import StubServer
 
 from data_jobs.ledger import shared_ledger
@@ -58,7 +59,7 @@ def test_the_named_ledger_is_shared_not_duplicated(ray_local):
     assert ray.get(b.try_reserve(10, 0.7)).reason == "budget"
 
 
-def test_a_killed_ledger_restarts_from_its_journal_in_the_middle_of_64_calls(ray_local, tmp_path):
+def test_a_killed_ledger_restarts_from_its_journal_in_the_middle_of_64_calls(ray_local, tmp_path, capsys):
     """The ledger actor is killed while 64 calls (8 workers x 8 concurrent texts) reserve against a budget that
     covers about 16 of them. Ray restarts it, it resumes from its journal, and the calls Ray re-sends count once:
     the settled spend stays within the budget and equals, to the pico-dollar, what the callers were billed.
@@ -96,5 +97,5 @@ def test_a_killed_ledger_restarts_from_its_journal_in_the_middle_of_64_calls(ray
     assert used + over == 64 and used >= 10 and over > 0  # each text answered or refused for budget
     assert ray.get(ledger.actor.journal.remote()) == str(journal)
     assert ray.get(ledger.actor.__ray_call__.remote(lambda actor: os.getpid())) != pid  # a new process
-    print(f"ledger kill: budget ${budget:.6f}, spent ${snap['spent_usd']:.6f}, billed ${billed:.6f}, "
-          f"{used} answered, {over} refused for budget, killed after {before} requests")  # fmt: skip
+    report(capsys, f"ledger kill: budget ${budget:.6f}, spent ${snap['spent_usd']:.6f}, billed ${billed:.6f}, "
+          f"{used} answered, {over} refused for budget, killed after {before} requests", "ledger")  # fmt: skip

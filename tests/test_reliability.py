@@ -14,7 +14,7 @@ from collections import Counter
 import pytest
 import ray
 import requests
-from conftest import TEST_MAX_LENGTH, sample
+from conftest import TEST_MAX_LENGTH, report, sample
 from kafka import KafkaConsumer, KafkaProducer
 from ray import serve
 from stub_llm import StubServer
@@ -25,11 +25,6 @@ from serve.app import build
 from serve.dev_kafka import DEV_CLIENT, create_topics, dev_kafka_args
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.reliability]
-
-
-def report(capsys, line: str) -> None:
-    with capsys.disabled():
-        print(f"\n[reliability] {line}")
 
 
 def delete_app(name: str, timeout_s: float = 180.0) -> None:
