@@ -219,7 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     deprecated(llm, "--no-gate", "--llm all", dest="llm", const="all")
     deprecated(llm, "--gate", "--llm auto", dest="llm", const="auto")
     p.add_argument("--llm-budget", type=float, metavar="USD", help="dollar cap for this run's LLM calls")
-    p.add_argument("--ledger-name", help="named ledger actor to share (default: a new one for this run)")
+    p.add_argument(
+        "--ledger-name", help="named ledger actor to share (default: a new one for this run, its journal deleted after)"
+    )
     p.add_argument("--predictors", type=int, help="predictor (gate + LLM + fusion) actors at most (default 1)")
     p.add_argument("--predictor-cpus", type=float, help="CPUs per predictor (default 1 with a local LLM, else 0)")
     p.add_argument("--rows-per-file", type=int, default=1000, help="rows per output part (also the resume unit)")
@@ -308,6 +310,8 @@ def run(args: argparse.Namespace) -> int:
         "ledger": {k: (None if v == float("inf") else v) for k, v in ledger.snapshot().items()},
         "cluster": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")},
     }
+    if args.ledger_name is None:  # this run's own ledger: nothing to resume later
+        ledger.discard()
     with fs.open_output_stream(f"{root}/{SUMMARY}") as f:
         f.write(json.dumps(summary, indent=2).encode())
     print(json.dumps(summary, indent=2))

@@ -34,16 +34,16 @@ from fusion.llm.ledger import Denial, Grant, LocalLedger
 HEAD_NODE = "node:__internal_head__"  # the resource only the head node has (Ray Train pins its state actor so)
 
 
-def default_journal(name: str, namespace: str | None) -> Path:
+def default_journal(name: str, namespace: str) -> Path:
     base = os.environ.get("LABELFUSE_CACHE_DIR") or Path.home() / ".cache" / "labelfuse"
-    return Path(base) / "ledgers" / f"{namespace or 'default'}.{name}.sqlite"
+    return Path(base) / "ledgers" / f"{namespace}.{name}.sqlite"
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class LedgerActor:
     """Holds the shared :class:`LocalLedger`. ``num_cpus=0``: it must never wait for a CPU slot."""
 
-    def __init__(self, limits: dict[str, Any], name: str, namespace: str | None):
+    def __init__(self, limits: dict[str, Any], name: str, namespace: str):
         # the default journal is resolved here, on the head node where the actor always runs
         self._ledger = LocalLedger.from_limits(LLMLimitsConfig(**limits), journal=default_journal(name, namespace))
 
@@ -69,6 +69,14 @@ class LedgerActor:
     def journal(self) -> str | None:
         return None if self._ledger.journal is None else str(self._ledger.journal.path)
 
+    def discard(self) -> None:
+        """Delete the journal (a run's own ledger, when the run is over); the actor is killed next."""
+        j = self._ledger.journal
+        if j is not None:
+            j.close()
+            for suffix in ("", "-wal", "-shm", ".lock"):
+                Path(f"{j.path}{suffix}").unlink(missing_ok=True)
+
 
 class RayLedger:
     """The Ledger interface over a :class:`LedgerActor` handle; picklable, so it travels to workers.
@@ -90,6 +98,11 @@ class RayLedger:
     def snapshot(self) -> dict[str, float]:
         return ray.get(self.actor.snapshot.remote())
 
+    def discard(self) -> None:
+        """End a ledger that only this run used: its journal deleted, its actor gone."""
+        ray.get(self.actor.discard.remote())
+        ray.kill(self.actor, no_restart=True)
+
 
 def shared_ledger(
     name: str, limits: LLMLimitsConfig, namespace: str | None = None, detached: bool = False
@@ -102,6 +115,7 @@ def shared_ledger(
     sets them, and what was spent stays. The actor runs on the head node; its journal is
     ``limits.ledger_journal`` or :func:`default_journal` there.
     """
+    namespace = namespace or ray.get_runtime_context().namespace  # the journal's name says whose ledger it is
     actor = LedgerActor.options(
         name=name,
         namespace=namespace,

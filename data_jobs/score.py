@@ -113,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", help="comma-separated class names (default: config labels.classes, else the labels)")
     p.add_argument("--label-column", default="label", help="carried to the output; classes are inferred from it")
     p.add_argument("--multilabel", action="store_true", help="multi-label task (needs --classes or labels.classes)")
-    p.add_argument("--ledger-name", help="named ledger actor to share (default: a new one for this run)")
+    p.add_argument(
+        "--ledger-name", help="named ledger actor to share (default: a new one for this run, its journal deleted after)"
+    )
     p.add_argument("--actors", type=int, help="scorer actors (default 1; the ledger caps calls in flight anyway)")
     p.add_argument("--cpus-per-actor", type=float, help="CPUs per scorer actor (default 1 for local models, else 0.25)")
     p.add_argument("--batch-size", type=int, default=BATCH_ROWS, help="texts per scorer batch")
@@ -160,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
     info = {"classes": classes, "multilabel": config.labels.mode == "multilabel", "llms": config.model_dump()["llms"]}
     common.write_sidecar(args.output, {**common.read_sidecar(args.input), **info})  # keeps the embed job's encoder
     snap = ledger.snapshot()
+    if args.ledger_name is None:  # this run's own ledger: nothing to resume later
+        ledger.discard()
     common.log.info(
         "scored %s -> %s in %.1fs: %d LLM calls, %d tokens, $%.4f spent, %d denied by the budget",
         args.input,

