@@ -57,14 +57,7 @@ class LedgerActor:
         return self._ledger.snapshot()
 
     def set_limits(self, limits: dict[str, Any]) -> None:
-        lim = LLMLimitsConfig(**limits)
-        self._ledger.set_limits(
-            lim.budget_usd,
-            lim.max_concurrency,
-            lim.requests_per_minute,
-            lim.tokens_per_minute,
-            lim.reservation_timeout_s,
-        )
+        self._ledger.set_limits(*LocalLedger.limit_args(LLMLimitsConfig(**limits)))
 
     def journal(self) -> str | None:
         return None if self._ledger.journal is None else str(self._ledger.journal.path)

@@ -79,6 +79,13 @@ def _check_options(where: str, options: dict[str, Any], allowed: set[str], hint:
     return options
 
 
+def _check_one_client(where: str, options: dict[str, Any], kind: Literal["consumer", "producer"]) -> dict[str, Any]:
+    """Settings of one client only: a setting of both belongs in kafka.client."""
+    consumer, producer = _client_keys()
+    own = consumer - producer if kind == "consumer" else producer - consumer
+    return _check_options(where, options, own, "a setting of both clients: put it in kafka.client")
+
+
 def client_options(options: dict[str, Any], where: str) -> dict[str, Any]:
     """``options`` with every ``<setting>_env`` replaced by ``<setting>`` read from that environment variable
     (here: on the node where the client starts)."""
@@ -128,11 +135,8 @@ class ProducerSettings(_Strict):
 
     @field_validator("options")
     @classmethod
-    def _known(cls, v: dict[str, Any]) -> dict[str, Any]:
-        consumer, producer = _client_keys()
-        return _check_options(
-            "kafka.producer.options", v, producer - consumer, "a setting of both clients: put it in kafka.client"
-        )
+    def _producer_only(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return _check_one_client("kafka.producer.options", v, "producer")
 
 
 class SchemaRegistrySettings(_Strict):
@@ -225,10 +229,7 @@ class KafkaSettings(_Strict):
     @field_validator("consumer")
     @classmethod
     def _consumer_only(cls, v: dict[str, Any]) -> dict[str, Any]:
-        consumer, producer = _client_keys()
-        return _check_options(
-            "kafka.consumer", v, consumer - producer, "a setting of both clients: put it in kafka.client"
-        )
+        return _check_one_client("kafka.consumer", v, "consumer")
 
     @field_validator("bootstrap_servers", mode="before")
     @classmethod

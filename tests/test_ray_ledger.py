@@ -23,6 +23,18 @@ CLASSES = ["business", "sports", "tech"]
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
+def scoring_worker(cfg, limits, ledger):
+    """A Ray task scoring a shard under the shared ledger: (texts answered, dollars billed, refused for budget)."""
+
+    @ray.remote(num_cpus=0)
+    def worker(base_url, shard):
+        scorer = LLMScorer(cfg.model_copy(update={"base_url": base_url}), CLASSES, False, limits, ledger=ledger)
+        batch = asyncio.run(scorer.score(shard))
+        return int(batch.used.sum()), float(batch.cost_usd[batch.used].sum()), batch.stats.over_budget
+
+    return worker
+
+
 def test_workers_share_one_budget_and_never_overspend(ray_local):
     cfg = LLMScorerConfig(name="stub", provider="custom", model="m", base_url="http://x/v1", price_input=2.0)
     probe = LLMScorer(cfg, CLASSES, False)
@@ -31,12 +43,7 @@ def test_workers_share_one_budget_and_never_overspend(ray_local):
     limits = LLMLimitsConfig(budget_usd=12 * worst, max_concurrency=3, cache=False)
     ledger = shared_ledger("ledger-budget-test", limits)
 
-    @ray.remote(num_cpus=0)
-    def worker(base_url, shard):
-        scorer = LLMScorer(cfg.model_copy(update={"base_url": base_url}), CLASSES, False, limits, ledger=ledger)
-        batch = asyncio.run(scorer.score(shard))
-        return int(batch.used.sum()), float(batch.cost_usd[batch.used].sum()), batch.stats.over_budget
-
+    worker = scoring_worker(cfg, limits, ledger)
     with StubServer(CLASSES, latency_s=0.02) as stub:
         results = ray.get([worker.remote(stub.base_url, [f"w{w} {t}" for t in texts]) for w in range(4)])
         max_in_flight = stub.max_in_flight
@@ -73,12 +80,7 @@ def test_a_killed_ledger_restarts_from_its_journal_in_the_middle_of_64_calls(ray
     ledger = shared_ledger("ledger-kill-test", limits)
     pid = ray.get(ledger.actor.__ray_call__.remote(lambda actor: os.getpid()))
 
-    @ray.remote(num_cpus=0)
-    def worker(base_url, shard):
-        scorer = LLMScorer(cfg.model_copy(update={"base_url": base_url}), CLASSES, False, limits, ledger=ledger)
-        batch = asyncio.run(scorer.score(shard))
-        return int(batch.used.sum()), float(batch.cost_usd[batch.used].sum()), batch.stats.over_budget
-
+    worker = scoring_worker(cfg, limits, ledger)
     with StubServer(CLASSES, latency_s=0.3) as stub:
         refs = [worker.remote(stub.base_url, [f"w{w} text {i} about the match and the phone" for i in range(8)])
                 for w in range(8)]  # fmt: skip

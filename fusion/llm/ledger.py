@@ -196,18 +196,24 @@ class LocalLedger:
             self._tpm = bucket(self._tpm, tokens_per_minute)
             self.reservation_timeout_s = reservation_timeout_s
 
-    @classmethod
-    def from_limits(cls, limits: Any, journal: str | Path | None = None) -> LocalLedger:
-        """From an ``LLMLimitsConfig``. ``journal`` is the default when ``limits.ledger_journal`` is unset."""
-        path = limits.ledger_journal or journal
-        return cls(
+    @staticmethod
+    def limit_args(limits: Any) -> tuple[Any, ...]:
+        """``set_limits``' arguments from an ``LLMLimitsConfig``."""
+        return (
             limits.budget_usd,
             limits.max_concurrency,
             limits.requests_per_minute,
             limits.tokens_per_minute,
-            journal=None if path in (None, "memory") else path,
-            reservation_timeout_s=limits.reservation_timeout_s,
+            limits.reservation_timeout_s,
         )
+
+    @classmethod
+    def from_limits(cls, limits: Any, journal: str | Path | None = None) -> LocalLedger:
+        """From an ``LLMLimitsConfig``. ``journal`` is the default when ``limits.ledger_journal`` is unset."""
+        path = limits.ledger_journal or journal
+        budget, concurrency, rpm, tpm, timeout = cls.limit_args(limits)
+        journal = None if path in (None, "memory") else path
+        return cls(budget, concurrency, rpm, tpm, journal=journal, reservation_timeout_s=timeout)
 
     def try_reserve(self, tokens: int, max_cost_usd: float, key: str | None = None) -> Grant | Denial:
         """``key``: the caller's id for this request; asking again with it returns the same grant (a retry)."""
