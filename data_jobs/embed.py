@@ -101,7 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output directory or URI (overwritten)")
     p.add_argument("--encoder", default="all-MiniLM-L6-v2", help="encoder model name or local directory")
     p.add_argument("--max-length", type=int, default=256, help="encoder max tokens per text")
-    p.add_argument("--bundle", help="use the encoder of this trained bundle instead of --encoder")
+    p.add_argument(
+        "--backend",
+        choices=["torch", "onnx-int8"],
+        default="torch",
+        help="encoder runtime: torch (CPU or GPU), or onnx-int8 (CPU, int8 weights; needs labelfuse[onnx])",
+    )
+    p.add_argument(
+        "--bundle", help="use the encoder of this trained bundle instead of --encoder, --max-length and --backend"
+    )
     p.add_argument("--rows-per-file", type=int, default=100_000, help="minimum rows per output file")
     add_pool_args(p)
     return p
@@ -116,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
 
         encoder = read_bundle(args.bundle).manifest["config"]["encoder"]
     else:
-        encoder = EncoderConfig(model=args.encoder, max_length=args.max_length).model_dump()
+        encoder = EncoderConfig(model=args.encoder, max_length=args.max_length, backend=args.backend).model_dump()
     keep = [c for c in (args.keep or "").split(",") if c]
     ds = common.read_corpus(args.input, args.format, args.text_column, args.id_column, keep=keep)
     start = time.perf_counter()

@@ -21,22 +21,20 @@ clf = AutoFusionClassifier.load(path, ledger=ledger)             # in any worker
 
 from __future__ import annotations
 
-import os
 import uuid
 from pathlib import Path
 from typing import Any
 
 import ray
 
-from fusion.config import LLMLimitsConfig
+from fusion.config import LLMLimitsConfig, cache_home
 from fusion.llm.ledger import Denial, Grant, LocalLedger
 
 HEAD_NODE = "node:__internal_head__"  # the resource only the head node has (Ray Train pins its state actor so)
 
 
 def default_journal(name: str, namespace: str) -> Path:
-    base = os.environ.get("LABELFUSE_CACHE_DIR") or Path.home() / ".cache" / "labelfuse"
-    return Path(base) / "ledgers" / f"{namespace}.{name}.sqlite"
+    return cache_home() / "ledgers" / f"{namespace}.{name}.sqlite"
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)

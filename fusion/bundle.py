@@ -260,9 +260,7 @@ class Bundle:
         from fusion.texts import PROBE_TEXT
 
         if encoder is None:
-            cfg = self.config.encoder.model_copy()
-            if device is not None:
-                cfg.device = device
+            cfg = self.config.encoder if device is None else self.config.encoder.on(device)
             model_dir = str(self.encoder_dir) if self.encoder_dir is not None else None
             encoder = TextEncoder(cfg, model_dir=model_dir)
         with self._consistent():

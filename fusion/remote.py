@@ -30,6 +30,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from fusion.config import cache_home
 from fusion.errors import BundleError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,7 @@ def is_uri(location: str | os.PathLike[str]) -> bool:
 
 
 def cache_root() -> Path:
-    base = os.environ.get("LABELFUSE_CACHE_DIR") or Path.home() / ".cache" / "labelfuse"
-    return Path(base) / "bundles"
+    return cache_home() / "bundles"
 
 
 def local_bundle(location: str | os.PathLike[str]) -> Path:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sqlite3
 import threading
 import time
@@ -25,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from fusion.config import cache_home
 from fusion.errors import ConfigError
 
 SCHEMA = """
@@ -39,8 +39,7 @@ CREATE TABLE IF NOT EXISTS scores (
 
 
 def default_cache_path() -> Path:
-    base = os.environ.get("LABELFUSE_CACHE_DIR") or Path.home() / ".cache" / "labelfuse"
-    return Path(base) / "llm_cache.sqlite"
+    return cache_home() / "llm_cache.sqlite"
 
 
 def cache_key(parts: Mapping[str, Any], text: str) -> str:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fusion.config import cache_home
 from fusion.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -76,8 +77,7 @@ BUNDLED: dict[str, BundledModel] = {
 
 
 def models_dir() -> Path:
-    base = os.environ.get("LABELFUSE_CACHE_DIR") or Path.home() / ".cache" / "labelfuse"
-    return Path(base) / "models"
+    return cache_home() / "models"
 
 
 def _sha256(paths: list[Path]) -> str:
