@@ -109,6 +109,7 @@ bench: install
 	$(BIN)/python bench/http_load.py
 	$(BIN)/python bench/kafka_throughput.py
 	$(BIN)/python bench/replica_footprint.py
+	$(BIN)/python bench/backfill_scaling.py
 
 # the learning loop's benchmarks, with the 1.5B local teacher: ~4 and ~15 minutes with a cold LLM cache
 bench-loop: models-qwen models-qwen15

@@ -1,5 +1,6 @@
 """What the Serve benchmarks share: a bundle, the texts, and the raw model's throughput."""
 
+import argparse
 import os
 import tempfile
 import time
@@ -21,14 +22,21 @@ def texts(kind: str, n: int) -> list[str]:
     return (out * (n // len(out) + 1))[:n]
 
 
-def bundle(path: str | None) -> str:
-    """``path``, or a fresh encoder-only bundle trained on a bbc-news sample (about a minute)."""
-    if path:
-        return path
+def add_bundle_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--bundle", help="model bundle (default: train a small one)")
+    ap.add_argument(
+        "--backend", choices=["torch", "onnx-int8"], default="torch", help="encoder backend of the trained bundle"
+    )
+
+
+def bundle(args: argparse.Namespace) -> str:
+    """``--bundle``, or a fresh encoder-only bundle on ``--backend``, trained on a bbc-news sample (about a minute)."""
+    if args.bundle:
+        return args.bundle
     d = split(load_builtin("bbc-news"))
     out = os.path.join(tempfile.mkdtemp(prefix="labelfuse-bench-"), "model")
-    print("training a bench bundle on 300 bbc-news texts ...", flush=True)
-    clf = AutoFusionClassifier().fit(
+    print(f"training a bench bundle ({args.backend}) on 300 bbc-news texts ...", flush=True)
+    clf = AutoFusionClassifier({"encoder": {"backend": args.backend}}).fit(
         d["train"].sample(300, random_state=0), validation=d["val"].sample(100, random_state=0)
     )
     clf.save(out)
@@ -38,7 +46,7 @@ def bundle(path: str | None) -> str:
 def raw_rate(model: str, sample: list[str]) -> float:
     """Texts/s of the raw model in this process (all cores): encoder.embed in batches of 64, then the head."""
     clf = AutoFusionClassifier.load(model, device="cpu")
-    clf.predict_proba(sample[:64])  # warm-up
+    clf.predict_proba(sample[:128])  # warm-up (ONNX Runtime sizes its buffers on the first long batches)
     t = time.perf_counter()
     clf.predict_proba(sample)
     return len(sample) / (time.perf_counter() - t)

@@ -2,12 +2,13 @@
 
 A local tansu broker, the labelfuse application with its default sizing and ``--replicas``
 tagger replicas. ``--messages`` JSON messages (bbc-news texts) are produced up front; the
-clock runs from the first result read back to the last, so the group join is left out and
-the steady state is measured. The raw side is ``AutoFusionClassifier.predict_proba`` in
+clock starts ``--warmup`` seconds after the first result is read back (the group join and the
+Embedder's scaling from 1 to 2 replicas are left out) and stops at the last, so the steady
+state is measured. The raw side is ``AutoFusionClassifier.predict_proba`` in
 batches of 64 in this process on all cores, measured before and after. Printed ratio:
-tagged messages/s over raw texts/s.
+tagged messages/s over raw texts/s (the target is 0.9 or more).
 
-    python bench/kafka_throughput.py [--bundle DIR] [--kind long|short] [--messages 1500] [--replicas 1]
+    python bench/kafka_throughput.py [--bundle DIR | --backend torch|onnx-int8] [--kind long|short] [--messages 2000] [--warmup 25] [--replicas 1]
 """
 
 import argparse
@@ -20,14 +21,17 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _serve_common import bundle, raw_rate, texts
+from _serve_common import add_bundle_args, bundle, raw_rate, texts
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--bundle", help="model bundle (default: train a small one)")
+    add_bundle_args(ap)
     ap.add_argument("--kind", choices=["long", "short"], default="long")
-    ap.add_argument("--messages", type=int, default=1500)
+    ap.add_argument("--messages", type=int, default=2000)
+    ap.add_argument(
+        "--warmup", type=float, default=25.0, help="seconds of results not timed (the Embedder scales 1 -> 2)"
+    )
     ap.add_argument("--replicas", type=int, default=1, help="tagger replicas")
     ap.add_argument("--batch-size", type=int, default=64)
     args = ap.parse_args()
@@ -39,7 +43,7 @@ def main() -> None:
     from serve.app import build
     from serve.dev_kafka import DEV_CLIENT, DevBroker, create_topics
 
-    model = bundle(args.bundle)
+    model = bundle(args)
     sample = texts(args.kind, args.messages)
     raw = [raw_rate(model, sample[:256] if args.kind == "long" else sample)]
     with DevBroker() as broker:
@@ -67,29 +71,34 @@ def main() -> None:
             **DEV_CLIENT,
         )
         seen: set[bytes] = set()
-        first = last = None
+        measured: set[bytes] = set()  # results read after the warm-up
+        start = first = last = None
         deadline = time.time() + 1800
         while len(seen) < len(sample) and time.time() < deadline:
             for records in c.poll(200).values():
                 for r in records:
                     now = time.perf_counter()
-                    first = first or now
-                    last = now
+                    start = start or now
                     seen.add(r.key)
+                    if now - start >= args.warmup:
+                        first = first or now
+                        last = now
+                        measured.add(r.key)
         c.close()
         serve.shutdown()
         ray.shutdown()
     raw.append(raw_rate(model, sample[:256] if args.kind == "long" else sample))
-    rate = (len(seen) - 1) / (last - first) if first and last and last > first else 0.0
+    rate = (len(measured) - 1) / (last - first) if first and last and last > first else 0.0
     raw_mean = statistics.mean(raw)
     print(
         f"\nKafka tagging vs raw model, {os.cpu_count()} CPUs, {args.kind} texts, {args.replicas} tagger replica(s), "
         f"batch {args.batch_size}"
     )
     print(
-        f"tagged {len(seen)}/{len(sample)} messages: {rate:.1f} msg/s; raw model {raw_mean:.1f} texts/s "
-        f"({raw[0]:.1f} before, {raw[1]:.1f} after); ratio {rate / raw_mean:.2f} (target >= 0.8)"
+        f"tagged {len(seen)}/{len(sample)} messages, {len(measured)} timed after {args.warmup:.0f} s of warm-up: "
+        f"{rate:.1f} msg/s; raw model {raw_mean:.1f} texts/s ({raw[0]:.1f} before, {raw[1]:.1f} after)"
     )
+    print(f"ratio: {rate / raw_mean:.2f}")
 
 
 if __name__ == "__main__":
