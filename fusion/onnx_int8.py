@@ -114,7 +114,15 @@ def load_or_export(source: str, tokenizer: Any, num_threads: int, pool: Any, max
         except EncoderError as err:
             log.warning("%s; exporting it again", err)
             shutil.rmtree(path.parent, ignore_errors=True)
-    _export(source, tokenizer, names, path, num_threads, pool, max_length)
+    try:
+        _export(source, tokenizer, names, path, num_threads, pool, max_length)
+    except EncoderError:
+        raise
+    except Exception as err:  # an architecture the exporter or the optimizer cannot take
+        raise EncoderError(
+            f"cannot export the encoder in {source} to int8 ONNX ({type(err).__name__}: {str(err)[:300]}); "
+            "use encoder.backend 'torch'"
+        ) from err
     return Int8Transformer(path, num_threads)
 
 

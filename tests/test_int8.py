@@ -107,6 +107,19 @@ def test_bad_backend_settings_are_refused_with_the_way_out():
     assert EncoderConfig(backend="onnx-int8").on("cpu").device == "cpu"
 
 
+def test_an_export_that_fails_says_so_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    from onnxruntime.transformers import optimizer
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no fusion pattern for this architecture")
+
+    monkeypatch.setenv("LABELFUSE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(optimizer, "optimize_model", broken)
+    with pytest.raises(EncoderError, match=r"cannot export .* no fusion pattern.*encoder.backend 'torch'"):
+        TextEncoder(INT8)
+    assert not any((tmp_path / "onnx").iterdir())  # no half-made export for the next load to trust
+
+
 def test_without_onnxruntime_the_error_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(EncoderError, match=r"labelfuse\[onnx\]"):
