@@ -48,7 +48,7 @@ def backfill(bundle: str, src: str, out: str, rows_per_file: int) -> tuple[dict,
     cmd = [sys.executable, "-m", "data_jobs.backfill", "--bundle", bundle, "--input", src, "--output", out]
     cmd += ["--id-column", "id", "--llm", "off", "--rows-per-file", str(rows_per_file)]
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = [0.0]
 
     def watch() -> None:
@@ -58,10 +58,10 @@ def backfill(bundle: str, src: str, out: str, rows_per_file: int) -> tuple[dict,
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    stdout, _ = proc.communicate()
+    stdout, stderr = proc.communicate()
     watcher.join()
     if proc.returncode:
-        raise SystemExit(f"backfill failed ({proc.returncode}): {' '.join(cmd)}")
+        raise SystemExit(f"backfill failed ({proc.returncode}): {' '.join(cmd)}\n{stderr[-3000:]}")
     return json.loads(stdout[stdout.index("{") :]), peak[0], time.perf_counter() - t
 
 
