@@ -9,6 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from fusion.classifier import AutoFusionClassifier
+from fusion.config import BACKENDS
 from fusion.datasets import load_builtin, split
 
 
@@ -24,9 +25,7 @@ def texts(kind: str, n: int) -> list[str]:
 
 def add_bundle_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--bundle", help="model bundle (default: train a small one)")
-    ap.add_argument(
-        "--backend", choices=["torch", "onnx-int8"], default="torch", help="encoder backend of the trained bundle"
-    )
+    ap.add_argument("--backend", choices=BACKENDS, default="torch", help="encoder backend of the trained bundle")
 
 
 def bundle(args: argparse.Namespace) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 import pyarrow as pa
 
 from data_jobs import common
+from fusion.config import BACKENDS
 
 BATCH_ROWS = 64
 
@@ -103,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=256, help="encoder max tokens per text")
     p.add_argument(
         "--backend",
-        choices=["torch", "onnx-int8"],
+        choices=BACKENDS,
         default="torch",
         help="encoder runtime: torch (CPU or GPU), or onnx-int8 (CPU, int8 weights; needs labelfuse[onnx])",
     )

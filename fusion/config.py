@@ -10,7 +10,7 @@ import difflib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fusion.errors import ConfigError
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
+Backend = Literal["torch", "onnx-int8"]
+BACKENDS: tuple[str, ...] = get_args(Backend)  # encoder.backend's values, for command-line choices
 
 
 def cache_home() -> Path:
@@ -115,7 +117,7 @@ class EncoderConfig(_Strict):
     num_threads: int | None = Field(
         None, ge=1, description="torch CPU threads for this process. Default: leave torch's setting alone."
     )
-    backend: Literal["torch", "onnx-int8"] = Field(
+    backend: Backend = Field(
         "torch",
         description="'torch': PyTorch, on CPU or GPU, fine-tunable. 'onnx-int8': the transformer in ONNX Runtime "
         "with int8 weights, CPU only, no fine-tuning; needs labelfuse[onnx]. Exported once per machine into "
