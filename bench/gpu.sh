@@ -185,8 +185,8 @@ else
   TRAIN=()
 fi
 HTTP_LIMIT=240
-# the CPU side of the HTTP bench: Embedder replicas of 3 torch threads on all but 4 cores (proxy, Ingress,
-# Fusion and the load generator need some), or one replica of 1 thread on a small machine
+# the CPU side of the HTTP bench: Fusion replicas of 3 torch threads on all but 4 cores (the proxy and the
+# load generator need some), or one replica of 1 thread on a small machine
 CPUS=$(nproc)
 if [ "$CPUS" -ge 8 ]; then CPU_HTTP=(--replicas $(((CPUS - 4) / 3)) --threads 3); else CPU_HTTP=(--replicas 1 --threads 1); fi
 

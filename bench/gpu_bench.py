@@ -399,7 +399,7 @@ def cmd_http(args: argparse.Namespace) -> None:
         actor = {"num_cpus": args.threads}
         threads = args.threads
     options = {
-        "Embedder": {
+        "Fusion": {
             "ray_actor_options": actor,
             "autoscaling_config": {"min_replicas": replicas, "max_replicas": replicas, "target_ongoing_requests": 2},
         }
@@ -534,7 +534,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--encoder-batch", type=int, help="encoder forward batch (embed; default: the job's 32)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--replicas", type=int, default=2, help="Embedder replicas (http)")
+    ap.add_argument("--replicas", type=int, default=2, help="Fusion replicas (http)")
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--texts-per-request", default="1,8")
     ap.add_argument("--http-seconds", type=float, default=10.0)

@@ -1,18 +1,19 @@
 """HTTP load on the Serve graph vs the raw model on the same machine, side by side in one run.
 
-The Serve side is the labelfuse application with its default sizing (Embedder autoscaling
-1→2 replicas of 1 torch thread, Ingress and Fusion reserving no CPU), driven by a separate
-load-generator process (aiohttp, ``--concurrency`` closed-loop clients posting
+The Serve side is the labelfuse application with its default sizing (Fusion, which serves HTTP and
+runs the encoder, autoscaling 1→2 replicas of 1 torch thread), behind ``--proxy`` (Serve's proxy,
+or Ray Serve's HAProxy ingress), driven by a separate load-generator process (aiohttp, ``--concurrency`` closed-loop clients posting
 ``--texts-per-request`` texts with ``llm: off``, the encoder path). It warms up first so
 autoscaling settles, then measures req/s, texts/s and p50/p99 latency. The raw side is
 ``AutoFusionClassifier.predict_proba`` in batches of 64 in this process on all cores, measured
 before and after the load. Each row's ratio: HTTP texts/s over raw texts/s; the last line,
 ``ratio: X``, is the lowest of them.
 
-    python bench/http_load.py [--bundle DIR | --backend torch|onnx-int8] [--kind long|short|both] [--concurrency 16]
-                              [--texts-per-request 1,8] [--seconds 30] [--warmup 30]
+    python bench/http_load.py [--bundle DIR | --backend torch|onnx-int8] [--proxy serve|haproxy]
+                              [--kind long|short|both] [--concurrency 16] [--texts-per-request 1,8]
+                              [--seconds 30] [--warmup 30]
 
-The first measurement warms up for ``--warmup`` seconds (the Embedder scales 1→2 replicas in
+The first measurement warms up for ``--warmup`` seconds (Fusion scales 1→2 replicas in
 about 20 s); later ones for 5 s, as the replicas stay up.
 """
 
@@ -27,7 +28,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _serve_common import add_bundle_args, bundle, raw_rate, texts
+from _serve_common import add_bundle_args, add_proxy_arg, bundle, raw_rate, serve_app, texts
 
 
 async def _load(url: str, sample: list[str], per_request: int, concurrency: int, warmup: float, seconds: float):
@@ -87,6 +88,7 @@ def loadgen(args: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_bundle_args(ap)
+    add_proxy_arg(ap)
     ap.add_argument("--kind", choices=["long", "short", "both"], default="both")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--texts-per-request", default="1,8", help="comma list; one measurement each")
@@ -97,18 +99,8 @@ def main() -> None:
     if args.loadgen:
         return loadgen(args)
 
-    import ray
-    from ray import serve
-
-    from fusion.llm.local import free_port
-    from serve.app import build
-
     model = bundle(args)
-    port = free_port()
-    ray.init(include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build({"bundle": model}), name="bench", route_prefix="/")
-    url = f"http://127.0.0.1:{port}/v1/classify"
+    url = serve_app(args, model) + "/v1/classify"
     rows = []
     warmup = args.warmup
     for kind in ["long", "short"] if args.kind == "both" else [args.kind]:
@@ -122,10 +114,16 @@ def main() -> None:
             raw.append(raw_rate(model, sample))
             rows.append((kind, per_request, statistics.mean(raw), raw, http))
             warmup = 5.0
+    import ray
+    from ray import serve
+
     serve.shutdown()
     ray.shutdown()
 
-    print(f"\nHTTP encoder path (llm: off) vs raw model, {os.cpu_count()} CPUs, {args.concurrency} concurrent clients")
+    print(
+        f"\nHTTP encoder path (llm: off) vs raw model, {os.cpu_count()} CPUs, {args.concurrency} concurrent clients, "
+        f"{args.proxy} proxy"
+    )
     print(
         f"{'texts':6} {'per req':>7} {'raw texts/s':>16} {'HTTP texts/s':>13} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} {'ratio':>6}"
     )

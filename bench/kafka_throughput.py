@@ -3,7 +3,7 @@
 A local tansu broker, the labelfuse application with its default sizing and ``--replicas``
 tagger replicas. ``--messages`` JSON messages (bbc-news texts) are produced up front; the
 clock starts ``--warmup`` seconds after the first result is read back (the group join and the
-Embedder's scaling from 1 to 2 replicas are left out) and stops at the last, so the steady
+the scaling of Fusion from 1 to 2 replicas are left out) and stops at the last, so the steady
 state is measured. The raw side is ``AutoFusionClassifier.predict_proba`` in
 batches of 64 in this process on all cores, measured before and after. Printed ratio:
 tagged messages/s over raw texts/s (the target is 0.9 or more).
@@ -29,9 +29,7 @@ def main() -> None:
     add_bundle_args(ap)
     ap.add_argument("--kind", choices=["long", "short"], default="long")
     ap.add_argument("--messages", type=int, default=2000)
-    ap.add_argument(
-        "--warmup", type=float, default=25.0, help="seconds of results not timed (the Embedder scales 1 -> 2)"
-    )
+    ap.add_argument("--warmup", type=float, default=25.0, help="seconds of results not timed (Fusion scales 1 -> 2)")
     ap.add_argument("--replicas", type=int, default=1, help="tagger replicas")
     ap.add_argument("--batch-size", type=int, default=64)
     args = ap.parse_args()

@@ -1,11 +1,13 @@
 """What each Serve replica and backfill actor loads: start time and peak RSS, whole model vs its part.
 
-Before the model was split into parts, every Embedder, Scorer and Fusion replica and every backfill
-predictor ran ``AutoFusionClassifier.load`` (encoder weights, probe embedding, head, pool, config).
-Now each loads only its part through :class:`fusion.bundle.Bundle`. Each row runs both in fresh
+Before the model was split into parts, every Serve replica and every backfill actor ran
+``AutoFusionClassifier.load`` (encoder weights, probe embedding, head, pool, config). Now each loads
+only its parts through :class:`fusion.bundle.Bundle`: a Fusion replica the encoder and the head, a
+Scorer replica the LLM panel, a Ray Data embed actor the encoder, a backfill predictor the head and the
+LLM panel. Each row (one part, or the predictor's two) runs both in fresh
 Python processes, side by side, alternating, ``--repeats`` times (medians), and prints seconds from
 process start to loaded (imports included) and peak RSS. The last line is the ratio of the summed
-start times of the four roles, parts vs whole (``ratio: X``; below 1 is faster).
+start times of the four rows, parts vs whole (``ratio: X``; below 1 is faster).
 
     python bench/replica_footprint.py [--repeats 3]
 
@@ -26,9 +28,9 @@ import tempfile
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROLE = {
-    "Embedder": "Bundle.open(path).encoder()",
+    "encoder": "Bundle.open(path).encoder()",
     "Scorer": "Bundle.open(path).panel(LocalLedger())",
-    "Fusion": "Bundle.open(path).head()",
+    "head": "Bundle.open(path).head()",
     "backfill predictor": "b = Bundle.open(path); b.head(); b.panel(LocalLedger())",
 }
 WHOLE = (

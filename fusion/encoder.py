@@ -14,7 +14,7 @@ own longest text (dynamic padding); results come back in input order.
 An encoder fine-tuned as a classifier (``encoder.fine_tune: two-stage``) carries its
 classification layer (:class:`Classifier`, saved beside the weights as
 ``classifier.safetensors``) and gives that layer's class logits instead of the pooled vector:
-the same ``embed`` call, so every caller (the Serve Embedder, the Ray Data jobs) runs it unchanged.
+the same ``embed`` call, so every caller (the Serve Fusion replicas, the Ray Data jobs) runs it unchanged.
 """
 
 from __future__ import annotations

@@ -2,23 +2,26 @@
 
 Each loads only the part of the bundle it runs (:class:`fusion.bundle.Bundle`):
 
-- **Embedder**: the encoder. Batches texts across requests (``@serve.batch``, sized by the
-  number of texts, not requests) and runs the encoder with ``threads`` torch threads per
-  replica, inline: Serve runs user code on its own event-loop thread, so the replica keeps
-  taking requests meanwhile (they join the next batch). Handing each batch to a worker thread
-  instead cost 30% of single-text HTTP throughput here (GIL hand-offs).
-- **Scorer**: the LLM panel and its few-shot pool. Every call is reserved with one named
-  ledger actor (budget, concurrency, rates) shared by all replicas.
-- **Fusion**: the fusion head, set through ``user_config`` (``{"bundle": path}``): a new
-  bundle is loaded next to the old one and swapped in when ready, so a rollout drops no
-  request. When the path is a model registry (:mod:`fusion.registry`), Fusion serves its
-  champion and checks it every ``registry_poll_s``: a promotion or rollback rolls out alone. Each request runs entirely on the bundle it started with: Fusion names the bundle
-  to Embedder and Scorer, which keep the parts of the last two bundles. When the Scorer
-  fails, the answer degrades to the encoder-only path with the error reported.
+- **Fusion**: the HTTP API (:mod:`serve.http`) and the model's encoder-only path in one replica: the
+  encoder and the fusion head. A text the gate keeps from the LLMs is answered without leaving the
+  replica; every hop between Serve processes costs a short text more CPU than the model does
+  (docs/scaling.md). Texts are batched across requests (``@serve.batch``, sized by the
+  number of texts, not requests), and the encoder runs with ``threads`` torch threads per replica,
+  inline: Serve runs user code on its own event-loop thread, so the replica keeps taking requests
+  meanwhile (they join the next batch). Handing each batch to a worker thread instead cost 30% of
+  single-text HTTP throughput here (GIL hand-offs).
+  The bundle is set through ``user_config`` (``{"bundle": path}``): a new bundle is loaded next to
+  the old one and swapped in when ready, so a rollout drops no request; a bundle with the same encoder
+  reuses the loaded one. When the path is a model registry (:mod:`fusion.registry`), Fusion serves
+  its champion and checks it every ``registry_poll_s``: a promotion or rollback rolls out alone.
+  Each request runs entirely on the bundle it started with: Fusion names the bundle to the Scorer,
+  which keeps the LLM panels of the last two bundles. When the Scorer fails, the answer degrades to
+  the encoder-only path with the error reported.
+- **Scorer**: the LLM panel and its few-shot pool, called only for the texts the gate sends (or
+  ``llm: all``). Every call is reserved with one named ledger actor (budget, concurrency, rates)
+  shared by all replicas.
 - **Labels** (with ``label_store``): writes people's labels (POST /v1/feedback, a Kafka labels
   topic) and the LLM answers Fusion paid for to the label store, many callers per part.
-- **Ingress**: the HTTP API (:mod:`serve.http`); it reserves no CPU, so autoscaling can place
-  a second replica of the model deployments on a small machine.
 - **KafkaTagger**: tags Kafka topics through Fusion, and reads a labels topic into Labels
   (:mod:`serve.kafka`).
 """
@@ -63,8 +66,8 @@ class BundleRef:
 
 
 def _one_torch_thread() -> None:
-    """For replicas whose torch work is tiny (the fusion head): idle OpenMP threads would spin on the
-    cores the Embedder needs."""
+    """For replicas with little torch work (the Scorer): idle OpenMP threads would spin on the cores the
+    encoder needs."""
     import torch
 
     torch.set_num_threads(1)
@@ -88,58 +91,8 @@ class _Lru:
         return self._items[key]
 
 
-def _n_texts(items: list[tuple[BundleRef, list[str]]]) -> int:
+def _n_texts(items: list[tuple[Any, list[str]]]) -> int:
     return sum(len(texts) for _, texts in items)
-
-
-@serve.deployment(
-    ray_actor_options={"num_cpus": 1},
-    max_ongoing_requests=64,
-    # a request carries up to EMBED_BATCH texts and batches run one at a time: 2 waiting means a queue
-    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2, "upscale_delay_s": 5},
-)
-class Embedder:
-    """The encoder; batches texts across concurrent requests. A text that fails fails alone (see
-    ``TextEncoder.embed_each``); an encoder that fails on a known-good text fails its health check."""
-
-    def __init__(self, threads: int = 1):
-        import torch
-
-        torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=1; say what we mean
-        self._encoders = _Lru()
-        self._broken: str | None = None
-
-    async def _encoder(self, ref: BundleRef) -> Any:
-        return await self._encoders.get(ref.encoder_key, lambda: Bundle.open(ref.path).encoder())
-
-    async def warm(self, ref: BundleRef) -> None:
-        await self._encoder(ref)
-
-    def check_health(self) -> None:
-        if self._broken:
-            raise RuntimeError(self._broken)
-
-    @serve.batch(max_batch_size=EMBED_BATCH, batch_wait_timeout_s=0.005, batch_size_fn=_n_texts)
-    async def embed(self, items: list[tuple[BundleRef, list[str]]]) -> list[tuple[np.ndarray, list[str | None]]]:
-        """Each item is (bundle, up to EMBED_BATCH texts); per item, (embeddings, per-text failure reasons)."""
-        from fusion.errors import EncoderError
-
-        out: list[Any] = [None] * len(items)
-        for key in dict.fromkeys(ref.encoder_key for ref, _ in items):
-            members = [i for i, (ref, _) in enumerate(items) if ref.encoder_key == key]
-            encoder = await self._encoder(items[members[0]][0])
-            texts = [t for i in members for t in items[i][1]]
-            try:
-                emb, reasons = encoder.embed_each(texts, batch_size=EMBED_BATCH)
-            except EncoderError as err:  # not the texts' fault: Serve replaces this replica
-                self._broken = str(err)
-                raise
-            start = 0
-            for i in members:
-                end = start + len(items[i][1])
-                out[i] = (emb[start:end], reasons[start:end])
-                start = end
-        return out
 
 
 @serve.deployment(
@@ -196,6 +149,7 @@ class Scorer:
 
 @dataclass
 class _Model:
+    encoder: Any  # fusion.encoder.TextEncoder
     head: FusionHead
     ref: BundleRef
     info: dict[str, Any]
@@ -270,18 +224,43 @@ def _info(bundle: Bundle, head: FusionHead) -> dict[str, Any]:
 
 
 @serve.deployment(
-    ray_actor_options={"num_cpus": 0},
-    max_ongoing_requests=128,  # cheap per request; the Embedder's batch queue is where work waits
-    max_queued_requests=256,
-    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 32},
+    ray_actor_options={"num_cpus": 1},
+    max_ongoing_requests=128,  # a request waits in the replica's batch queue, where texts join the next batch
+    max_queued_requests=256,  # at the HTTP proxy; beyond it: 503 with Retry-After
+    backpressure_config=BackpressureConfig(status_code=503, retry_after_s=1),
+    # the encoder is the work, and a request carries 1 to EMBED_BATCH texts: 2 waiting means a queue
+    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2, "upscale_delay_s": 5},
 )
+@serve.ingress()
 class Fusion:
-    """Holds the fusion head of the bundle (user_config); embed → gate → LLM scores → head → results."""
+    """The HTTP API and the model: embed → gate → LLM scores (the Scorer) → head → results.
 
-    def __init__(self, embedder: DeploymentHandle, scorer: DeploymentHandle, labels: DeploymentHandle | None = None):
-        _one_torch_thread()
-        self.embedder, self.scorer, self.labels = embedder, scorer, labels
+    A text the encoder cannot embed, or the head gives no finite probabilities, fails alone; an encoder
+    that fails on a known-good text fails the replica's health check."""
+
+    def __init__(
+        self,
+        scorer: DeploymentHandle,
+        settings: dict[str, Any],
+        labels: DeploymentHandle | None = None,
+        tagger: DeploymentHandle | None = None,
+    ):
+        import os
+
+        import torch
+
+        from fusion.errors import ConfigError
+
+        self.scorer, self.labels, self.tagger = scorer, labels, tagger
+        self.settings = parse_settings(settings)
+        torch.set_num_threads(self.settings.threads)  # Ray sets OMP_NUM_THREADS=1; say what we mean
+        self.token = None
+        if env := self.settings.auth_token_env:
+            self.token = os.environ.get(env, "").strip()
+            if not self.token:
+                raise ConfigError(f"auth_token_env is {env!r} but that environment variable is empty on this node")
         self.model: _Model | None = None
+        self._broken: str | None = None
         self._registry: str | None = None
         self._poll_s = 5.0
         self._follower: asyncio.Task | None = None
@@ -290,6 +269,13 @@ class Fusion:
         self._n_asked = 0  # how many of them asked the LLMs
         self._kept: OrderedDict[str, None] = OrderedDict()  # LLM answers recently kept (label ids)
         self.metrics = LoopMetrics()
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return http_api(self, self.settings, self.token, self.tagger, self.labels)
+
+    def check_health(self) -> None:
+        if self._broken:
+            raise RuntimeError(self._broken)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         from fusion.errors import ConfigError
@@ -316,11 +302,16 @@ class Fusion:
                 return
             head = bundle.head()
             # load the new encoder / LLM panel before the swap, so the first requests do not wait for it
-            await self.embedder.warm.remote(ref)
+            old = self.model
+            if old is not None and old.ref.encoder_key == ref.encoder_key:
+                encoder = old.encoder  # a retrained head on the same encoder
+            else:
+                encoder = await asyncio.to_thread(bundle.encoder)
             if head.layout.n_llms:
                 await self.scorer.warm.remote(ref)
             share = bundle.manifest.get("training", {}).get("label_share")
-            old, self.model = self.model, _Model(head, ref, _info(bundle, head), LabelMix(head.classes, share))
+            mix = LabelMix(head.classes, share)
+            self.model = _Model(encoder, head, ref, _info(bundle, head), mix)
             self.metrics.serving(ref.version, old.ref.version if old else None)
             log.info("model %s from %s is live (was %s)", ref.version, bundle_dir, old.ref.version if old else None)
 
@@ -377,7 +368,7 @@ class Fusion:
         m = self._current()  # this request runs on one bundle even if a new one goes live meanwhile
         start = time.perf_counter()
         chunks = [texts[i : i + EMBED_BATCH] for i in range(0, len(texts), EMBED_BATCH)]
-        parts = await asyncio.gather(*(self.embedder.embed.remote((m.ref, c)) for c in chunks))
+        parts = await asyncio.gather(*(self._embed((m, c)) for c in chunks))
         reasons = [r for _, rs in parts for r in rs]
         ok = np.array([i for i, r in enumerate(reasons) if r is None], dtype=int)
         results: list[dict[str, Any]] = [{"error": r} for r in reasons]
@@ -394,6 +385,28 @@ class Fusion:
             "llm_cost_usd": cost,
             "latency_ms": round((time.perf_counter() - start) * 1000, 2),
         }
+
+    @serve.batch(max_batch_size=EMBED_BATCH, batch_wait_timeout_s=0.005, batch_size_fn=_n_texts)
+    async def _embed(self, items: list[tuple[_Model, list[str]]]) -> list[tuple[np.ndarray, list[str | None]]]:
+        """Each item is (model, up to EMBED_BATCH texts); per item, (embeddings, per-text failure reasons).
+        Texts of concurrent requests share one forward pass per encoder (two during a rollout)."""
+        from fusion.errors import EncoderError
+
+        out: list[Any] = [None] * len(items)
+        for key in dict.fromkeys(m.ref.encoder_key for m, _ in items):
+            members = [i for i, (m, _) in enumerate(items) if m.ref.encoder_key == key]
+            texts = [t for i in members for t in items[i][1]]
+            try:
+                emb, reasons = items[members[0]][0].encoder.embed_each(texts, batch_size=EMBED_BATCH)
+            except EncoderError as err:  # not the texts' fault: Serve replaces this replica
+                self._broken = str(err)
+                raise
+            start = 0
+            for i in members:
+                end = start + len(items[i][1])
+                out[i] = (emb[start:end], reasons[start:end])
+                start = end
+        return out
 
     async def _answer(
         self, m: _Model, texts: list[str], emb: np.ndarray, llm: LLMMode, record: bool = True
@@ -467,39 +480,6 @@ class Fusion:
 
 @serve.deployment(
     ray_actor_options={"num_cpus": 0},
-    max_ongoing_requests=128,
-    max_queued_requests=256,  # at the HTTP proxy; beyond it: 503 with Retry-After
-    backpressure_config=BackpressureConfig(status_code=503, retry_after_s=1),
-    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 32},
-)
-@serve.ingress()
-class Ingress:
-    """HTTP API: POST /v1/classify, POST /v1/feedback, GET /v1/model, GET /v1/kafka, /healthz, /readyz, /docs."""
-
-    def __init__(
-        self,
-        fusion: DeploymentHandle,
-        settings: dict[str, Any],
-        tagger: DeploymentHandle | None = None,
-        labels: DeploymentHandle | None = None,
-    ):
-        import os
-
-        from fusion.errors import ConfigError
-
-        self.fusion, self.tagger, self.labels, self.settings = fusion, tagger, labels, parse_settings(settings)
-        self.token = None
-        if env := self.settings.auth_token_env:
-            self.token = os.environ.get(env, "").strip()
-            if not self.token:
-                raise ConfigError(f"auth_token_env is {env!r} but that environment variable is empty on this node")
-
-    def __serve_build_asgi_app__(self) -> Any:
-        return http_api(self.fusion, self.settings, self.token, self.tagger, self.labels)
-
-
-@serve.deployment(
-    ray_actor_options={"num_cpus": 0},
     num_replicas=1,
     health_check_period_s=5,
     graceful_shutdown_timeout_s=60,
@@ -507,13 +487,16 @@ class Ingress:
 class KafkaTagger:
     """Tags Kafka messages in real time through Fusion; replicas share one consumer group."""
 
-    def __init__(self, fusion: DeploymentHandle, settings: dict[str, Any], labels: DeploymentHandle | None = None):
+    def __init__(self, settings: dict[str, Any], labels: DeploymentHandle | None = None):
         from ray.exceptions import RayActorError
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
         from serve.kafka import GraphUnavailable, LabelsLoop, TaggerLoop
         from serve.settings import KafkaSettings, client_options
 
+        # by name: Fusion serves GET /v1/kafka from this deployment, so it cannot also be bound in here
+        context = serve.get_replica_context()
+        fusion = serve.get_deployment_handle(Fusion.name, app_name=context.app_name)
         s = KafkaSettings.model_validate(settings)
         for where, options in (
             ("client", s.client),
@@ -534,7 +517,7 @@ class KafkaTagger:
             text_metrics.observe("kafka", out["results"])
             return out
 
-        replica = serve.get_replica_context().replica_id.unique_id
+        replica = context.replica_id.unique_id
         self.loop = TaggerLoop(s, classify, name=f"tagger-{replica}", metrics=KafkaMetrics())
         self.loops = [self.loop]
         if s.labels_topic and labels is not None:

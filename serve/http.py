@@ -1,4 +1,4 @@
-"""The FastAPI app of an Ingress replica: routes, bearer-token auth, body limit, error answers, metrics.
+"""The FastAPI app of a Fusion replica: routes, bearer-token auth, body limit, error answers, metrics.
 
 Every answer is JSON: a request the schema refuses gets 422 naming each problem (without echoing
 the input), a text the text rule refuses 422 naming it by index, a body over the limit 413, full
@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Security
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -22,6 +22,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray.serve.handle import DeploymentHandle
 
 from fusion import __version__
+from fusion.head import LLMMode
 from serve.metrics import HttpMetrics, TextMetrics
 from serve.schemas import (
     AUTH_ERRORS,
@@ -97,19 +98,26 @@ def _unavailable(detail: str, retry_after_s: int = 1) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": str(retry_after_s)})
 
 
+class Model(Protocol):
+    """What the API answers from: the Fusion replica it runs in (:class:`serve.deployments.Fusion`)."""
+
+    async def classify(self, texts: list[str], llm: LLMMode = "auto", record: bool = True) -> dict[str, Any]: ...
+    async def info(self) -> dict[str, Any]: ...
+    async def stats(self) -> dict[str, Any]: ...
+
+
 def http_api(
-    fusion: DeploymentHandle,
+    fusion: Model,
     s: AppSettings,
     token: str | None,
     tagger: DeploymentHandle | None,
     labels: DeploymentHandle | None = None,
 ) -> Any:
-    """The FastAPI app of one Ingress replica."""
+    """The FastAPI app of one Fusion replica."""
     import hmac
 
     from fastapi.encoders import jsonable_encoder
     from fastapi.exceptions import RequestValidationError
-    from ray.serve.exceptions import BackPressureError
 
     from fusion.texts import clean_texts
 
@@ -180,10 +188,7 @@ def http_api(
             raise HTTPException(422, f"{len(texts)} texts in one request; the limit is {lim.max_texts}")
         texts, reasons = clean_texts(texts, lim.max_chars)  # the one rule for texts (fusion.texts)
         refuse(reasons, "input")
-        try:
-            out = await fusion.classify.remote(texts, req.llm)
-        except BackPressureError:
-            return _unavailable("over capacity: too many requests queued; retry later")
+        out = await fusion.classify(texts, req.llm)
         results = out["results"]
         refuse([r.get("error") for r in results], "model")  # texts that failed alone in the graph
         text_metrics.observe("http", results)
@@ -215,7 +220,7 @@ def http_api(
 
         if labels is None:
             raise HTTPException(404, "this application keeps no labels (no 'label_store' in its args)")
-        info = await fusion.info.remote()
+        info = await fusion.info()
         try:
             text, given = fb.check(req, info["classes"], info["multilabel"], lim.max_chars)
         except DataError as err:
@@ -236,7 +241,7 @@ def http_api(
     async def model() -> Any:
         """The model being served: version, bundle, classes, encoder, LLMs, gate, validation metrics, and the loop:
         the registry followed, the recent LLM-call rate and the label store's counts."""
-        info = await fusion.info.remote()
+        info = await fusion.info()
         if labels is not None:
             try:
                 info["label_store"] = await labels.stats.remote()
@@ -248,7 +253,7 @@ def http_api(
     async def stats() -> Any:
         """What the model's recent predictions look like on one Fusion replica: the label mix beside the training
         labels' and their drift score, the gate's LLM-call rate, and the LLM budget left."""
-        return await fusion.stats.remote()
+        return await fusion.stats()
 
     @api.get(
         "/v1/kafka",
@@ -278,7 +283,7 @@ def http_api(
     async def readyz() -> Any:
         """Readiness: a model is loaded and the graph answers a probe end to end."""
         try:
-            probe = await asyncio.wait_for(fusion.classify.remote(["readiness probe"], "off", record=False), 30)
+            probe = await asyncio.wait_for(fusion.classify(["readiness probe"], "off", record=False), 30)
         except Exception as err:
             return _unavailable(f"not ready: {type(err).__name__}: {err}"[:300], 5)
         return {"status": "ready", "model_version": probe["model_version"]}

@@ -48,7 +48,7 @@ METRICS = {
     for m in [
         _m("labelfuse_http_requests", "counter", "HTTP requests answered (413s and 503s included).",
            ("route", ""), ("status", "")),
-        _m("labelfuse_http_request_seconds", "histogram", "HTTP latency as the Ingress saw it (s).", ("route", "")),
+        _m("labelfuse_http_request_seconds", "histogram", "HTTP latency as the Fusion replica saw it (s).", ("route", "")),
         _m("labelfuse_texts", "counter", "Texts classified.", ("path", "http, kafka"), ("llm_used", "")),
         _m("labelfuse_texts_refused", "counter",
            "Texts answered 422: refused by the text rule (stage=input) or failed alone in the graph (stage=model).",
@@ -121,7 +121,7 @@ _S = {name: m.series for name, m in METRICS.items()}
 ALERTS = [
     Alert("LabelfuseOverCapacity", _sum_rate(_S["labelfuse_http_requests"], "5m", '{status="503"}') + " > 0.1",
           "10m", "warning", "over capacity: the queues are full and clients get 503",
-          "raise `max_replicas` of Embedder (and Fusion), or the cluster's size; see [scaling](scaling.md)"),
+          "raise `max_replicas` of Fusion, or the cluster's size; see [scaling](scaling.md)"),
     Alert("LabelfuseLLMFailing",
           f'{_sum_rate(_S["labelfuse_llm_errors"], "10m")} / ({_sum_rate(_S["labelfuse_llm_calls"], "10m")} + '
           f'{_sum_rate(_S["labelfuse_llm_errors"], "10m")}) > 0.2',
@@ -142,7 +142,7 @@ ALERTS = [
           "1h", "info", "more than 30% of predictions have a top probability under 0.5",
           "the same as for drift; with LLMs, a higher gate call rate buys accuracy on the unsure texts"),
     Alert("LabelfuseKafkaLag", f'sum({_S["labelfuse_kafka_commit_lag"]}) > 1000', "10m", "warning",
-          "the taggers consume faster than the graph answers", "more Embedder replicas / GPUs; a lower `llm` use"),
+          "the taggers consume faster than the graph answers", "more Fusion replicas / GPUs; a lower `llm` use"),
     Alert("LabelfuseDeadLetters", _sum_rate(_S["labelfuse_kafka_messages"], "10m", '{event="dead_lettered"}') + " > 0",
           "10m", "info", "producers send malformed messages",
           "read the `labelfuse.error` header on the dead-letter topic"),
@@ -153,7 +153,7 @@ ALERTS = [
           "model problem", "read the reasons (dead letters, 422 details, replica logs) and report them"),
     Alert("LabelfuseGraphFailures", _increase(_S["labelfuse_kafka_messages"], "15m", '{event="graph_failures"}') + " > 0",
           "0m", "warning", "the graph, not the messages, failed: a deployment down or too slow",
-          "`serve status`, the Embedder and Fusion replica logs; taggers restart by themselves"),
+          "`serve status`, the Fusion and Scorer replica logs; taggers restart by themselves"),
     Alert("LabelfuseLabelsLost", _increase(_S["labelfuse_labels_lost"], "15m") + " > 0", "0m", "warning",
           "the label store cannot be written (disk full, permissions, object store down): the loop loses those LLM "
           "answers", "fix the store's path or credentials; feedback answers 503 meanwhile and clients retry with "

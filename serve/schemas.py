@@ -145,7 +145,8 @@ CLASSIFY_ERRORS = AUTH_ERRORS | _errors(
         422: "The body does not match the schema; neither or both of `text` and `texts`; an empty list; more than "
         "`limits.max_texts` texts; a text the text rule refuses (empty, a lone surrogate, longer than "
         "`limits.max_chars`) or that failed alone in the model. The detail names each such text by its index.",
-        500: "A bug or a failed deployment; `request_id` finds the traceback in the replica's log.",
+        500: "A bug or a failed deployment; `request_id` finds the traceback in the replica's log. When the Fusion "
+        "replica itself dies mid-request, Serve's proxy answers `Internal Server Error` in plain text: retry.",
         503: "Over capacity: the queues are full. Retry after the `Retry-After` seconds.",
     }
 )

@@ -23,7 +23,7 @@ def _load(rel: str) -> dict:
 def _graph_names() -> set[str]:
     from serve import app
 
-    return {d.name for d in (app.Embedder, app.Scorer, app.Fusion, app.Ingress, app.KafkaTagger)}
+    return {d.name for d in (app.Fusion, app.Scorer, app.Labels, app.KafkaTagger)}
 
 
 def check_serve_config(cfg: dict) -> list:
@@ -102,7 +102,7 @@ def _check_ray_cluster_spec(spec: dict) -> set[str]:
         for g in spec["workerGroupSpecs"]
         if any("nvidia.com/gpu" in c["resources"]["limits"] for c in g["template"]["spec"]["containers"])
     ]
-    assert gpu_groups, "a GPU worker group for the Embedder"
+    assert gpu_groups, "a GPU worker group for the Fusion replicas"
     return offered
 
 

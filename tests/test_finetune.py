@@ -152,7 +152,7 @@ def test_two_stage_multilabel_round_trips_through_a_bundle(multilabel_data, tmp_
     loaded = AutoFusionClassifier.load(path)
     assert loaded.encoder.dim == len(classes)
     np.testing.assert_allclose(loaded.predict_proba(texts, llm="off"), clf.predict_proba(texts, llm="off"), atol=1e-5)
-    # the Serve Embedder and the Ray Data jobs load the encoder part alone: it gives the same logits
+    # Serve's Fusion replicas and the Ray Data jobs load the encoder part alone: it gives the same logits
     np.testing.assert_allclose(Bundle.open(path).encoder().embed(texts), clf.encoder.embed(texts), atol=1e-5)
 
 

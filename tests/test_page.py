@@ -53,7 +53,7 @@ def app(serve_url, kafka_broker, bbc_model, tmp_path_factory):
     kafka = dev_kafka_args(kafka_broker.bootstrap, topics, f"page-{run}", batch_size=32)
     env = {"runtime_env": {"env_vars": {"LABELFUSE_PAGE_TOKEN": TOKEN}}}
     settings = {"bundle": str(bundle), "kafka": kafka, "auth_token_env": "LABELFUSE_PAGE_TOKEN"}
-    serve.run(build(settings, {"Ingress": {"ray_actor_options": {"num_cpus": 0, **env}}}), name=APP, route_prefix="/")
+    serve.run(build(settings, {"Fusion": {"ray_actor_options": {"num_cpus": 1, **env}}}), name=APP, route_prefix="/")
     yield {"url": serve_url, "topic": topics[0], "bootstrap": kafka_broker.bootstrap, "model": bbc_model}
     serve.delete(APP)
 

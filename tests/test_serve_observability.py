@@ -146,7 +146,7 @@ def test_metrics_and_request_id_logs_from_http_and_kafka(serve_url, metrics_url,
             logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
             lines = [
                 json.loads(line)
-                for f in logs.glob("replica_*Ingress*.log")
+                for f in logs.glob("replica_*Fusion*.log")
                 for line in f.read_text().splitlines()
                 if rid in line
             ]
