@@ -2,8 +2,9 @@
 
 The Serve side is the labelfuse application with its default sizing (Fusion, which serves HTTP and
 runs the encoder, autoscaling 1→2 replicas of 1 torch thread), behind ``--proxy`` (Serve's proxy,
-or Ray Serve's HAProxy ingress), driven by a separate load-generator process (aiohttp, ``--concurrency`` closed-loop clients posting
-``--texts-per-request`` texts with ``llm: off``, the encoder path). It warms up first so
+or Ray Serve's HAProxy ingress), driven by a separate load-generator process (aiohttp,
+``--concurrency`` closed-loop clients posting ``--texts-per-request`` texts with ``llm: off``, the
+encoder path). It warms up first so
 autoscaling settles, then measures req/s, texts/s and p50/p99 latency. The raw side is
 ``AutoFusionClassifier.predict_proba`` in batches of 64 in this process on all cores, measured
 before and after the load. Each row's ratio: HTTP texts/s over raw texts/s; the last line,
