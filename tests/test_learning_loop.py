@@ -53,7 +53,9 @@ def loop(serve_url, kafka_broker, encoder, bbc, tmp_path_factory):
         kafka = dev_kafka_args(kafka_broker.bootstrap, list(TOPICS[1:]), "loop-tagger", batch_size=16)
         kafka["labels_topic"] = TOPICS[0]
         settings = {"bundle": str(reg.root), "registry_poll_s": 0.5, "label_store": str(store), "kafka": kafka}
-        serve.run(build(settings), name=APP, route_prefix="/")
+        # one Fusion replica: it reserves a CPU, and the retrain jobs below need the session's other one
+        one = {"Fusion": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}}
+        serve.run(build(settings, one), name=APP, route_prefix="/")
         try:
             yield {"url": serve_url, "registry": reg, "store": LabelStore(store), "first": version,
                    "bootstrap": kafka_broker.bootstrap}  # fmt: skip
