@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from fusion.labels import LabelSpace
 
@@ -71,6 +70,10 @@ def nll(proba: np.ndarray, y: np.ndarray, multilabel: bool) -> float:
 
 def evaluate(y_true: np.ndarray, y_pred: np.ndarray, proba: np.ndarray, space: LabelSpace) -> dict[str, Any]:
     """All metrics for encoded targets/predictions (see ``LabelSpace.encode``)."""
+    # here, not at the top: scikit-learn (and SciPy) take ~1.5 s to import, which every Serve replica and
+    # backfill actor would pay at start only to serve a model
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
     y_true = np.asarray(y_true)
     y_pred = np.asarray(y_pred)
     k = space.n_classes

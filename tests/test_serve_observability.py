@@ -121,6 +121,9 @@ def test_metrics_and_request_id_logs_from_http_and_kafka(serve_url, metrics_url,
                 }
                 if not value(m, "ray_labelfuse_llm_budget_left_usd"):  # gauges arrive in their own report
                     short["budget gauge"] = (0, 1)
+                # the tagger commits after it produced, so the gauge may still hold the batch a report ago
+                if ("ray_labelfuse_kafka_commit_lag", ()) not in m or value(m, "ray_labelfuse_kafka_commit_lag"):
+                    short["commit lag"] = (value(m, "ray_labelfuse_kafka_commit_lag"), 0)
                 if not short or time.monotonic() > deadline:
                     break
                 time.sleep(2)
@@ -130,7 +133,6 @@ def test_metrics_and_request_id_logs_from_http_and_kafka(serve_url, metrics_url,
             # the gauge is the ledger as the last batch to finish saw it: concurrent batches may settle later
             assert BUDGET - spent - 1e-9 <= value(m, "ray_labelfuse_llm_budget_left_usd") < BUDGET
             assert value(m, "ray_labelfuse_http_request_seconds_count", route="/v1/classify") >= 2
-            assert value(m, "ray_labelfuse_kafka_commit_lag") == 0
 
             # GET /v1/stats: the 8 texts classified (3 over HTTP, 5 from Kafka), beside the training labels
             stats = requests.get(f"{serve_url}/v1/stats", timeout=30).json()
