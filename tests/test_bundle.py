@@ -3,6 +3,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import TEST_MAX_LENGTH
 
 from fusion.bundle import FORMAT_VERSION, HEAD_FILE, MANIFEST
 from fusion.classifier import AutoFusionClassifier
@@ -29,7 +30,7 @@ def test_manifest_contents(saved, bbc_model):
     assert m["label_space"] == {"classes": bbc_model.classes, "multilabel": False}
     assert m["encoder"]["model"] == "all-MiniLM-L6-v2" and m["encoder"]["dim"] == 384
     assert m["temperature"] == bbc_model.head.temperature
-    assert m["config"]["encoder"]["max_length"] == 128
+    assert m["config"]["encoder"]["max_length"] == TEST_MAX_LENGTH
     assert "accuracy" in m["metrics"]["validation"]
     assert set(m["files"]) == {HEAD_FILE}
 
@@ -85,7 +86,7 @@ def test_different_encoder_is_detected(copy):
     m["encoder"]["probe"] = (np.asarray(m["encoder"]["probe"]) + 0.1).tolist()
     (copy / MANIFEST).write_text(json.dumps(m))
     with pytest.raises(BundleError, match="different embeddings"):
-        AutoFusionClassifier.load(copy, encoder=TextEncoder(EncoderConfig(max_length=128)))
+        AutoFusionClassifier.load(copy, encoder=TextEncoder(EncoderConfig(max_length=TEST_MAX_LENGTH)))
 
 
 def test_save_replaces_atomically_and_refuses_foreign_dirs(bbc_model, tmp_path):

@@ -12,7 +12,7 @@ import torch
 from fusion.classifier import AutoFusionClassifier
 from fusion.errors import ConfigError, DataError, NotFittedError
 from fusion.model import FeatureLayout, drop_llm_blocks
-from tests.conftest import TEST_MAX_LENGTH, class_ids
+from tests.conftest import MULTILABEL_MAX_LENGTH, TEST_MAX_LENGTH, class_ids
 
 
 def simulated_llm(y: np.ndarray, n_classes: int, accuracy: float, seed: int) -> np.ndarray:
@@ -65,7 +65,7 @@ def test_save_load_gives_identical_probabilities(bbc_model, bbc, bbc_emb, tmp_pa
 def test_fusion_with_llm_block_and_missing_llm_fallback(encoder, bbc, bbc_emb):
     classes = sorted(bbc["train"]["label"].unique())
     y = {k: class_ids(bbc[k], classes) for k in bbc}
-    scores = {k: simulated_llm(y[k], 5, 0.9, seed=i) for i, k in enumerate(bbc)}
+    scores = {k: simulated_llm(y[k], 5, 0.8, seed=i) for i, k in enumerate(bbc)}
     # a small training set keeps the encoder-only baseline well below 100% so fusion has room to help
     idx = np.random.default_rng(0).choice(len(bbc["train"]), 60, replace=False)
     train = bbc["train"].iloc[idx]
@@ -171,10 +171,12 @@ def test_input_errors(bbc_model, encoder):
         bbc_model.evaluate(["rain today"], ["weather"])
 
 
-def test_multilabel_path(encoder, multilabel_data):
+def test_multilabel_path(multilabel_data):
     (tr, etr), (va, eva), (te, ete) = multilabel_data["train"], multilabel_data["val"], multilabel_data["test"]
-    cfg = {"labels": {"mode": "multilabel"}, "encoder": {"max_length": TEST_MAX_LENGTH}}
-    clf = AutoFusionClassifier(cfg, encoder=encoder).fit(tr, validation=va, embeddings=etr, validation_embeddings=eva)
+    cfg = {"labels": {"mode": "multilabel"}, "encoder": {"max_length": MULTILABEL_MAX_LENGTH}}
+    clf = AutoFusionClassifier(cfg, encoder=multilabel_data["encoder"]).fit(
+        tr, validation=va, embeddings=etr, validation_embeddings=eva
+    )
     assert clf.classes == ["business", "entertainment", "politics", "sports"]
     assert clf.head.thresholds is not None and clf.head.thresholds.shape == (4,)
     assert not clf.head.at_least_one  # tech-only rows have no label, so empty predictions must stay possible
@@ -187,11 +189,12 @@ def test_multilabel_path(encoder, multilabel_data):
     assert any(len(p) == 2 for p in preds)
 
 
-def test_multilabel_at_least_one_fallback(encoder, multilabel_data):
+def test_multilabel_at_least_one_fallback(multilabel_data):
     (tr, etr), (va, eva), (te, ete) = multilabel_data["train"], multilabel_data["val"], multilabel_data["test"]
     keep = tr["label"].map(len) > 0
     keep_v = va["label"].map(len) > 0
-    clf = AutoFusionClassifier({"labels": {"mode": "multilabel"}}, encoder=encoder).fit(
+    cfg = {"labels": {"mode": "multilabel"}, "encoder": {"max_length": MULTILABEL_MAX_LENGTH}}
+    clf = AutoFusionClassifier(cfg, encoder=multilabel_data["encoder"]).fit(
         tr[keep], validation=va[keep_v], embeddings=etr[keep.to_numpy()], validation_embeddings=eva[keep_v.to_numpy()]
     )
     assert clf.head.at_least_one

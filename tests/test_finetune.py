@@ -7,6 +7,7 @@ fusion head weighs an informative block, not which LLM gave it.
 import numpy as np
 import pytest
 import torch
+from conftest import TEST_MAX_LENGTH
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -209,5 +210,5 @@ def test_auto_fine_tunes_two_stage_on_a_gpu_only_and_never_where_it_cannot(monke
     monkeypatch.undo()
     # on this CPU machine the default trains the frozen head, and its bundle carries no encoder weights
     df = bbc["train"].groupby("label").head(6)
-    clf = AutoFusionClassifier({"encoder": {"max_length": 128}}, encoder=encoder).fit(df)
+    clf = AutoFusionClassifier({"encoder": {"max_length": TEST_MAX_LENGTH}}, encoder=encoder).fit(df)
     assert clf.training["fine_tuned_encoder"] == "off" and clf.encoder is encoder

@@ -10,7 +10,7 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import class_ids, sample
+from conftest import TEST_MAX_LENGTH, class_ids, sample
 from fuzz import budget
 from hypothesis import given
 from hypothesis import strategies as st
@@ -157,7 +157,9 @@ def test_soft_labels_train_a_model_and_bad_ones_are_refused(bbc, bbc_emb, encode
     y = class_ids(bbc["train"], CLASSES)
     soft = np.full((len(y), 5), 0.1, np.float32)
     soft[np.arange(len(y)), y] = 0.6
-    clf = AutoFusionClassifier({"labels": {"classes": CLASSES}, "encoder": {"max_length": 128}}, encoder=encoder)
+    clf = AutoFusionClassifier(
+        {"labels": {"classes": CLASSES}, "encoder": {"max_length": TEST_MAX_LENGTH}}, encoder=encoder
+    )
     weights = np.where(np.arange(len(y)) % 2 == 0, 1.0, 0.2)
     clf.fit(bbc["train"]["text"], soft_labels=soft, sample_weight=weights, embeddings=bbc_emb["train"])
     pred = clf.predict(bbc["test"]["text"], embeddings=bbc_emb["test"])
