@@ -223,7 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--ledger-name", help="named ledger actor to share (default: a new one for this run, its journal deleted after)"
     )
     p.add_argument("--predictors", type=int, help="predictor (gate + LLM + fusion) actors at most (default 1)")
-    p.add_argument("--predictor-cpus", type=float, help="CPUs per predictor (default 1 with a local LLM, else 0)")
+    p.add_argument(
+        "--predictor-cpus",
+        type=float,
+        help="CPUs per predictor (default 1 with a local LLM, else 0); a local LLM runs one thread per CPU",
+    )
     p.add_argument("--rows-per-file", type=int, default=1000, help="rows per output part (also the resume unit)")
     add_pool_args(p)
     return p

@@ -117,7 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--ledger-name", help="named ledger actor to share (default: a new one for this run, its journal deleted after)"
     )
     p.add_argument("--actors", type=int, help="scorer actors (default 1; the ledger caps calls in flight anyway)")
-    p.add_argument("--cpus-per-actor", type=float, help="CPUs per scorer actor (default 1 for local models, else 0.25)")
+    p.add_argument(
+        "--cpus-per-actor",
+        type=float,
+        help="CPUs per scorer actor (default 1 for local models, else 0.25); a local model runs one thread per CPU",
+    )
     p.add_argument("--batch-size", type=int, default=BATCH_ROWS, help="texts per scorer batch")
     p.add_argument("--rows-per-file", type=int, default=100_000, help="minimum rows per output file")
     return p

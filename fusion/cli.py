@@ -132,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     s.add_argument("--port", type=int, default=8080, help="port (default: 8080; 0 picks a free one)")
     s.add_argument("--parallel", type=int, default=2, help="requests decoded at once (default: 2)")
-    s.add_argument("--threads", type=int, help="CPU threads (default: all this process may use)")
+    s.add_argument(
+        "--threads", type=int, help="CPU threads (default: $OMP_NUM_THREADS, else every CPU this process may use)"
+    )
 
     lm = sub.add_parser("llm-models", help="list the bundled local LLMs; --prepare assembles and verifies them")
     lm.add_argument(

@@ -5,6 +5,7 @@ the `openai` client exactly as it would reach a remote provider. No mock is invo
 """
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -123,6 +124,20 @@ def test_bundled_model_checksum_is_enforced(monkeypatch):
         local.resolve_model("smollm2-135m")
     with pytest.raises(ConfigError, match="neither a bundled model"):
         local.resolve_model("/nonexistent/model.gguf")
+
+
+def test_a_local_model_runs_a_thread_per_cpu_its_process_was_given(ray_local, monkeypatch):
+    """Ray tells a task or actor its CPUs in OMP_NUM_THREADS; llama.cpp with more threads than that thrashes."""
+    import ray
+
+    threads = ray.remote(local.default_threads)
+    assert ray.get(threads.options(num_cpus=1).remote()) == 1
+    assert ray.get(threads.options(num_cpus=0).remote()) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert local.default_threads() == 3
+    for unset in ("", "0", "four"):
+        monkeypatch.setenv("OMP_NUM_THREADS", unset)
+        assert local.default_threads() == len(os.sched_getaffinity(0))
 
 
 def test_classifier_with_the_local_llm_gates_calls_and_round_trips(encoder, bbc, tmp_path):
