@@ -13,6 +13,12 @@ os.environ["LABELFUSE_CACHE_DIR"] = tempfile.mkdtemp(prefix="labelfuse-test-cach
 # Serve kills an HTTP proxy that is not ready within 5 s of its start, and serve.start then fails: on 2 busy
 # cores (two xdist workers) a proxy's process can take longer to start. Every Ray the tests start inherits this.
 os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+# Under pytest-xdist, each worker its share of the cores: torch, llama.cpp (fusion.llm.local.default_threads) and
+# the Ray workers a test worker starts take their thread counts from OMP_NUM_THREADS, and two test workers each
+# running thread pools as wide as the machine spin against each other on the same cores.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and "OMP_NUM_THREADS" not in os.environ:
+    share = len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ["OMP_NUM_THREADS"] = str(max(1, share))
 
 import numpy as np
 import pytest
@@ -42,6 +48,7 @@ def once_per_run(tmp_path_factory, name: str, compute) -> dict[str, np.ndarray]:
     the run's shared temp dir and the others load it, instead of each worker computing it again."""
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return compute()
+    import torch
     from filelock import FileLock
 
     path = tmp_path_factory.getbasetemp().parent / f"{name}.npz"  # the run's dir, above each worker's
@@ -49,7 +56,12 @@ def once_per_run(tmp_path_factory, name: str, compute) -> dict[str, np.ndarray]:
         if path.is_file():
             with np.load(path) as saved:
                 return {k: saved[k] for k in saved.files}
-        out = compute()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(len(os.sched_getaffinity(0)))  # every core: the other workers wait for this
+        try:
+            out = compute()
+        finally:
+            torch.set_num_threads(threads)
         np.savez(path, **out)
         return out
 
@@ -109,6 +121,7 @@ def ray_local():
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     port = free_port()
     ray.init(
+        address="local",  # its own, never a cluster someone started with `ray start` on this machine
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,
