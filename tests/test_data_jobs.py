@@ -206,7 +206,7 @@ def _big_corpus(path: Path, n: int) -> list[str]:
 def test_a_killed_backfill_resumes_and_writes_every_id_exactly_once(ray_local, bbc_model, tmp_path):
     model, out, corpus = tmp_path / "model", tmp_path / "pred", tmp_path / "corpus.jsonl"
     bbc_model.save(model)
-    ids = _big_corpus(corpus, 480)
+    ids = _big_corpus(corpus, 360)
     argv = ["--bundle", str(model), "--input", str(corpus), "--output", str(out), "--rows-per-file", "50"]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.Popen(

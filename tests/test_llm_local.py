@@ -175,7 +175,7 @@ def test_classifier_with_the_local_llm_gates_calls_and_round_trips(encoder, bbc,
 
 
 def test_cli_train_and_eval_with_the_local_llm(tmp_path, bbc, capsys):
-    for name, df, n in (("train", bbc["train"], 30), ("val", bbc["val"], 15), ("test", bbc["test"], 15)):
+    for name, df, n in (("train", bbc["train"], 20), ("val", bbc["val"], 10), ("test", bbc["test"], 10)):
         sample(df, n, seed=3)[["text", "label"]].to_csv(tmp_path / f"{name}.csv", index=False)
 
     def cli(*args):  # in-process, as `labelfuse -q ...` (tests/test_cli.py runs the console script itself)
