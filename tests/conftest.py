@@ -48,7 +48,6 @@ def once_per_run(tmp_path_factory, name: str, compute) -> dict[str, np.ndarray]:
     the run's shared temp dir and the others load it, instead of each worker computing it again."""
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return compute()
-    import torch
     from filelock import FileLock
 
     path = tmp_path_factory.getbasetemp().parent / f"{name}.npz"  # the run's dir, above each worker's
@@ -56,12 +55,7 @@ def once_per_run(tmp_path_factory, name: str, compute) -> dict[str, np.ndarray]:
         if path.is_file():
             with np.load(path) as saved:
                 return {k: saved[k] for k in saved.files}
-        threads = torch.get_num_threads()
-        torch.set_num_threads(len(os.sched_getaffinity(0)))  # every core: the other workers wait for this
-        try:
-            out = compute()
-        finally:
-            torch.set_num_threads(threads)
+        out = compute()
         np.savez(path, **out)
         return out
 
