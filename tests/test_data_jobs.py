@@ -88,7 +88,7 @@ def test_embed_job_writes_embeddings_and_keeps_bad_rows_with_a_reason(ray_local,
 
 
 def test_score_train_and_backfill_with_the_local_llm(ray_local, tmp_path):
-    """Few rows, as each is a real LLM call: 20 to train on (4 per class), 12 to backfill, and the bad rows."""
+    """Few rows, as each is a real LLM call: 20 to train on, 12 to backfill, and the bad rows."""
     emb, scored, model, pred = (tmp_path / n for n in ("emb", "scored", "model", "pred"))
     write_corpus(tmp_path / "train.jsonl", sample(builtin_split("bbc-news", "train"), 20, seed=1), "tr")
     test_df = sample(builtin_split("bbc-news", "test"), 12, seed=2)
