@@ -44,3 +44,11 @@ def test_metadata_has_lower_bounds_and_extras():
     assert {"ray", "llm", "demo", "dev"} <= set(extras)
     assert any(d.startswith("ray[serve,data]") for d in extras["ray"]) and any("fastapi" in d for d in extras["ray"])
     assert any(d.startswith("kafka-python") for d in extras["ray"])
+
+
+def test_serve_replicas_and_backfill_actors_import_no_scikit_learn():
+    """scikit-learn and SciPy take about 1.5 s to import: only evaluation needs them, so a Serve replica or a
+    backfill actor that serves a model must not pay for them at start."""
+    code = "import sys, serve.app, data_jobs.backfill; print(sorted({m.split('.')[0] for m in sys.modules} & {'sklearn', 'scipy'}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
