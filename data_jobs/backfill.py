@@ -33,7 +33,8 @@ import pyarrow.compute as pc
 from data_jobs import common
 from data_jobs.embed import add_pool_args, embed_dataset
 from fusion.args import deprecated
-from fusion.head import LLM_MODES, LLMMode, Prediction
+from fusion.config import LLM_MODES, LLMMode
+from fusion.head import Prediction
 
 PARTS_PREFIX = "part-"
 META_KEY = b"labelfuse"

@@ -32,12 +32,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from fusion.errors import BundleError
 from fusion.remote import MANIFEST, local_bundle, sha256_file
 
 if TYPE_CHECKING:
+    import torch
+
     from fusion.config import Config
     from fusion.encoder import TextEncoder
     from fusion.fewshot import ExamplePool
@@ -55,7 +56,7 @@ ENCODER_DIR = "encoder"
 @dataclass
 class BundleContents:
     manifest: dict[str, Any]
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, np.ndarray]  # read without torch: the Scorer and Labels replicas never import it
     encoder_dir: Path | None
 
 
@@ -119,7 +120,7 @@ def _json_default(o: Any) -> Any:
 
 def read_bundle(path: str | Path) -> BundleContents:
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.numpy import load_file
 
     from fusion import __version__
 

@@ -32,14 +32,14 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 
 from fusion import bundle as bundle_io
 from fusion.calibration import decide, to_proba
-from fusion.config import Config, load_config, parse_config
+from fusion.config import Config, LLMMode, load_config, parse_config
 from fusion.datasets import texts_and_labels
 from fusion.encoder import TextEncoder
 from fusion.errors import ConfigError, DataError, NotFittedError
 from fusion.fewshot import ExamplePool
 from fusion.finetune import two_stage
 from fusion.gating import call_rate_table, choose_threshold, confidence
-from fusion.head import FusionHead, Labels, LLMMode, Prediction, Scores
+from fusion.head import FusionHead, Labels, Prediction, Scores
 from fusion.labels import LabelSpace, normalize_labels
 from fusion.metrics import SUMMARY_KEYS, evaluate, headline_key
 from fusion.model import FeatureLayout, FeatureScaler, build_features

@@ -20,6 +20,11 @@ from fusion.errors import ConfigError
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 Backend = Literal["torch", "onnx-int8"]
 BACKENDS: tuple[str, ...] = get_args(Backend)  # encoder.backend's values, for command-line choices
+# Which texts the LLMs are asked about: "auto" the model's cost gate (every text when it has none),
+# "off" none (the encoder-only path answers), "all" every text. Here, not in fusion.head, so that the parts
+# of the Serve app that run no model (Scorer, Labels, KafkaTagger) never import torch.
+LLMMode = Literal["auto", "off", "all"]
+LLM_MODES: tuple[str, ...] = get_args(LLMMode)
 
 
 def cache_home() -> Path:

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 if TYPE_CHECKING:
+    import torch
+
     from fusion.llm.prompts import Example
 
 
@@ -56,10 +57,12 @@ class ExamplePool:
         return {"texts": self.texts, "labels": self.labels}
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        import torch
+
         return {"fewshot.embeddings": torch.from_numpy(self.embeddings)}
 
     @classmethod
-    def from_bundle(cls, m: dict[str, Any] | None, tensors: dict[str, torch.Tensor]) -> ExamplePool | None:
+    def from_bundle(cls, m: dict[str, Any] | None, tensors: dict[str, np.ndarray]) -> ExamplePool | None:
         if not m:
             return None
-        return cls(m["texts"], [tuple(x) for x in m["labels"]], tensors["fewshot.embeddings"].numpy())
+        return cls(m["texts"], [tuple(x) for x in m["labels"]], np.array(tensors["fewshot.embeddings"]))

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from fusion.calibration import decide, to_proba
+from fusion.config import LLM_MODES, LLMMode
 from fusion.gating import confidence
 from fusion.labels import LabelSpace
 from fusion.model import FeatureLayout, FeatureScaler, FusionMLP, build_features
@@ -31,10 +32,6 @@ from fusion.model import FeatureLayout, FeatureScaler, FusionMLP, build_features
 if TYPE_CHECKING:
     from fusion.llm import LLMPanel, ScoreBatch
 
-# Which texts the LLMs are asked about: "auto" the model's cost gate (every text when it has none),
-# "off" none (the encoder-only path answers), "all" every text.
-LLMMode = Literal["auto", "off", "all"]
-LLM_MODES: tuple[str, ...] = get_args(LLMMode)
 Scores = Mapping[str, np.ndarray]
 Labels = list[str] | list[list[str]]
 
@@ -220,15 +217,15 @@ class FusionHead:
         return out
 
     @classmethod
-    def from_bundle(cls, m: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> FusionHead:
+    def from_bundle(cls, m: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> FusionHead:
         """The head from a bundle's manifest and tensors (KeyError/ValueError when they disagree)."""
         layout = FeatureLayout.from_dict(m["layout"])
         mlp = FusionMLP(layout.dim, layout.n_classes, m["head"]["hidden_dims"], m["head"]["dropout"])
-        mlp.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
+        mlp.load_state_dict({k[5:]: torch.tensor(v) for k, v in tensors.items() if k.startswith("head.")})
         return cls(
             label_space=LabelSpace.from_dict(m["label_space"]),
             layout=layout,
-            scaler=FeatureScaler(tensors["scaler.mean"].numpy(), tensors["scaler.std"].numpy()),
+            scaler=FeatureScaler(np.array(tensors["scaler.mean"]), np.array(tensors["scaler.std"])),
             mlp=mlp.eval(),
             temperature=float(m["temperature"]),
             thresholds=None if m["thresholds"] is None else np.asarray(m["thresholds"], np.float32),

@@ -34,7 +34,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from ray import serve
@@ -42,11 +42,14 @@ from ray.serve.config import BackpressureConfig
 from ray.serve.handle import DeploymentHandle
 
 from fusion.bundle import Bundle
-from fusion.head import FusionHead, LLMMode
+from fusion.config import LLMMode
 from fusion.texts import text_id
 from serve.http import http_api
 from serve.metrics import KafkaMetrics, LabelMix, LLMMetrics, LoopMetrics, TextMetrics
 from serve.settings import parse_settings
+
+if TYPE_CHECKING:
+    from fusion.head import FusionHead
 
 log = logging.getLogger("ray.serve")
 
@@ -63,14 +66,6 @@ class BundleRef:
     path: str
     version: str
     encoder_key: str
-
-
-def _one_torch_thread() -> None:
-    """For replicas with little torch work (the Scorer): idle OpenMP threads would spin on the cores the
-    encoder needs."""
-    import torch
-
-    torch.set_num_threads(1)
 
 
 class _Lru:
@@ -104,7 +99,6 @@ class Scorer:
     """The bundle's LLM panel (cache and few-shot pool included), bounded by one shared ledger actor."""
 
     def __init__(self, ledger_name: str):
-        _one_torch_thread()
         self.ledger_name = ledger_name
         self._panels = _Lru()
         self._ledger: Any = None

@@ -22,7 +22,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray.serve.handle import DeploymentHandle
 
 from fusion import __version__
-from fusion.head import LLMMode
+from fusion.config import LLMMode
 from serve.metrics import HttpMetrics, TextMetrics
 from serve.schemas import (
     AUTH_ERRORS,

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from fusion.head import LLMMode
+from fusion.config import LLMMode
 
 
 class ClassifyRequest(BaseModel):

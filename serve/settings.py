@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from fusion.config import LLMMode
 from fusion.errors import ConfigError
-from fusion.head import LLMMode
 
 log = logging.getLogger(__name__)
 
