@@ -333,6 +333,11 @@ class AutoFusionClassifier(_Estimator):
                 "few_shot examples are not supported with encoder.fine_tune 'two-stage' yet: "
                 "use fine_tune 'off' or 'joint', or few_shot 0"
             )
+        if cfg.llms:  # a missing API key or URL is refused now, not after the corpus is embedded
+            from fusion.llm.providers import resolve_endpoint
+
+            for llm in cfg.llms:
+                resolve_endpoint(llm)
         if self._encoder_changed:  # a previous fit (or load) fine-tuned it: start again from the stock encoder
             self._encoder, self._encoder_changed = self._encoder_param, False
         if soft_labels is None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fusion.classifier import AutoFusionClassifier
+from fusion.encoder import TextEncoder
 from fusion.errors import ConfigError, DataError, NotFittedError
 from fusion.model import FeatureLayout, drop_llm_blocks
 from tests.conftest import MULTILABEL_MAX_LENGTH, TEST_MAX_LENGTH, class_ids
@@ -154,6 +155,11 @@ def test_configured_llm_without_key_or_with_unknown_scores_is_a_clear_error(enco
     df, emb = bbc["train"].iloc[::30], bbc_emb["train"][::30]
     with pytest.raises(ConfigError, match="OPENAI_API_KEY is not set"):  # never dummy scores instead
         clf.fit(df, embeddings=emb)
+    # refused before the texts are embedded (on a large corpus, minutes), not after
+    monkeypatch.setattr(TextEncoder, "embed", lambda *a, **k: pytest.fail("the texts were embedded first"))
+    with pytest.raises(ConfigError, match="OPENAI_API_KEY is not set"):
+        clf.fit(df)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-never-used")
     with pytest.raises(ConfigError, match=r"scores given for LLM\(s\) \['other'\]"):
         clf.fit(df, embeddings=emb, llm_scores={"other": np.zeros((len(df), 5))})
 
