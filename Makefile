@@ -23,8 +23,9 @@ SERVE_MODEL ?= runs/serve/model
 
 install: $(STAMP)
 
-# uv installs into the venv: about 10 s on 2 cores where pip took 80. uv reads no pip configuration, so pip's
-# find-links and constraints (here: a local torch CPU wheel and a cap on torch's version) are passed on to it.
+# uv installs into the venv: 22-32 s from a fresh clone on 2 cores where pip took 91-126 s. uv reads no pip
+# configuration, so pip's find-links and constraints (here: a local torch CPU wheel and a cap on torch's version)
+# are passed on to it.
 pip_config = $(sort $(shell $(PYTHON) -m pip config list 2>/dev/null | sed -n "s/^[^.]*\.$(1)='\(.*\)'$$/\1/p"))
 UV_INSTALL = $(BIN)/uv pip install --quiet --python $(BIN)/python \
 	$(addprefix --find-links ,$(call pip_config,find-links)) $(addprefix --constraint ,$(call pip_config,constraint))
