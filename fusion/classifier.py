@@ -18,7 +18,6 @@ also says, per text, whether each LLM was used and what its answer cost.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import warnings
@@ -37,7 +36,7 @@ from fusion.datasets import texts_and_labels
 from fusion.encoder import TextEncoder
 from fusion.errors import ConfigError, DataError, NotFittedError
 from fusion.fewshot import ExamplePool
-from fusion.finetune import two_stage
+from fusion.finetune import tuning_copy, two_stage
 from fusion.gating import call_rate_table, choose_threshold, confidence
 from fusion.head import FusionHead, Labels, Prediction, Scores
 from fusion.labels import LabelSpace, normalize_labels
@@ -121,8 +120,9 @@ class AutoFusionClassifier(_Estimator):
         encoder: TextEncoder | None = None,
         ledger: Ledger | None = None,
     ):
-        """``encoder``: use this encoder instead of the configured one (e.g. one shared by many models);
-        ``ledger`` replaces the in-process LLM budget/rate ledger (e.g. a shared Ray actor)."""
+        """``encoder``: use this encoder instead of the configured one (e.g. one shared by many models); it is
+        never changed: fine-tuning trains a copy, with this config's ``encoder.fine_tuning`` and
+        ``encoder.fine_tune_lr``. ``ledger`` replaces the in-process LLM budget/rate ledger (e.g. a shared Ray actor)."""
         self.config = _coerce_config(config)
         self._encoder_param, self._ledger = encoder, ledger
         self._encoder = encoder
@@ -407,7 +407,7 @@ class AutoFusionClassifier(_Estimator):
             y_tr, w_tr = y_tr[rows], None if w_tr is None else w_tr[rows]
             self._encoder, self._encoder_changed = stage1.encoder, True
         elif fine_tune == "joint":
-            self._encoder, self._encoder_changed = copy.deepcopy(self.encoder), True  # never the caller's encoder
+            self._encoder, self._encoder_changed = tuning_copy(self.encoder, cfg), True  # never the caller's encoder
         joint = fine_tune == "joint"
         scaler = FeatureScaler.fit(x_tr, layout)
         fit = fit_head(

@@ -38,6 +38,16 @@ from fusion.train import HeadFit, fit_head, holdout_rows
 log = logging.getLogger(__name__)
 
 
+def tuning_copy(encoder: TextEncoder, config: Config) -> TextEncoder:
+    """A copy of ``encoder`` to fine-tune with ``config``'s fine-tuning settings (``encoder.fine_tuning``,
+    ``encoder.fine_tune_lr``): an encoder the caller passed in brings its weights, not how to train them.
+    ``encoder`` is not changed."""
+    out = copy.deepcopy(encoder)
+    update = {"fine_tuning": config.encoder.fine_tuning, "fine_tune_lr": config.encoder.fine_tune_lr}
+    out.config = out.config.model_copy(update=update)
+    return out
+
+
 def fine_tune_classifier(
     base: TextEncoder,
     texts_tr: list[str],
@@ -61,7 +71,7 @@ def fine_tune_classifier(
             "this encoder was already fine-tuned as a classifier; two-stage starts from a stock encoder "
             "(pass encoder=None, or the encoder the model was first trained from)"
         )
-    encoder = copy.deepcopy(base)
+    encoder = tuning_copy(base, config)
     layout = FeatureLayout(encoder.hidden_size, n_classes)
     scaler = FeatureScaler.fit(emb_tr, layout)
     fit = fit_head(

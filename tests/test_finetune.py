@@ -127,9 +127,8 @@ def test_two_stage_head_leans_on_the_llm_where_the_joint_head_learns_to_ignore_i
     assert acc["two-stage"]["all"] >= acc["joint"]["all"] + 0.2
 
 
-def test_two_stage_multilabel_round_trips_through_a_bundle(multilabel_data, tmp_path):
-    (train, _), (val, _) = multilabel_data["train"], multilabel_data["val"]
-    train, val = train.iloc[:36], val.iloc[:16]
+def test_two_stage_multilabel_round_trips_through_a_bundle(multilabel_frames, tmp_path):
+    train, val = multilabel_frames["train"].iloc[:36], multilabel_frames["val"].iloc[:16]
     rng = np.random.default_rng(1)
     classes = ["business", "entertainment", "politics", "sports"]
     sim = lambda df: {"sim": rng.random((len(df), len(classes))).astype(np.float32)}  # noqa: E731
@@ -149,7 +148,7 @@ def test_two_stage_multilabel_round_trips_through_a_bundle(multilabel_data, tmp_
 
     path = clf.save(tmp_path / "m")
     assert (path / "encoder" / CLASSIFIER_FILE).is_file()
-    texts = multilabel_data["test"][0]["text"].tolist()[:6]
+    texts = multilabel_frames["test"]["text"].tolist()[:6]
     loaded = AutoFusionClassifier.load(path)
     assert loaded.encoder.dim == len(classes)
     np.testing.assert_allclose(loaded.predict_proba(texts, llm="off"), clf.predict_proba(texts, llm="off"), atol=1e-5)
@@ -163,13 +162,16 @@ def test_two_stage_without_llms_fine_tunes_once_and_a_refit_starts_from_the_stoc
     stock = TextEncoder(EncoderConfig(max_length=24))
     before = {k: v.clone() for k, v in stock.model.state_dict().items()}
     clf = AutoFusionClassifier(cfg, encoder=stock).fit(df, validation=val)
-    assert [f["on"] for f in clf.training["two_stage"]["fine_tunes"]] == ["all rows"]
+    [tuned] = clf.training["two_stage"]["fine_tunes"]
+    assert tuned["on"] == "all rows" and tuned["epochs_run"] == 1  # the config's max_epochs, not the stock encoder's
     assert clf.encoder is not stock and clf.encoder.dim == 5
     assert all(
         torch.equal(before[k], v) for k, v in stock.model.state_dict().items()
     )  # the caller's encoder is untouched
     clf.fit(df, validation=val)  # again: from the stock encoder, not from the fine-tuned classifier
     assert clf.encoder.dim == 5 and stock.classifier is None
+    joint = AutoFusionClassifier({**cfg, "encoder": {**cfg["encoder"], "fine_tune": "joint"}}, encoder=stock)
+    assert joint.fit(df, validation=val).training["epochs_run"] == 1
 
 
 def test_two_stage_refuses_what_it_cannot_do(bbc):
