@@ -264,8 +264,9 @@ def run(args: argparse.Namespace) -> int:
         num_gpus=args.num_gpus,
         batch_size=args.batch_size,
     )
-    ledger_name = args.ledger_name or f"labelfuse-ledger-{uuid.uuid4().hex[:8]}"
-    ledger = shared_ledger(ledger_name, config.llm_limits)
+    ledger = None  # no LLM to ask: no ledger actor
+    if config.llms and args.llm != "off":
+        ledger = shared_ledger(args.ledger_name or f"labelfuse-ledger-{uuid.uuid4().hex[:8]}", config.llm_limits)
     local = any(c.provider == "local" for c in config.llms) and args.llm != "off"
     ds = ds.map_batches(
         PredictRows,
@@ -312,10 +313,10 @@ def run(args: argparse.Namespace) -> int:
         "parts": len(parts),
         "this_run": {**this_run, "elapsed_s": round(elapsed, 2), "rows_per_s": round(this_run["rows"] / elapsed, 2)},
         "all_runs": summarize(fs, parts),
-        "ledger": {k: (None if v == float("inf") else v) for k, v in ledger.snapshot().items()},
+        "ledger": ledger and {k: (None if v == float("inf") else v) for k, v in ledger.snapshot().items()},
         "cluster": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")},
     }
-    if args.ledger_name is None:  # this run's own ledger: nothing to resume later
+    if ledger is not None and args.ledger_name is None:  # this run's own ledger: nothing to resume later
         ledger.discard()
     with fs.open_output_stream(f"{root}/{SUMMARY}") as f:
         f.write(json.dumps(summary, indent=2).encode())

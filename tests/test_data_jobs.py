@@ -149,6 +149,7 @@ def test_a_two_stage_bundle_backfills_what_the_library_predicts(ray_local, corpo
     expected = clf.predict_proba(texts)
     got = np.array([[good.loc[i, "probabilities"][c] for c in clf.classes] for i in ids])
     np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert json.loads((tmp_path / "pred" / "_summary.json").read_text())["ledger"] is None  # no LLM, no ledger
 
 
 def test_the_scorer_pool_shares_one_budget(ray_local, tmp_path):
