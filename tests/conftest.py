@@ -33,6 +33,36 @@ TEST_MAX_LENGTH = 64
 MULTILABEL_MAX_LENGTH = 128
 
 
+# The test files that take longest under `make test` (seconds of one xdist worker, measured on 2 cores), slowest
+# first. pytest-xdist hands a file to whichever worker is free in collection order (`make test` turns off its own
+# reordering by test count), so running these first leaves the short files to even out the end of the lane. An
+# out-of-date list only costs balance.
+SLOWEST_FILES = (
+    "test_data_jobs.py",  # 256
+    "test_serve_http.py",  # 132
+    "test_learning_loop.py",  # 129
+    "test_llm_local.py",  # 95
+    "test_demo.py",  # 93
+    "test_finetune.py",  # 64
+    "test_serve_kafka.py",  # 59
+    "test_classifier.py",  # 51
+    "test_serve_config.py",  # 50
+    "test_kafka_loop.py",  # 47
+    "test_reliability.py",  # 46
+    "test_serve_observability.py",  # 35
+    "test_loop.py",  # 26
+    "test_page.py",  # 23
+    "test_cli.py",  # 22
+)
+
+
+def pytest_collection_modifyitems(items):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # one process: the order of the files is kept (the serial lane
+        return  # runs the multi-node tests first, before its session-wide local Ray starts)
+    rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session")
 def encoder() -> TextEncoder:
     return TextEncoder(EncoderConfig(max_length=TEST_MAX_LENGTH))
@@ -43,28 +73,38 @@ def bbc() -> dict:
     return split(load_builtin("bbc-news"))
 
 
-def once_per_run(tmp_path_factory, name: str, compute) -> dict[str, np.ndarray]:
-    """``compute()`` (a dict of arrays) once per test run: under pytest-xdist the first worker saves it in
-    the run's shared temp dir and the others load it, instead of each worker computing it again."""
+def embed_once_per_run(tmp_path_factory, name: str, encoder: TextEncoder, texts: dict[str, list[str]]):
+    """``encoder``'s embeddings of each list in ``texts``, computed once per test run. Under pytest-xdist the
+    workers share the work in chunks kept in the run's shared temp dir: each embeds the chunks no other worker
+    holds and loads the rest, instead of one embedding all while another waits for it (both need them first)."""
     if not os.environ.get("PYTEST_XDIST_WORKER"):
-        return compute()
-    from filelock import FileLock
+        return {k: encoder.embed(t) for k, t in texts.items()}
+    from filelock import FileLock, Timeout
 
-    path = tmp_path_factory.getbasetemp().parent / f"{name}.npz"  # the run's dir, above each worker's
-    with FileLock(f"{path}.lock"):
-        if path.is_file():
-            with np.load(path) as saved:
-                return {k: saved[k] for k in saved.files}
-        out = compute()
-        np.savez(path, **out)
-        return out
+    size = 8 * encoder.config.batch_size
+    root = tmp_path_factory.getbasetemp().parent / name  # the run's dir, above each worker's
+    root.mkdir(exist_ok=True)
+    chunks: dict[tuple[str, int], np.ndarray] = {}
+    todo = [(k, i) for k, t in texts.items() for i in range(0, len(t), size)]
+    for wait in (0, -1):  # first the chunks no one holds, then wait for the others' to be written
+        held = []
+        for k, i in todo:
+            path = root / f"{k}-{i}.npy"
+            try:
+                with FileLock(f"{path}.lock", timeout=wait):
+                    if not path.is_file():
+                        np.save(f"{path}.tmp.npy", encoder.embed(texts[k][i : i + size]))
+                        os.replace(f"{path}.tmp.npy", path)
+                    chunks[k, i] = np.load(path)
+            except Timeout:
+                held.append((k, i))
+        todo = held
+    return {k: np.concatenate([chunks[k, i] for i in range(0, len(t), size)]) for k, t in texts.items()}
 
 
 @pytest.fixture(scope="session")
 def bbc_emb(encoder, bbc, tmp_path_factory) -> dict:
-    return once_per_run(
-        tmp_path_factory, "bbc_emb", lambda: {k: encoder.embed(df["text"].tolist()) for k, df in bbc.items()}
-    )
+    return embed_once_per_run(tmp_path_factory, "bbc_emb", encoder, {k: df["text"].tolist() for k, df in bbc.items()})
 
 
 @pytest.fixture(scope="session")
@@ -78,14 +118,20 @@ def bbc_model(encoder, bbc, bbc_emb):
 
 
 @pytest.fixture(scope="session")
-def multilabel_data(tmp_path_factory) -> dict:
-    """A subset of the derived bbc-news-multilabel set, with embeddings, and the encoder that made them
-    (``"encoder"``): 128 tokens, as a text there is two article openings and 64 tokens would cut the second."""
-    encoder = TextEncoder(EncoderConfig(max_length=MULTILABEL_MAX_LENGTH))
+def multilabel_frames() -> dict:
+    """A subset of the derived bbc-news-multilabel set: train, val and test frames."""
     sizes = {"train": 600, "val": 200, "test": 300}
-    dfs = {k: builtin_split("bbc-news-multilabel", k).iloc[:n].reset_index(drop=True) for k, n in sizes.items()}
-    emb = once_per_run(
-        tmp_path_factory, "multilabel_emb", lambda: {k: encoder.embed(df["text"].tolist()) for k, df in dfs.items()}
+    return {k: builtin_split("bbc-news-multilabel", k).iloc[:n].reset_index(drop=True) for k, n in sizes.items()}
+
+
+@pytest.fixture(scope="session")
+def multilabel_data(multilabel_frames, tmp_path_factory) -> dict:
+    """:func:`multilabel_frames` with embeddings, and the encoder that made them (``"encoder"``): 128 tokens, as
+    a text there is two article openings and 64 tokens would cut the second."""
+    encoder = TextEncoder(EncoderConfig(max_length=MULTILABEL_MAX_LENGTH))
+    dfs = multilabel_frames
+    emb = embed_once_per_run(
+        tmp_path_factory, "multilabel_emb", encoder, {k: df["text"].tolist() for k, df in dfs.items()}
     )
     return {"encoder": encoder} | {k: (df, emb[k]) for k, df in dfs.items()}
 

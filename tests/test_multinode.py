@@ -35,7 +35,11 @@ def cluster():
     from ray.cluster_utils import Cluster
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    c = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    # A lost node is declared dead after 3 failed health checks 1 s apart (Ray's defaults: 5 checks 3 s apart),
+    # so the tests spend their time on what follows the loss, not on waiting for Ray to notice it.
+    quick = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
+    head = {"num_cpus": 0, "include_dashboard": False, "_system_config": quick}
+    c = Cluster(initialize_head=True, connect=False, head_node_args=head)
     yield c
     c.shutdown()  # also forgets the cluster's address, so a later `ray.init()` starts its own
 
