@@ -122,7 +122,8 @@ class AutoFusionClassifier(_Estimator):
     ):
         """``encoder``: use this encoder instead of the configured one (e.g. one shared by many models); it is
         never changed: fine-tuning trains a copy, with this config's ``encoder.fine_tuning`` and
-        ``encoder.fine_tune_lr``. ``ledger`` replaces the in-process LLM budget/rate ledger (e.g. a shared Ray actor)."""
+        ``encoder.fine_tune_lr``. ``ledger`` replaces the in-process LLM budget/rate ledger (e.g. a shared Ray
+        actor)."""
         self.config = _coerce_config(config)
         self._encoder_param, self._ledger = encoder, ledger
         self._encoder = encoder
