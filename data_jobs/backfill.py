@@ -264,10 +264,11 @@ def run(args: argparse.Namespace) -> int:
         num_gpus=args.num_gpus,
         batch_size=args.batch_size,
     )
+    asks_llm = bool(config.llms) and args.llm != "off"
     ledger = None  # no LLM to ask: no ledger actor
-    if config.llms and args.llm != "off":
+    if asks_llm:
         ledger = shared_ledger(args.ledger_name or f"labelfuse-ledger-{uuid.uuid4().hex[:8]}", config.llm_limits)
-    local = any(c.provider == "local" for c in config.llms) and args.llm != "off"
+    local = asks_llm and any(c.provider == "local" for c in config.llms)
     ds = ds.map_batches(
         PredictRows,
         compute=common.pool(args.predictors, 1),
