@@ -5,7 +5,9 @@
 
 Two actor pools: encoder actors (GPU when the cluster has one) and predictor actors that run
 the bundle's cost gate, ask the LLMs about the texts the encoder is unsure of (every call
-reserved with one shared ledger actor) and fuse. Output rows: ``id``, ``label`` (or
+reserved with one shared ledger actor) and fuse. A run that asks no LLM (a bundle without
+LLMs, or ``--llm off``) has one pool: each encoder actor applies the head to its own
+embeddings, so they never leave it. Output rows: ``id``, ``label`` (or
 ``labels``), ``probabilities`` (one field per class), ``llm_used``, ``gated_out``,
 ``llm_cost_usd``, ``llm_error`` and ``error`` (the row could not be classified).
 
@@ -31,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from data_jobs import common
-from data_jobs.embed import add_pool_args, embed_dataset
+from data_jobs.embed import EncodeRows, add_pool_args, embed_dataset, map_on_encoders
 from fusion.args import deprecated
 from fusion.config import LLM_MODES, LLMMode
 from fusion.head import Prediction
@@ -125,6 +127,18 @@ class PredictRows:
             "_usage": pa.array([json.dumps(usage)] + [None] * (n - 1), pa.string()),
         }
         return pa.table(cols)
+
+
+class EmbedAndPredict:
+    """Ray Data callable class for a run that asks no LLM: the bundle's encoder and its head in one actor
+    (:class:`~data_jobs.embed.EncodeRows`, then :class:`PredictRows` without a panel)."""
+
+    def __init__(self, bundle: str, id_column: str, llm: LLMMode, threads: int = 1):
+        self.encode = EncodeRows(bundle=bundle, threads=threads)
+        self.predict = PredictRows(bundle, ledger=None, id_column=id_column, llm=llm)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return self.predict(self.encode(batch))
 
 
 def part_counts(table: pa.Table) -> dict[str, float]:
@@ -223,7 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--ledger-name", help="named ledger actor to share (default: a new one for this run, its journal deleted after)"
     )
-    p.add_argument("--predictors", type=int, help="predictor (gate + LLM + fusion) actors at most (default 1)")
+    p.add_argument(
+        "--predictors",
+        type=int,
+        help="predictor (gate + LLM + fusion) actors at most (default 1); a run that asks no LLM has none",
+    )
     p.add_argument(
         "--predictor-cpus",
         type=float,
@@ -256,32 +274,35 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.text_column != "text":
         ds = ds.rename_columns({args.text_column: "text"})
-    ds = embed_dataset(
-        ds,
-        bundle=args.bundle,
-        actors=args.actors,
-        threads=args.threads,
-        num_gpus=args.num_gpus,
-        batch_size=args.batch_size,
-    )
     asks_llm = bool(config.llms) and args.llm != "off"
-    ledger = None  # no LLM to ask: no ledger actor
-    if asks_llm:
+    ledger = None  # no LLM to ask: no ledger actor, and the encoder actors apply the head themselves
+    if not asks_llm:
+        kwargs = {"bundle": args.bundle, "id_column": args.id_column, "llm": args.llm, "threads": args.threads}
+        ds = map_on_encoders(ds, EmbedAndPredict, kwargs, {}, args.actors, args.threads, args.num_gpus, args.batch_size)
+    else:
         ledger = shared_ledger(args.ledger_name or f"labelfuse-ledger-{uuid.uuid4().hex[:8]}", config.llm_limits)
-    local = asks_llm and any(c.provider == "local" for c in config.llms)
-    ds = ds.map_batches(
-        PredictRows,
-        compute=common.pool(args.predictors, 1),
-        fn_constructor_kwargs={
-            "bundle": args.bundle,
-            "ledger": ledger,
-            "id_column": args.id_column,
-            "llm": args.llm,
-        },
-        batch_size=args.batch_size,
-        batch_format="pyarrow",
-        num_cpus=args.predictor_cpus if args.predictor_cpus is not None else (1.0 if local else 0.0),
-    )
+        ds = embed_dataset(
+            ds,
+            bundle=args.bundle,
+            actors=args.actors,
+            threads=args.threads,
+            num_gpus=args.num_gpus,
+            batch_size=args.batch_size,
+        )
+        local = any(c.provider == "local" for c in config.llms)
+        ds = ds.map_batches(
+            PredictRows,
+            compute=common.pool(args.predictors, 1),
+            fn_constructor_kwargs={
+                "bundle": args.bundle,
+                "ledger": ledger,
+                "id_column": args.id_column,
+                "llm": args.llm,
+            },
+            batch_size=args.batch_size,
+            batch_format="pyarrow",
+            num_cpus=args.predictor_cpus if args.predictor_cpus is not None else (1.0 if local else 0.0),
+        )
     ds = ds.map_batches(
         write_part,
         batch_size=args.rows_per_file,

@@ -63,15 +63,31 @@ def embed_dataset(
     batch_size: int = BATCH_ROWS,
 ) -> Any:
     """Add ``embedding`` to every row of ``ds`` (rows with an ``error`` get null)."""
+    kwargs = {"encoder": encoder, "bundle": bundle, "threads": threads}
+    return map_on_encoders(ds, EncodeRows, kwargs, {"text_column": text_column}, actors, threads, num_gpus, batch_size)
+
+
+def map_on_encoders(
+    ds: Any,
+    fn: type,
+    constructor_kwargs: dict[str, Any],
+    fn_kwargs: dict[str, Any],
+    actors: int | None,
+    threads: int,
+    num_gpus: float | None,
+    batch_size: int,
+) -> Any:
+    """``ds.map_batches(fn)`` on an encoder actor pool: 1 GPU per actor when the cluster has GPUs (or
+    ``num_gpus``), else ``threads`` CPUs; at most ``actors`` (default: one per GPU, else CPUs / threads)."""
     cpus, gpus = common.cluster_resources()
     if num_gpus is None:
         num_gpus = 1.0 if gpus else 0.0
     default = int(gpus / num_gpus) if num_gpus else int(cpus // threads)
     return ds.map_batches(
-        EncodeRows,
+        fn,
         compute=common.pool(actors, default),
-        fn_constructor_kwargs={"encoder": encoder, "bundle": bundle, "threads": threads},
-        fn_kwargs={"text_column": text_column},
+        fn_constructor_kwargs=constructor_kwargs,
+        fn_kwargs=fn_kwargs,
         batch_size=batch_size,
         batch_format="pyarrow",
         num_cpus=threads if not num_gpus else 1,
