@@ -120,7 +120,7 @@ def bbc_model(encoder, bbc, bbc_emb):
 @pytest.fixture(scope="session")
 def multilabel_frames() -> dict:
     """A subset of the derived bbc-news-multilabel set: train, val and test frames."""
-    sizes = {"train": 600, "val": 200, "test": 300}
+    sizes = {"train": 400, "val": 150, "test": 200}
     return {k: builtin_split("bbc-news-multilabel", k).iloc[:n].reset_index(drop=True) for k, n in sizes.items()}
 
 
