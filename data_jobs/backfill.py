@@ -275,20 +275,14 @@ def run(args: argparse.Namespace) -> int:
     if args.text_column != "text":
         ds = ds.rename_columns({args.text_column: "text"})
     asks_llm = bool(config.llms) and args.llm != "off"
+    pool = {"actors": args.actors, "threads": args.threads, "num_gpus": args.num_gpus, "batch_size": args.batch_size}
     ledger = None  # no LLM to ask: no ledger actor, and the encoder actors apply the head themselves
     if not asks_llm:
         kwargs = {"bundle": args.bundle, "id_column": args.id_column, "llm": args.llm, "threads": args.threads}
-        ds = map_on_encoders(ds, EmbedAndPredict, kwargs, {}, args.actors, args.threads, args.num_gpus, args.batch_size)
+        ds = map_on_encoders(ds, EmbedAndPredict, kwargs, {}, **pool)
     else:
         ledger = shared_ledger(args.ledger_name or f"labelfuse-ledger-{uuid.uuid4().hex[:8]}", config.llm_limits)
-        ds = embed_dataset(
-            ds,
-            bundle=args.bundle,
-            actors=args.actors,
-            threads=args.threads,
-            num_gpus=args.num_gpus,
-            batch_size=args.batch_size,
-        )
+        ds = embed_dataset(ds, bundle=args.bundle, **pool)
         local = any(c.provider == "local" for c in config.llms)
         ds = ds.map_batches(
             PredictRows,

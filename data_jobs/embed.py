@@ -64,7 +64,8 @@ def embed_dataset(
 ) -> Any:
     """Add ``embedding`` to every row of ``ds`` (rows with an ``error`` get null)."""
     kwargs = {"encoder": encoder, "bundle": bundle, "threads": threads}
-    return map_on_encoders(ds, EncodeRows, kwargs, {"text_column": text_column}, actors, threads, num_gpus, batch_size)
+    pool = {"actors": actors, "threads": threads, "num_gpus": num_gpus, "batch_size": batch_size}
+    return map_on_encoders(ds, EncodeRows, kwargs, {"text_column": text_column}, **pool)
 
 
 def map_on_encoders(
@@ -72,6 +73,7 @@ def map_on_encoders(
     fn: type,
     constructor_kwargs: dict[str, Any],
     fn_kwargs: dict[str, Any],
+    *,
     actors: int | None,
     threads: int,
     num_gpus: float | None,
