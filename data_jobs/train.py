@@ -25,9 +25,7 @@ from fusion.args import add_output_arg
 
 def load_table(path: str, columns: list[str]) -> Any:
     """A pandas frame of ``columns`` (plus ``error``) from a parquet output directory or URI."""
-    import ray
-
-    ds = ray.data.read_parquet(path, **common.LIGHT)
+    ds = common.read_parquet(path)
     missing = [c for c in columns if c not in ds.columns()]
     if missing:
         raise common.DataError(f"{path} has no column(s) {missing}; it has {ds.columns()}")
