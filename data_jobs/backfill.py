@@ -26,7 +26,7 @@ import json
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -36,7 +36,9 @@ from data_jobs import common
 from data_jobs.embed import EncodeRows, add_pool_args, embed_dataset, map_on_encoders
 from fusion.args import deprecated
 from fusion.config import LLM_MODES, LLMMode
-from fusion.head import Prediction
+
+if TYPE_CHECKING:  # fusion.head imports torch: the read and write tasks of a backfill must not pay for it
+    from fusion.head import Prediction
 
 PARTS_PREFIX = "part-"
 META_KEY = b"labelfuse"

@@ -56,6 +56,16 @@ def test_serve_replicas_and_backfill_actors_import_no_scikit_learn():
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
+def test_the_data_jobs_tasks_import_no_torch():
+    """A data job's read, parse, validate and write tasks run in Ray task workers that import the job's module
+    to find the function: without torch each such worker starts with about 1.5 s less CPU (the model actors
+    import it when they load the model)."""
+    jobs = ", ".join(f"data_jobs.{m}" for m in ("backfill", "bootstrap", "embed", "retrain", "score", "train"))
+    code = f"import sys, {jobs}; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
 NO_MODEL_REPLICA = """
 import sys
 import serve.app, serve.kafka  # what the Scorer, Labels and KafkaTagger replicas import
