@@ -101,8 +101,13 @@ def write_parquet(ds: Any, output: str, rows_per_file: int) -> None:
     """Overwrite ``output`` with files of at least ``rows_per_file`` rows (not one file per block)."""
     import ray
 
+    light = common.light()
     ds.write_parquet(
-        output, min_rows_per_file=rows_per_file, mode=ray.data.SaveMode.OVERWRITE, ray_remote_args=common.LIGHT
+        output,
+        min_rows_per_file=rows_per_file,
+        mode=ray.data.SaveMode.OVERWRITE,
+        ray_remote_args={"num_cpus": light["num_cpus"]},
+        concurrency=light["concurrency"],
     )
 
 
