@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import train_test_split
 
 from fusion.config import DataConfig
 from fusion.errors import DataError
@@ -206,6 +205,8 @@ def split(
     df: pd.DataFrame, *, val: float = 0.1, test: float = 0.2, seed: int = 42, label_column: str = "label"
 ) -> dict[str, pd.DataFrame]:
     """Stratified train/val/test split (label sets stratify as a whole; rare sets are pooled)."""
+    from sklearn.model_selection import train_test_split  # ~1 s to import: not at `labelfuse --help`
+
     if not (0 < val < 1 and 0 < test < 1 and val + test < 1):
         raise DataError(f"split fractions must be in (0, 1) and sum below 1, got val={val}, test={test}")
     key = _strat_key(df[label_column]) if label_column in df.columns else None

@@ -27,17 +27,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from fusion.errors import DataError
-from fusion.head import FusionHead
 from fusion.labels import LabelSpace
 from fusion.labelstore import LabelStore
 from fusion.metrics import evaluate, headline_key
 from fusion.registry import Registry
+
+if TYPE_CHECKING:  # fusion.head imports torch: the CLI builds its parser from LoopSettings without it
+    from fusion.head import FusionHead
 
 log = logging.getLogger(__name__)
 
