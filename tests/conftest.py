@@ -202,14 +202,22 @@ def serve_url(ray_local):
 
 @pytest.fixture(scope="session")
 def two_stage_bundle(bbc, tmp_path_factory):
-    """A model whose encoder was fine-tuned as a classifier (``two-stage``, no LLM), saved: (path, model)."""
+    """A model whose encoder was fine-tuned as a classifier (``two-stage``, no LLM), saved: (path, model). Under
+    pytest-xdist the first worker to need it fine-tunes and saves it (~10 CPU-s) and the others load it."""
+    from filelock import FileLock
+
     from fusion.classifier import AutoFusionClassifier
 
-    cfg = {"encoder": {"fine_tune": "two-stage", "max_length": 32, "fine_tuning": {"max_epochs": 2}}}
-    clf = AutoFusionClassifier(cfg).fit(
-        bbc["train"].groupby("label").head(8), validation=bbc["val"].groupby("label").head(4)
-    )
-    return str(clf.save(tmp_path_factory.mktemp("two-stage") / "bundle")), clf
+    shared = os.environ.get("PYTEST_XDIST_WORKER")
+    path = (tmp_path_factory.getbasetemp().parent if shared else tmp_path_factory.mktemp("two-stage")) / "two-stage"
+    with FileLock(f"{path}.lock"):
+        if not (path / "manifest.json").is_file():
+            cfg = {"encoder": {"fine_tune": "two-stage", "max_length": 32, "fine_tuning": {"max_epochs": 2}}}
+            clf = AutoFusionClassifier(cfg).fit(
+                bbc["train"].groupby("label").head(8), validation=bbc["val"].groupby("label").head(4)
+            )
+            return str(clf.save(path)), clf
+    return str(path), AutoFusionClassifier.load(path)
 
 
 @pytest.fixture
