@@ -234,8 +234,12 @@ def read_parquet(path: str) -> Any:
     ~2 s and ~4 CPU-s more than with V1, which lists them in the driver or in reused task workers."""
     import ray
 
-    ray.data.DataContext.get_current().use_datasource_v2 = False
-    return ray.data.read_parquet(path, **light())
+    ctx = ray.data.DataContext.get_current()
+    v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False  # read_parquet picks its reader when called
+    try:
+        return ray.data.read_parquet(path, **light())
+    finally:
+        ctx.use_datasource_v2 = v2
 
 
 def _validate(batch: pa.Table, columns: list[str], text: str, id: str | None, clean: bool = True) -> pa.Table:
