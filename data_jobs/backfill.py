@@ -270,9 +270,10 @@ def run(args: argparse.Namespace) -> int:
     if len(done):
         common.log.info("resuming: %d rows already in %d part(s) of %s are skipped", len(done), len(parts), args.output)
     ds = common.read_corpus(args.input, args.format, args.text_column, args.id_column)
+    light = common.light()
     if len(done):
         ds = ds.map_batches(
-            drop_done, batch_format="pyarrow", fn_kwargs={"id_column": args.id_column, "done": done}, **common.light()
+            drop_done, batch_format="pyarrow", fn_kwargs={"id_column": args.id_column, "done": done}, **light
         )
     if args.text_column != "text":
         ds = ds.rename_columns({args.text_column: "text"})
@@ -304,7 +305,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.rows_per_file,
         batch_format="pyarrow",
         fn_kwargs={"output": args.output, "id_column": args.id_column},
-        **common.light(),
+        **light,
     )
     common.log.info("backfill of %s with bundle %s", args.input, args.bundle)
     from tqdm.auto import tqdm

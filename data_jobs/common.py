@@ -197,19 +197,20 @@ def read_corpus(
     ctx.target_min_block_size = min(ctx.target_min_block_size, BLOCK_BYTES)
     fmt = detect_format(path, fmt)
     wanted = list(dict.fromkeys([c for c in (id_column, text_column, *keep) if c]))
+    opts = light()
     try:
         if fmt == "jsonl":
-            ds = ray.data.read_binary_files(path, **light())
+            ds = ray.data.read_binary_files(path, **opts)
             ds = ds.map_batches(
                 _parse_jsonl,
                 batch_format="pyarrow",
                 fn_kwargs={"columns": wanted, "text_column": text_column, "id_column": id_column},
-                **light(),
+                **opts,
             )
         elif fmt == "parquet":
             ds = read_parquet(path)
         else:
-            ds = ray.data.read_csv(path, **light())
+            ds = ray.data.read_csv(path, **opts)
         names = ds.columns()
     except Exception as err:  # missing path, unreadable file: Ray and pyarrow raise many types
         raise DataError(f"cannot read {path} as {fmt}: {str(err).splitlines()[0]}") from None
@@ -222,7 +223,7 @@ def read_corpus(
         _validate,
         batch_format="pyarrow",
         fn_kwargs={"columns": columns, "text": text_column, "id": id_column, "clean": fmt != "jsonl"},
-        **light(),
+        **opts,
     )
 
 
