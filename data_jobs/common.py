@@ -207,11 +207,13 @@ def read_corpus(
                 fn_kwargs={"columns": wanted, "text_column": text_column, "id_column": id_column},
                 **opts,
             )
+            names = wanted  # every line gives each wanted column (null where it has none): no schema pass
         elif fmt == "parquet":
             ds = read_parquet(path)
+            names = ds.columns()  # from the files' metadata
         else:
             ds = ray.data.read_csv(path, **opts)
-        names = ds.columns()
+            names = ds.columns()  # reads the first file
     except Exception as err:  # missing path, unreadable file: Ray and pyarrow raise many types
         raise DataError(f"cannot read {path} as {fmt}: {str(err).splitlines()[0]}") from None
     required = [c for c in (id_column, text_column) if c]
