@@ -1,7 +1,8 @@
 """The Ray Data jobs end to end on a real local Ray runtime, the real encoder and the real local LLM.
 
 Jobs run in-process on the session's Ray runtime (``ray_local``), except where the test is
-about processes: the interrupted backfill (a killed job process) and ``ray job submit`` (a
+about processes: the interrupted backfill (a job's driver process, attached to the session's Ray and
+killed) and ``ray job submit`` (a
 ``ray start --head`` cluster the test starts and stops itself, touching no other Ray).
 The budget test alone uses the scripted stub endpoint: a paid API cannot be called here.
 """
@@ -213,13 +214,16 @@ def _big_corpus(root: Path, n: int, files: int) -> list[str]:
 
 @pytest.mark.reliability
 def test_a_killed_backfill_resumes_and_writes_every_id_exactly_once(ray_local, bbc_model, tmp_path):
+    """The job's driver process is killed mid-way (its actors die with it, as Ray cleans up after a lost
+    driver); the same command run again finishes the job."""
     model, out, corpus = tmp_path / "model", tmp_path / "pred", tmp_path / "corpus"
     bbc_model.save(model)
     ids = _big_corpus(corpus, 360, files=3)
     argv = ["--bundle", str(model), "--input", str(corpus), "--output", str(out), "--rows-per-file", "50"]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    address = ray.get_runtime_context().gcs_address  # a driver of the session's Ray, as `ray job submit` runs one
     proc = subprocess.Popen(
-        [sys.executable, "-m", "data_jobs.backfill", *argv, "--address", "local", "--batch-size", "25"],
+        [sys.executable, "-m", "data_jobs.backfill", *argv, "--address", address, "--batch-size", "25"],
         cwd=REPO,
         env=env,
         stdout=subprocess.DEVNULL,
