@@ -8,12 +8,12 @@ measurable here. The simulation stands in for scores only; encoder, training and
 import numpy as np
 import pytest
 import torch
+from conftest import MULTILABEL_MAX_LENGTH, TEST_MAX_LENGTH, class_ids
 
 from fusion.classifier import AutoFusionClassifier
 from fusion.encoder import TextEncoder
 from fusion.errors import ConfigError, DataError, NotFittedError
 from fusion.model import FeatureLayout, drop_llm_blocks
-from tests.conftest import MULTILABEL_MAX_LENGTH, TEST_MAX_LENGTH, class_ids
 
 
 def simulated_llm(y: np.ndarray, n_classes: int, accuracy: float, seed: int) -> np.ndarray:

@@ -23,7 +23,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import ray
-from conftest import TEST_MAX_LENGTH, sample
+from conftest import LLM_WORDS, TEST_MAX_LENGTH, sample
 from fuzz import GOOD_TEXT, JSON, NASTY_TEXT, RAW, budget, dumps
 from hypothesis import given
 from hypothesis import strategies as st
@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 ENC = ["--max-length", str(TEST_MAX_LENGTH)]
 
 
-def short(text: str, words: int = 60) -> str:
+def short(text: str, words: int = LLM_WORDS) -> str:
     return " ".join(text.split()[:words])
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import ray
 import requests
-from conftest import TEST_MAX_LENGTH, sample
+from conftest import TEST_MAX_LENGTH, first_words, sample
 from ray import serve
 from stub_llm import StubServer
 
@@ -265,8 +265,8 @@ def test_bootstrap_command_calibrates_on_gold_labels(tmp_path, bbc, capsys):
     import json
 
     keep = ["sports", "politics", "business"]
-    rows = sample(bbc["train"][bbc["train"]["label"].isin(keep)], 80, seed=9)[["text"]]
-    gold = sample(bbc["val"][bbc["val"]["label"].isin(keep)], 12, seed=9)[["text", "label"]]
+    rows = first_words(sample(bbc["train"][bbc["train"]["label"].isin(keep)], 80, seed=9))[["text"]]
+    gold = first_words(sample(bbc["val"][bbc["val"]["label"].isin(keep)], 12, seed=9))[["text", "label"]]
     rows.to_json(tmp_path / "unlabelled.jsonl", orient="records", lines=True)
     gold.to_csv(tmp_path / "gold.csv", index=False)
     (tmp_path / "classes.yaml").write_text("sports: games, players, scores\npolitics: parties, votes\nbusiness:\n")
