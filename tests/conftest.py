@@ -152,9 +152,14 @@ def sample(df, n: int, seed: int = 0):
 LLM_WORDS = 30
 
 
+def short(text: str, words: int = LLM_WORDS) -> str:
+    """The first ``words`` words of ``text``."""
+    return " ".join(text.split()[:words])
+
+
 def first_words(df, words: int = LLM_WORDS):
     """``df`` with each text cut to its first ``words`` words."""
-    return df.assign(text=[" ".join(t.split()[:words]) for t in df["text"]])
+    return df.assign(text=[short(t, words) for t in df["text"]])
 
 
 def class_ids(df, classes) -> np.ndarray:

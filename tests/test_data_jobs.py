@@ -1,9 +1,9 @@
 """The Ray Data jobs end to end on a real local Ray runtime, the real encoder and the real local LLM.
 
 Jobs run in-process on the session's Ray runtime (``ray_local``), except where the test is
-about processes: the interrupted backfill (a job's driver process, attached to the session's Ray and
-killed) and ``ray job submit`` (a
-``ray start --head`` cluster the test starts and stops itself, touching no other Ray).
+about processes: the interrupted backfill (a job's driver process, attached to the session's Ray
+and killed) and ``ray job submit`` (a ``ray start --head`` cluster the test starts and stops
+itself, touching no other Ray).
 The budget test alone uses the scripted stub endpoint: a paid API cannot be called here.
 """
 
@@ -23,7 +23,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import ray
-from conftest import LLM_WORDS, TEST_MAX_LENGTH, sample
+from conftest import TEST_MAX_LENGTH, sample, short
 from fuzz import GOOD_TEXT, JSON, NASTY_TEXT, RAW, budget, dumps
 from hypothesis import given
 from hypothesis import strategies as st
@@ -37,10 +37,6 @@ from fusion.llm.local import free_port
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 ENC = ["--max-length", str(TEST_MAX_LENGTH)]
-
-
-def short(text: str, words: int = LLM_WORDS) -> str:
-    return " ".join(text.split()[:words])
 
 
 def write_corpus(path: Path, df: pd.DataFrame, prefix: str, bad: bool = True) -> list[str]:
