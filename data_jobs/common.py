@@ -209,7 +209,7 @@ def read_corpus(
             )
             names = wanted  # every line gives each wanted column (null where it has none): no schema pass
         elif fmt == "parquet":
-            ds = read_parquet(path)
+            ds = read_parquet(path, opts)
             names = ds.columns()  # from the files' metadata
         else:
             ds = ray.data.read_csv(path, **opts)
@@ -229,18 +229,19 @@ def read_corpus(
     )
 
 
-def read_parquet(path: str) -> Any:
+def read_parquet(path: str, opts: dict[str, Any] | None = None) -> Any:
     """``ray.data.read_parquet`` through Ray Data's V1 Parquet reader.
 
     The V2 reader (Ray's default since 2.5x) lists row groups with a fresh pool of up to 32
     ``FooterReader`` actors per read, each its own process: on 2 cores a one-file read took
-    ~2 s and ~4 CPU-s more than with V1, which lists them in the driver or in reused task workers."""
+    ~2 s and ~4 CPU-s more than with V1, which lists them in the driver or in reused task workers.
+    ``opts``: the job's :func:`light` options where it has them (default: asked of the cluster)."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
     v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False  # read_parquet picks its reader when called
     try:
-        return ray.data.read_parquet(path, **light())
+        return ray.data.read_parquet(path, **(opts or light()))
     finally:
         ctx.use_datasource_v2 = v2
 

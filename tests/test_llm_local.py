@@ -14,7 +14,7 @@ import urllib.request
 
 import numpy as np
 import pytest
-from conftest import TEST_MAX_LENGTH, first_words, sample
+from conftest import TEST_MAX_LENGTH, first_words, sample, short
 from fuzz import NASTY_TEXT, budget
 from hypothesis import given
 from hypothesis import strategies as st
@@ -153,7 +153,7 @@ def test_classifier_with_the_local_llm_gates_calls_and_round_trips(encoder, bbc,
     assert clf.head.gate_threshold is not None and [r["target_rate"] for r in clf.metrics["gating"]][-1] == 1.0
     # few-shot: the nearest training text, never the text itself
     ex = clf.pool.neighbours(encoder.embed(train["text"].tolist()[:1]), 1, np.array([0]))
-    assert ex[0][0].text != " ".join(train["text"][0].split()[:60])
+    assert ex[0][0].text != short(train["text"][0], 60)
 
     enc = clf.predict_proba(test, llm="off")  # encoder-only path
     clf.head.gate_threshold = float(np.median(enc.max(axis=1)))  # so that half the texts are gated out

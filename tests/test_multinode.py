@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import report
+from conftest import report, short
 
 from fusion.datasets import builtin_split
 
@@ -98,7 +98,7 @@ def corpus(root: Path, n: int, files: int) -> list[str]:
     root.mkdir()
     for k, (i, text) in enumerate(zip(ids, df["text"], strict=True)):
         with open(root / f"{k * files // n}.jsonl", "a") as f:
-            f.write(json.dumps({"id": i, "text": " ".join(text.split()[:60])}) + "\n")
+            f.write(json.dumps({"id": i, "text": short(text, 60)}) + "\n")
     return ids
 
 
