@@ -26,7 +26,7 @@ def texts(kind: str, n: int) -> list[str]:
 
 def add_bundle_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--bundle", help="model bundle (default: train a small one)")
-    ap.add_argument("--backend", choices=BACKENDS, default="torch", help="encoder backend of the trained bundle")
+    ap.add_argument("--backend", choices=BACKENDS, default="auto", help="encoder backend of the trained bundle")
 
 
 def add_proxy_arg(ap: argparse.ArgumentParser) -> None:

@@ -1,21 +1,29 @@
-"""Encoder throughput and accuracy: a plain transformers loop, fusion.encoder on PyTorch and on int8 ONNX Runtime.
+"""Encoder start, throughput and accuracy: a plain transformers loop, and fusion.encoder on PyTorch, on
+ONNX Runtime (float32, the CPU default) and on int8 ONNX Runtime.
 
-Same texts (bbc-news articles), same model, batch size, max_length and threads. The plain loop pads each
-batch in input order; fusion.encoder sorts by token length first (dynamic padding), on either backend
-(``encoder.backend: torch`` or ``onnx-int8``). Rounds alternate the three so machine noise hits all alike;
-medians are compared. Then both backends embed the whole bbc-news corpus and the fusion head (no LLM) is
-trained on each: train/val/test splits as `labelfuse train --data bbc-news`, accuracy on the test split.
+First, a cold start per backend: a fresh Python process that loads the encoder and embeds one text, as
+a Serve replica or a Ray Data actor does (CPU seconds, imports included, and peak RSS; the export is
+made before, as it is once per machine). Then throughput: same texts (bbc-news articles), same model,
+batch size, max_length and threads. The plain loop pads each batch in input order; fusion.encoder sorts
+by token length first (dynamic padding), on every backend (``encoder.backend``). Rounds alternate so
+machine noise hits all alike; medians are compared. Then each backend embeds the whole bbc-news corpus
+and the fusion head (no LLM) is trained on it: train/val/test splits as `labelfuse train --data
+bbc-news`, accuracy on the test split.
 
 The last line is ``ratio: X``: int8 texts/s over PyTorch's (the target is 1.8 or more, with accuracy
 within 0.5 points).
 
-    pip install 'labelfuse[onnx]' && python bench/encoder_throughput.py [--texts 512] [--batch-size 32]
-        [--max-length 256] [--threads 2] [--rounds 3] [--no-accuracy]
+    python bench/encoder_throughput.py [--texts 512] [--batch-size 32] [--max-length 256] [--threads 2]
+        [--rounds 3] [--no-accuracy]
 """
 
 import argparse
+import json
 import os
+import resource
 import statistics
+import subprocess
+import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -42,6 +50,31 @@ def plain_loop(tokenizer, model, texts, batch_size, max_length):
     return np.concatenate(out)
 
 
+COLD = """
+import json, sys
+from fusion.config import EncoderConfig
+from fusion.encoder import TextEncoder
+TextEncoder(EncoderConfig(max_length={max_length}, num_threads=1, backend={backend!r})).embed(["a text"])
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({{"rss_mb": hwm / 1024, "torch": "torch" in sys.modules}}))
+"""
+
+
+def cold_start(backend: str, max_length: int) -> tuple[float, float, bool]:
+    """(CPU seconds, peak RSS MB, torch imported) of a fresh process that loads the encoder and embeds once."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = subprocess.run(
+        [sys.executable, "-c", COLD.format(max_length=max_length, backend=backend)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    return cpu, got["rss_mb"], got["torch"]
+
+
 def accuracy(enc: TextEncoder, splits) -> float:
     clf = AutoFusionClassifier({"encoder": enc.config.model_dump(), "llms": []}, encoder=enc)
     emb = {name: enc.embed(df["text"].tolist()) for name, df in splits.items()}
@@ -66,10 +99,8 @@ def main() -> None:
 
     texts = load_builtin("bbc-news").sample(n=args.texts, random_state=0)["text"].tolist()
     common = dict(max_length=args.max_length, batch_size=args.batch_size, num_threads=args.threads)
-    encoders = {
-        "fusion.encoder torch": TextEncoder(EncoderConfig(**common)),
-        "fusion.encoder onnx-int8": TextEncoder(EncoderConfig(**common, backend="onnx-int8")),
-    }
+    backends = ("torch", "onnx", "onnx-int8")
+    encoders = {f"fusion.encoder {b}": TextEncoder(EncoderConfig(**common, backend=b)) for b in backends}
     torch_enc = encoders["fusion.encoder torch"]
     print(
         f"{len(texts)} bbc-news texts, batch {args.batch_size}, max_length {args.max_length}, "
@@ -77,8 +108,19 @@ def main() -> None:
     )
     ref = plain_loop(torch_enc.tokenizer, torch_enc.model, texts[:64], args.batch_size, args.max_length)
     assert np.allclose(ref, torch_enc.embed(texts[:64]), atol=1e-4), "the two PyTorch paths must agree"
-    cos = (ref * encoders["fusion.encoder onnx-int8"].embed(texts[:64])).sum(1)
-    print(f"int8 vs PyTorch embeddings: cosine min {cos.min():.4f}, mean {cos.mean():.4f}")
+    for b in ("onnx", "onnx-int8"):
+        cos = (ref * encoders[f"fusion.encoder {b}"].embed(texts[:64])).sum(1)
+        print(f"{b} vs PyTorch embeddings: cosine min {cos.min():.7f}, mean {cos.mean():.7f}")
+
+    starts: dict[str, list[tuple[float, float, bool]]] = {b: [] for b in backends}
+    for _ in range(args.rounds):
+        for b in backends:
+            starts[b].append(cold_start(b, args.max_length))
+    for b, runs_ in starts.items():
+        cpu, rss = statistics.median(r[0] for r in runs_), statistics.median(r[1] for r in runs_)
+        print(f"cold start {b:<10} {cpu:5.2f} CPU-s  {rss:5.0f} MB peak RSS  torch imported: {runs_[0][2]}")
+    cpu = {b: statistics.median(r[0] for r in runs_) for b, runs_ in starts.items()}
+    print(f"cold start onnx / torch: {cpu['onnx'] / cpu['torch']:.2f}x the CPU-s")
 
     runs = {
         "plain transformers loop": lambda: plain_loop(
@@ -102,8 +144,9 @@ def main() -> None:
         acc = {name: accuracy(e, splits) for name, e in encoders.items()}
         for name, a in acc.items():
             print(f"{name:<26} bbc-news test accuracy {100 * a:.2f}% ({len(splits['test'])} texts)")
-        diff = 100 * (acc["fusion.encoder onnx-int8"] - acc["fusion.encoder torch"])
-        print(f"accuracy int8 - torch: {diff:+.2f} points")
+        for b in ("onnx", "onnx-int8"):
+            diff = 100 * (acc[f"fusion.encoder {b}"] - acc["fusion.encoder torch"])
+            print(f"accuracy {b} - torch: {diff:+.2f} points")
     print(f"ratio: {rate['fusion.encoder onnx-int8'] / rate['fusion.encoder torch']:.2f}")
 
 

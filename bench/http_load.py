@@ -10,7 +10,7 @@ autoscaling settles, then measures req/s, texts/s and p50/p99 latency. The raw s
 before and after the load. Each row's ratio: HTTP texts/s over raw texts/s; the last line,
 ``ratio: X``, is the lowest of them.
 
-    python bench/http_load.py [--bundle DIR | --backend torch|onnx-int8] [--proxy serve|haproxy]
+    python bench/http_load.py [--bundle DIR | --backend auto|torch|onnx|onnx-int8] [--proxy serve|haproxy]
                               [--kind long|short|both] [--concurrency 16] [--texts-per-request 1,8]
                               [--seconds 30] [--warmup 30]
 

@@ -8,7 +8,7 @@ state is measured. The raw side is ``AutoFusionClassifier.predict_proba`` in
 batches of 64 in this process on all cores, measured before and after. Printed ratio:
 tagged messages/s over raw texts/s (the target is 0.9 or more).
 
-    python bench/kafka_throughput.py [--bundle DIR | --backend torch|onnx-int8] [--kind long|short] [--messages 2000] [--warmup 25] [--replicas 1]
+    python bench/kafka_throughput.py [--bundle DIR | --backend auto|torch|onnx|onnx-int8] [--kind long|short] [--messages 2000] [--warmup 25] [--replicas 1]
 """
 
 import argparse

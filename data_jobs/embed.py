@@ -25,21 +25,20 @@ BATCH_ROWS = 64
 
 
 class EncodeRows:
-    """Ray Data callable class: one encoder per actor, loaded once, ``threads`` torch threads."""
+    """Ray Data callable class: one encoder per actor, loaded once, running ``threads`` threads."""
 
     def __init__(self, encoder: dict[str, Any] | None = None, bundle: str | None = None, threads: int = 1):
-        import torch
-
-        from fusion.config import EncoderConfig
-        from fusion.encoder import TextEncoder
-
-        torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=1 in workers; say what we mean
+        # Ray sets OMP_NUM_THREADS=1 in workers; say what we mean. On the CPU the encoder runs in ONNX
+        # Runtime and this actor imports no torch.
         if bundle:
             from fusion.bundle import Bundle
 
-            self.encoder = Bundle.open(bundle).encoder()  # the encoder alone, not the head or the LLMs
+            self.encoder = Bundle.open(bundle).encoder(threads=threads)  # the encoder alone, not the head or LLMs
         else:
-            self.encoder = TextEncoder(EncoderConfig(**(encoder or {})))
+            from fusion.config import EncoderConfig
+            from fusion.encoder import TextEncoder
+
+            self.encoder = TextEncoder(EncoderConfig(**{**(encoder or {}), "num_threads": threads}))
 
     def __call__(self, batch: pa.Table, text_column: str = "text") -> pa.Table:
         ok = common.ok_rows(batch)
@@ -113,7 +112,7 @@ def write_parquet(ds: Any, output: str, rows_per_file: int) -> None:
 
 def add_pool_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--actors", type=int, help="encoder actors at most (default: one per GPU, else CPUs / threads)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per encoder actor (CPU)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per encoder actor")
     p.add_argument("--num-gpus", type=float, help="GPUs per encoder actor (default: 1 if the cluster has GPUs)")
     p.add_argument("--batch-size", type=int, default=BATCH_ROWS, help="rows per encoder batch")
 
@@ -128,8 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--backend",
         choices=BACKENDS,
-        default="torch",
-        help="encoder runtime: torch (CPU or GPU), or onnx-int8 (CPU, int8 weights; needs labelfuse[onnx])",
+        default="auto",
+        help="encoder runtime: auto (onnx on CPU actors, torch on GPU ones), torch (CPU or GPU), onnx (CPU, "
+        "PyTorch's embeddings), or onnx-int8 (CPU, int8 weights)",
     )
     p.add_argument(
         "--bundle", help="use the encoder of this trained bundle instead of --encoder, --max-length and --backend"

@@ -37,8 +37,6 @@ from fusion.errors import BundleError
 from fusion.remote import MANIFEST, local_bundle, sha256_file
 
 if TYPE_CHECKING:
-    import torch
-
     from fusion.config import Config
     from fusion.encoder import TextEncoder
     from fusion.fewshot import ExamplePool
@@ -63,11 +61,11 @@ class BundleContents:
 def write_bundle(
     path: str | Path,
     manifest: dict[str, Any],
-    tensors: dict[str, torch.Tensor],
+    tensors: dict[str, np.ndarray],
     save_encoder: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write a bundle atomically. ``save_encoder(dir)`` writes a fine-tuned encoder, if given."""
-    from safetensors.torch import save_file
+    from safetensors.numpy import save_file
 
     from fusion import __version__
 
@@ -77,7 +75,7 @@ def write_bundle(
         raise BundleError(f"refusing to overwrite {final}: it exists and is not a labelfuse bundle")
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / HEAD_FILE))
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp / HEAD_FILE))
         if save_encoder is not None:
             save_encoder(tmp / ENCODER_DIR)
         files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -252,9 +250,12 @@ class Bundle:
             descriptions=cfg.labels.descriptions,
         )
 
-    def encoder(self, device: str | None = None, encoder: TextEncoder | None = None) -> TextEncoder:
+    def encoder(
+        self, device: str | None = None, encoder: TextEncoder | None = None, threads: int | None = None
+    ) -> TextEncoder:
         """The encoder this bundle was trained with (checked on a probe text); ``device`` overrides
-        ``encoder.device``; ``encoder``: use this one instead (it is checked the same way)."""
+        ``encoder.device``, ``threads`` its ``num_threads``; ``encoder``: use this one instead (it is checked
+        the same way)."""
         import numpy as np
 
         from fusion.encoder import TextEncoder
@@ -262,6 +263,8 @@ class Bundle:
 
         if encoder is None:
             cfg = self.config.encoder if device is None else self.config.encoder.on(device)
+            if threads is not None:
+                cfg = cfg.model_copy(update={"num_threads": threads})
             model_dir = str(self.encoder_dir) if self.encoder_dir is not None else None
             encoder = TextEncoder(cfg, model_dir=model_dir)
         with self._consistent():

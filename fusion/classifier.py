@@ -36,14 +36,12 @@ from fusion.datasets import texts_and_labels
 from fusion.encoder import TextEncoder
 from fusion.errors import ConfigError, DataError, NotFittedError
 from fusion.fewshot import ExamplePool
-from fusion.finetune import tuning_copy, two_stage
 from fusion.gating import call_rate_table, choose_threshold, confidence
 from fusion.head import FusionHead, Labels, Prediction, Scores
 from fusion.labels import LabelSpace, normalize_labels
 from fusion.metrics import SUMMARY_KEYS, evaluate, headline_key
 from fusion.model import FeatureLayout, FeatureScaler, build_features
 from fusion.texts import PROBE_TEXT, check_texts
-from fusion.train import fit_head, holdout_rows
 
 if TYPE_CHECKING:
     from sklearn.utils import Tags
@@ -321,6 +319,9 @@ class AutoFusionClassifier(_Estimator):
         ``config.labels.classes`` (e.g. an LLM's answers; a one-hot row is a hard label). The held-out rows,
         calibration and the gate use their decided labels (argmax, or p >= 0.5 for multilabel).
         ``sample_weight``: a weight per training row (e.g. people's labels above an LLM's)."""
+        from fusion.finetune import tuning_copy, two_stage  # PyTorch: loaded to train, not to predict
+        from fusion.train import fit_head, holdout_rows
+
         cfg = self.config
         texts, raw = self._texts_labels(X, y, require_labels=soft_labels is None)
         if not texts:
@@ -427,7 +428,9 @@ class AutoFusionClassifier(_Estimator):
             w_train=w_tr,
             progress=progress,
         )
-        head = FusionHead(space, layout, scaler, fit.head, fit.temperature, fit.thresholds, fit.at_least_one)
+        head = FusionHead(
+            space, layout, scaler, fit.head.inference(), fit.temperature, fit.thresholds, fit.at_least_one
+        )
         self.training = {
             "n_train": len(y_tr),
             "n_val": len(y_va),

@@ -18,13 +18,21 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fusion.errors import ConfigError
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
-Backend = Literal["torch", "onnx-int8"]
+Backend = Literal["auto", "torch", "onnx", "onnx-int8"]
 BACKENDS: tuple[str, ...] = get_args(Backend)  # encoder.backend's values, for command-line choices
 # Which texts the LLMs are asked about: "auto" the model's cost gate (every text when it has none),
 # "off" none (the encoder-only path answers), "all" every text. Here, not in fusion.head, so that the parts
 # of the Serve app that run no model (Scorer, Labels, KafkaTagger) never import torch.
 LLMMode = Literal["auto", "off", "all"]
 LLM_MODES: tuple[str, ...] = get_args(LLMMode)
+
+
+def gpu_possible() -> bool:
+    """Whether torch could find a GPU in this process, asked without importing torch (seconds of CPU): a GPU
+    driver is loaded and CUDA_VISIBLE_DEVICES does not hide every device."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
+        return False
+    return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/kfd")  # NVIDIA, or AMD ROCm
 
 
 def cache_home() -> Path:
@@ -123,11 +131,14 @@ class EncoderConfig(_Strict):
         None, ge=1, description="torch CPU threads for this process. Default: leave torch's setting alone."
     )
     backend: Backend = Field(
-        "torch",
-        description="'torch': PyTorch, on CPU or GPU, fine-tunable. 'onnx-int8': the transformer in ONNX Runtime "
-        "with int8 weights, CPU only, no fine-tuning; needs labelfuse[onnx]. Exported once per machine into "
-        "$LABELFUSE_CACHE_DIR/onnx and refused unless its embeddings keep cosine >= 0.95 with PyTorch's. "
-        "Measured on 2 AVX2 cores with MiniLM: 1.8x the texts/s of 'torch', the same accuracy (docs/scaling.md).",
+        "auto",
+        description="'auto': 'onnx' where the encoder runs on the CPU and its weights are not being fine-tuned, "
+        "else 'torch' (falling back to 'torch' when the encoder cannot be exported). 'torch': PyTorch, on CPU or "
+        "GPU, fine-tunable. 'onnx': the transformer in ONNX Runtime, float32, CPU only: PyTorch's embeddings "
+        "(cosine >= 0.9999), and a process that embeds loads neither torch nor transformers (MiniLM: 0.5 CPU-s "
+        "and 200 MB instead of 6 CPU-s and 550 MB). 'onnx-int8': the same with int8 weights, refused unless "
+        "cosine >= 0.95; on 2 AVX2 cores with MiniLM 1.8x the texts/s of 'torch', the same accuracy "
+        "(docs/scaling.md). ONNX exports are made once per machine into $LABELFUSE_CACHE_DIR/onnx.",
     )
     fine_tune: Literal["auto", "off", "joint", "two-stage"] = Field(
         "auto",
@@ -153,12 +164,25 @@ class EncoderConfig(_Strict):
         also turns 'auto' off below ``fine_tuning.auto_min_rows``, for precomputed embeddings and few-shot.)"""
         if self.fine_tune != "auto":
             return self.fine_tune
-        if self.backend == "onnx-int8":
+        if self.backend in ("onnx", "onnx-int8") or self.on_cpu():
             return "off"
+        return "two-stage" if self.device.startswith("cuda") or self.device == "auto" else "off"
+
+    def on_cpu(self) -> bool:
+        """The encoder runs on the CPU: ``device`` 'cpu', or 'auto' where torch finds no CUDA GPU."""
+        if self.device != "auto":
+            return self.device == "cpu"
+        if not gpu_possible():
+            return True
         import torch
 
-        on_gpu = self.device.startswith("cuda") or (self.device == "auto" and torch.cuda.is_available())
-        return "two-stage" if on_gpu else "off"
+        return not torch.cuda.is_available()
+
+    def resolved_backend(self, fine_tuning: bool) -> Literal["torch", "onnx", "onnx-int8"]:
+        """``backend`` with 'auto' decided: 'onnx' on the CPU unless ``fine_tuning`` (the weights train here)."""
+        if self.backend != "auto":
+            return self.backend
+        return "onnx" if not fine_tuning and self.on_cpu() else "torch"
 
     @property
     def fine_tuned(self) -> bool:
@@ -173,14 +197,16 @@ class EncoderConfig(_Strict):
             raise ConfigError(f"encoder.device {device!r}: {err.errors()[0]['msg']}") from None
 
     @model_validator(mode="after")
-    def _int8_on_cpu(self) -> EncoderConfig:
-        if self.backend == "onnx-int8":
+    def _onnx_on_cpu(self) -> EncoderConfig:
+        if self.backend in ("onnx", "onnx-int8"):
             if self.device not in ("auto", "cpu"):
-                raise ValueError(f"backend 'onnx-int8' runs on the CPU; device {self.device!r} needs backend 'torch'")
+                raise ValueError(
+                    f"backend {self.backend!r} runs on the CPU; device {self.device!r} needs backend 'torch' or 'auto'"
+                )
             if self.fine_tune in ("joint", "two-stage"):
                 raise ValueError(
-                    f"backend 'onnx-int8' does not fine-tune; use fine_tune 'off' (or 'auto'), or backend 'torch' "
-                    f"for fine_tune {self.fine_tune!r}"
+                    f"backend {self.backend!r} does not fine-tune; use fine_tune 'off' (or 'auto'), or backend "
+                    f"'torch' or 'auto' for fine_tune {self.fine_tune!r}"
                 )
         return self
 

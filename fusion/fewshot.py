@@ -15,8 +15,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    import torch
-
     from fusion.llm.prompts import Example
 
 
@@ -56,10 +54,8 @@ class ExamplePool:
     def manifest(self) -> dict[str, Any]:
         return {"texts": self.texts, "labels": self.labels}
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        import torch
-
-        return {"fewshot.embeddings": torch.from_numpy(self.embeddings)}
+    def tensors(self) -> dict[str, np.ndarray]:
+        return {"fewshot.embeddings": self.embeddings}
 
     @classmethod
     def from_bundle(cls, m: dict[str, Any] | None, tensors: dict[str, np.ndarray]) -> ExamplePool | None:

@@ -1,7 +1,7 @@
 """Two-stage fine-tuning (``encoder.fine_tune: two-stage``): the encoder as a classifier, then the fusion head.
 
 Stage 1 fine-tunes a copy of the encoder with a linear classification layer (:func:`fine_tune_classifier`);
-the encoder then gives that layer's class logits (:class:`fusion.encoder.Classifier`). Stage 2 trains the
+the encoder then gives that layer's class logits (:class:`Classifier`). Stage 2 trains the
 fusion head on ``[logits | LLM scores | missing flags]``.
 
 The trap this avoids: an encoder fine-tuned on the training rows is over-confident on exactly those
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from fusion.config import Config, FusionConfig
-from fusion.encoder import Classifier, TextEncoder
+from fusion.encoder import TextEncoder
 from fusion.errors import ConfigError, DataError
 from fusion.model import FeatureLayout, FeatureScaler
 from fusion.train import HeadFit, fit_head, holdout_rows
@@ -38,12 +38,41 @@ from fusion.train import HeadFit, fit_head, holdout_rows
 log = logging.getLogger(__name__)
 
 
+class Classifier(torch.nn.Module):
+    """A classification layer over pooled embeddings: standardise with ``mean``/``std``, then linear. An
+    encoder fine-tuned as a classifier carries it (``classifier.safetensors``, these four tensors)."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mean", mean.detach().float().clone())
+        self.register_buffer("std", std.detach().float().clone())
+        self.linear = torch.nn.Linear(weight.shape[1], weight.shape[0])
+        with torch.no_grad():
+            self.linear.weight.copy_(weight)
+            self.linear.bias.copy_(bias)
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.linear.out_features)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.linear((pooled - self.mean) / self.std)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"mean": self.mean, "std": self.std, "weight": self.linear.weight, "bias": self.linear.bias}
+
+
 def tuning_copy(encoder: TextEncoder, config: Config) -> TextEncoder:
     """A copy of ``encoder`` to fine-tune with ``config``'s fine-tuning settings (``encoder.fine_tuning``,
     ``encoder.fine_tune_lr``): an encoder the caller passed in brings its weights, not how to train them.
-    ``encoder`` is not changed."""
-    out = copy.deepcopy(encoder)
+    ``encoder`` is not changed. An ONNX encoder is loaded again in PyTorch, from the weights it was exported
+    from."""
     update = {"fine_tuning": config.encoder.fine_tuning, "fine_tune_lr": config.encoder.fine_tune_lr}
+    if encoder.model is None:
+        return TextEncoder(
+            encoder.config.model_copy(update={**update, "backend": "torch"}), model_dir=encoder.model_dir
+        )
+    out = copy.deepcopy(encoder)
     out.config = out.config.model_copy(update=update)
     return out
 

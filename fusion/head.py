@@ -1,7 +1,7 @@
 """The fusion head: what is learned on top of the encoder and the LLMs, and the three inference steps.
 
 A :class:`FusionHead` holds the label space, the feature layout, the feature scaler, the
-FusionMLP, the calibration temperature, the multilabel thresholds and the cost gate's
+MLP (numpy: this module imports no torch), the calibration temperature, the multilabel thresholds and the cost gate's
 threshold. It needs neither the encoder nor an LLM, so the Serve Fusion deployment and the
 backfill's predictor actors load only this part of a bundle (:meth:`fusion.bundle.Bundle.head`).
 
@@ -21,13 +21,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from fusion.calibration import decide, to_proba
 from fusion.config import LLM_MODES, LLMMode
 from fusion.gating import confidence
 from fusion.labels import LabelSpace
-from fusion.model import FeatureLayout, FeatureScaler, FusionMLP, build_features
+from fusion.model import MLP, FeatureLayout, FeatureScaler, build_features
 
 if TYPE_CHECKING:
     from fusion.llm import LLMPanel, ScoreBatch
@@ -77,12 +76,12 @@ class Prediction:
 
 @dataclass
 class FusionHead:
-    """Feature layout + scaler + FusionMLP + temperature + thresholds + gate threshold."""
+    """Feature layout + scaler + MLP + temperature + thresholds + gate threshold."""
 
     label_space: LabelSpace
     layout: FeatureLayout
     scaler: FeatureScaler
-    mlp: FusionMLP
+    mlp: MLP
     temperature: float = 1.0
     thresholds: np.ndarray | None = None  # multilabel: one decision threshold per class
     at_least_one: bool = False  # multilabel: the top class when no class passes its threshold
@@ -102,9 +101,7 @@ class FusionHead:
         return self.scaler.transform(build_features(emb, scores, self.layout))
 
     def logits(self, z: np.ndarray) -> np.ndarray:
-        self.mlp.eval()
-        with torch.no_grad():
-            return self.mlp(torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))).numpy()
+        return self.mlp(z)
 
     def proba(self, z: np.ndarray, calibrated: bool = True) -> np.ndarray:
         return to_proba(self.logits(z), self.temperature if calibrated else 1.0, self.multilabel)
@@ -210,23 +207,26 @@ class FusionHead:
             "gate_threshold": self.gate_threshold,
         }
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        out = {f"head.{k}": v for k, v in self.mlp.state_dict().items()}
-        out["scaler.mean"] = torch.from_numpy(self.scaler.mean)
-        out["scaler.std"] = torch.from_numpy(self.scaler.std)
+    def tensors(self) -> dict[str, np.ndarray]:
+        out = {f"head.{k}": v for k, v in self.mlp.state().items()}
+        out["scaler.mean"], out["scaler.std"] = self.scaler.mean, self.scaler.std
         return out
 
     @classmethod
     def from_bundle(cls, m: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> FusionHead:
         """The head from a bundle's manifest and tensors (KeyError/ValueError when they disagree)."""
         layout = FeatureLayout.from_dict(m["layout"])
-        mlp = FusionMLP(layout.dim, layout.n_classes, m["head"]["hidden_dims"], m["head"]["dropout"])
-        mlp.load_state_dict({k[5:]: torch.tensor(v) for k, v in tensors.items() if k.startswith("head.")})
+        state = {k[5:]: v for k, v in tensors.items() if k.startswith("head.")}
+        mlp = MLP.from_state(state, m["head"]["hidden_dims"], m["head"]["dropout"])
+        if mlp.weights[0].shape[1] != layout.dim or mlp.weights[-1].shape[0] != layout.n_classes:
+            raise ValueError(
+                f"the head's tensors do not fit its layout ({layout.dim} features, {layout.n_classes} classes)"
+            )
         return cls(
             label_space=LabelSpace.from_dict(m["label_space"]),
             layout=layout,
             scaler=FeatureScaler(np.array(tensors["scaler.mean"]), np.array(tensors["scaler.std"])),
-            mlp=mlp.eval(),
+            mlp=mlp,
             temperature=float(m["temperature"]),
             thresholds=None if m["thresholds"] is None else np.asarray(m["thresholds"], np.float32),
             at_least_one=bool(m["at_least_one"]),

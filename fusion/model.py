@@ -1,4 +1,5 @@
-"""The fusion model: feature layout, feature scaler and FusionMLP.
+"""The fusion model at inference: feature layout, feature scaler and :class:`MLP`, in numpy (a Serve replica
+or a backfill actor that applies the head imports no torch; the MLP trains in PyTorch, :mod:`fusion.train`).
 
 Features for one text are ``[embedding | LLM_1 scores | ... | LLM_m scores | missing_1 .. missing_m]``
 where each score block has one column per class and ``missing_j`` is 1 when LLM j gave
@@ -16,8 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from fusion.errors import DataError
 
@@ -112,32 +111,38 @@ class FeatureScaler:
         return np.nan_to_num(z, nan=0.0).astype(np.float32, copy=False)
 
 
-class FusionMLP(nn.Module):
-    """Fully connected head: ``hidden_dims`` GELU layers with dropout, then class logits."""
+@dataclass
+class MLP:
+    """The trained FusionMLP (:class:`fusion.train.FusionMLP`) for inference: ``hidden_dims`` GELU layers,
+    then class logits, from the same tensors (``net.<i>.weight`` / ``net.<i>.bias``, torch's names)."""
 
-    def __init__(self, in_dim: int, n_classes: int, hidden_dims: list[int], dropout: float):
-        super().__init__()
-        self.hidden_dims, self.dropout = list(hidden_dims), float(dropout)
-        layers: list[nn.Module] = []
-        prev = in_dim
-        for width in hidden_dims:
-            layers += [nn.Linear(prev, width), nn.GELU(), nn.Dropout(dropout)]
-            prev = width
-        layers.append(nn.Linear(prev, n_classes))
-        self.net = nn.Sequential(*layers)
+    weights: list[np.ndarray]  # (out, in) per linear layer
+    biases: list[np.ndarray]
+    hidden_dims: list[int]
+    dropout: float
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+    @classmethod
+    def from_state(cls, state: Mapping[str, np.ndarray], hidden_dims: list[int], dropout: float) -> MLP:
+        """From a FusionMLP's state dict (numpy arrays); a linear layer every 3 modules (Linear, GELU, Dropout)."""
+        idx = [3 * i for i in range(len(hidden_dims) + 1)]
+        weights = [np.asarray(state[f"net.{i}.weight"], np.float32) for i in idx]
+        biases = [np.asarray(state[f"net.{i}.bias"], np.float32) for i in idx]
+        if len(state) != 2 * len(idx):
+            raise KeyError(f"an MLP with hidden layers {hidden_dims} has {2 * len(idx)} tensors, not {len(state)}")
+        return cls(weights, biases, list(hidden_dims), float(dropout))
 
+    def state(self) -> dict[str, np.ndarray]:
+        out = {}
+        for j, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            out[f"net.{3 * j}.weight"], out[f"net.{3 * j}.bias"] = w, b
+        return out
 
-def drop_llm_blocks(x: torch.Tensor, layout: FeatureLayout, p: float, generator: torch.Generator) -> torch.Tensor:
-    """Hide each present LLM block with probability ``p`` (training only): zero it, set its flag."""
-    if p <= 0 or layout.n_llms == 0:
+    def __call__(self, z: np.ndarray) -> np.ndarray:
+        from scipy.special import erf
+
+        x = np.ascontiguousarray(z, dtype=np.float32)
+        for j, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            x = x @ w.T + b
+            if j < len(self.hidden_dims):
+                x = 0.5 * x * (1.0 + erf(x / np.float32(np.sqrt(2.0))))  # exact GELU, as torch's nn.GELU()
         return x
-    x = x.clone()
-    for j in range(layout.n_llms):
-        hide = torch.rand(x.shape[0], generator=generator) < p
-        if hide.any():
-            x[hide, layout.block(j)] = 0.0
-            x[hide, layout.flag(j)] = 1.0
-    return x

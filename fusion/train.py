@@ -28,9 +28,45 @@ from torch import nn
 from fusion.calibration import fit_temperature, fit_thresholds, to_proba
 from fusion.config import FusionConfig, TrainConfig
 from fusion.encoder import TextEncoder
-from fusion.model import FeatureLayout, FeatureScaler, FusionMLP, drop_llm_blocks
+from fusion.model import MLP, FeatureLayout, FeatureScaler
 
 log = logging.getLogger(__name__)
+
+
+class FusionMLP(nn.Module):
+    """Fully connected head: ``hidden_dims`` GELU layers with dropout, then class logits."""
+
+    def __init__(self, in_dim: int, n_classes: int, hidden_dims: list[int], dropout: float):
+        super().__init__()
+        self.hidden_dims, self.dropout = list(hidden_dims), float(dropout)
+        layers: list[nn.Module] = []
+        prev = in_dim
+        for width in hidden_dims:
+            layers += [nn.Linear(prev, width), nn.GELU(), nn.Dropout(dropout)]
+            prev = width
+        layers.append(nn.Linear(prev, n_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def inference(self) -> MLP:
+        """This MLP for inference, in numpy."""
+        state = {k: v.detach().cpu().numpy() for k, v in self.state_dict().items()}
+        return MLP.from_state(state, self.hidden_dims, self.dropout)
+
+
+def drop_llm_blocks(x: torch.Tensor, layout: FeatureLayout, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Hide each present LLM block with probability ``p`` (training only): zero it, set its flag."""
+    if p <= 0 or layout.n_llms == 0:
+        return x
+    x = x.clone()
+    for j in range(layout.n_llms):
+        hide = torch.rand(x.shape[0], generator=generator) < p
+        if hide.any():
+            x[hide, layout.block(j)] = 0.0
+            x[hide, layout.flag(j)] = 1.0
+    return x
 
 
 @dataclass

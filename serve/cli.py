@@ -38,7 +38,7 @@ def register(sub: Any) -> None:
         help="Ray cluster address; default: RAY_ADDRESS, else a cluster started with `ray start` on this machine, "
         "else a new local Ray; 'local' always starts a new one",
     )
-    s.add_argument("--threads", type=int, default=1, help="torch threads per Fusion replica (default: 1)")
+    s.add_argument("--threads", type=int, default=1, help="CPU threads per Fusion replica (default: 1)")
     s.add_argument("--token-env", metavar="VAR", help="require 'Authorization: Bearer $VAR' on /v1/*")
     k = s.add_argument_group("Kafka tagging")
     k.add_argument("--dev-kafka", action="store_true", help="start a local broker (tansu) and tag its topics")

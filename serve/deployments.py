@@ -6,7 +6,7 @@ Each loads only the part of the bundle it runs (:class:`fusion.bundle.Bundle`):
   encoder and the fusion head. A text the gate keeps from the LLMs is answered without leaving the
   replica; every hop between Serve processes costs a short text more CPU than the model does
   (docs/scaling.md). Texts are batched across requests (``@serve.batch``, sized by the
-  number of texts, not requests), and the encoder runs with ``threads`` torch threads per replica,
+  number of texts, not requests), and the encoder runs with ``threads`` CPU threads per replica,
   inline: Serve runs user code on its own event-loop thread, so the replica keeps taking requests
   meanwhile (they join the next batch). Handing each batch to a worker thread instead cost 30% of
   single-text HTTP throughput here (GIL hand-offs).
@@ -241,13 +241,10 @@ class Fusion:
     ):
         import os
 
-        import torch
-
         from fusion.errors import ConfigError
 
         self.scorer, self.labels, self.tagger = scorer, labels, tagger
-        self.settings = parse_settings(settings)
-        torch.set_num_threads(self.settings.threads)  # Ray sets OMP_NUM_THREADS=1; say what we mean
+        self.settings = parse_settings(settings)  # its encoder runs `threads` threads (Ray sets OMP_NUM_THREADS=1)
         self.token = None
         if env := self.settings.auth_token_env:
             self.token = os.environ.get(env, "").strip()
@@ -300,7 +297,7 @@ class Fusion:
             if old is not None and old.ref.encoder_key == ref.encoder_key:
                 encoder = old.encoder  # a retrained head on the same encoder
             else:
-                encoder = await asyncio.to_thread(bundle.encoder)
+                encoder = await asyncio.to_thread(bundle.encoder, threads=self.settings.threads)
             if head.layout.n_llms:
                 await self.scorer.warm.remote(ref)
             share = bundle.manifest.get("training", {}).get("label_share")

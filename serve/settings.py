@@ -253,7 +253,9 @@ class AppSettings(_Strict):
         description="Label store directory or URI: POST /v1/feedback keeps people's labels there, and every LLM answer "
         "the app pays for is kept too (`labelfuse retrain` learns from both). None: /v1/feedback answers 404.",
     )
-    threads: int = Field(1, ge=1, description="torch threads per Fusion replica: its encoder (CPU).")
+    threads: int = Field(
+        1, ge=1, description="CPU threads per Fusion replica: its encoder (ONNX Runtime or PyTorch, CPU)."
+    )
     limits: HttpLimits = Field(default_factory=HttpLimits)
     auth_token_env: str | None = Field(
         None,

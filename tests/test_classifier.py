@@ -13,7 +13,8 @@ from conftest import MULTILABEL_MAX_LENGTH, TEST_MAX_LENGTH, class_ids
 from fusion.classifier import AutoFusionClassifier
 from fusion.encoder import TextEncoder
 from fusion.errors import ConfigError, DataError, NotFittedError
-from fusion.model import FeatureLayout, drop_llm_blocks
+from fusion.model import FeatureLayout
+from fusion.train import drop_llm_blocks
 
 
 def simulated_llm(y: np.ndarray, n_classes: int, accuracy: float, seed: int) -> np.ndarray:

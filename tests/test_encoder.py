@@ -32,15 +32,22 @@ def test_deterministic_and_independent_of_batching_and_order(encoder):
     np.testing.assert_allclose(a, c, atol=1e-5)
 
 
-def test_matches_plain_transformers_mean_pooling(encoder):
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_matches_plain_transformers_mean_pooling(encoder, backend):
+    """Both the CPU default (ONNX Runtime) and PyTorch give what transformers' own model gives."""
     import torch
+    from transformers import AutoModel, AutoTokenizer
 
-    batch = encoder.tokenizer(TEXTS[:2], padding=True, truncation=True, max_length=128, return_tensors="pt")
+    enc = encoder if backend == "auto" else TextEncoder(encoder.config.model_copy(update={"backend": backend}))
+    assert enc.backend == ("onnx" if backend == "auto" else backend)
+    tokenizer, model = AutoTokenizer.from_pretrained(enc.source), AutoModel.from_pretrained(enc.source)
+    n = enc.config.max_length
+    batch = tokenizer(TEXTS, padding=True, truncation=True, max_length=n, return_tensors="pt")
     with torch.inference_mode():
-        h = encoder.model(**batch).last_hidden_state
+        h = model(**batch).last_hidden_state
     m = batch["attention_mask"].unsqueeze(-1).float()
     ref = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=1).numpy()
-    np.testing.assert_allclose(encoder.embed(TEXTS[:2]), ref, atol=1e-5)
+    np.testing.assert_allclose(enc.embed(TEXTS), ref, atol=1e-5)
 
 
 def test_different_texts_differ_and_similar_texts_are_closer(encoder):

@@ -11,6 +11,7 @@ from conftest import TEST_MAX_LENGTH
 from hypothesis import given
 from hypothesis import strategies as st
 
+import fusion.config
 from fusion.bundle import Bundle
 from fusion.classifier import AutoFusionClassifier, _fine_tune_mode
 from fusion.config import EncoderConfig, FineTuneConfig, FusionConfig, TrainConfig, parse_config
@@ -62,7 +63,7 @@ def test_fine_tuning_checks_often_stops_on_patience_and_restores_the_best(bbc):
     classes = sorted(tr["label"].unique())
     y_tr, y_va = (np.array([classes.index(c) for c in d["label"]]) for d in (tr, va))
     tune = FineTuneConfig(max_epochs=30, batch_size=8, eval_every=1, patience=3)
-    enc = TextEncoder(EncoderConfig(max_length=24, fine_tune_lr=3e-4, fine_tuning=tune))
+    enc = TextEncoder(EncoderConfig(max_length=24, fine_tune_lr=3e-4, fine_tuning=tune, backend="torch"))
     t_tr, t_va = tr["text"].tolist(), va["text"].tolist()
     emb_tr, emb_va = enc.embed(t_tr), enc.embed(t_va)
     layout = FeatureLayout(enc.dim, len(classes))
@@ -159,7 +160,7 @@ def test_two_stage_multilabel_round_trips_through_a_bundle(multilabel_frames, tm
 def test_two_stage_without_llms_fine_tunes_once_and_a_refit_starts_from_the_stock_encoder(bbc, encoder):
     df, val = bbc["train"].groupby("label").head(4), bbc["val"].groupby("label").head(2)
     cfg = {"encoder": {"fine_tune": "two-stage", "max_length": 24, "fine_tuning": {"max_epochs": 1}}}
-    stock = TextEncoder(EncoderConfig(max_length=24))
+    stock = TextEncoder(EncoderConfig(max_length=24, backend="torch"))
     before = {k: v.clone() for k, v in stock.model.state_dict().items()}
     clf = AutoFusionClassifier(cfg, encoder=stock).fit(df, validation=val)
     [tuned] = clf.training["two_stage"]["fine_tunes"]
@@ -200,8 +201,10 @@ def test_auto_fine_tunes_two_stage_on_a_gpu_only_and_never_where_it_cannot(monke
     assert EncoderConfig().fine_tune == "auto"
     assert EncoderConfig(device="cpu").resolved_fine_tune() == "off"
     assert EncoderConfig(device="cuda:1").resolved_fine_tune() == "two-stage"
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # what `auto` sees on a GPU machine
+    monkeypatch.setattr(fusion.config, "gpu_possible", lambda: True)  # what `auto` sees on a GPU machine
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert EncoderConfig().resolved_fine_tune() == "two-stage" and EncoderConfig().fine_tuned
+    assert EncoderConfig().resolved_backend(fine_tuning=False) == "torch"  # the GPU runs PyTorch
     assert EncoderConfig(device="cpu").resolved_fine_tune() == "off"
     assert EncoderConfig(fine_tune="joint").resolved_fine_tune() == "joint"
     cfg = parse_config({"llms": [llm]})
@@ -214,3 +217,4 @@ def test_auto_fine_tunes_two_stage_on_a_gpu_only_and_never_where_it_cannot(monke
     df = bbc["train"].groupby("label").head(6)
     clf = AutoFusionClassifier({"encoder": {"max_length": TEST_MAX_LENGTH}}, encoder=encoder).fit(df)
     assert clf.training["fine_tuned_encoder"] == "off" and clf.encoder is encoder
+    assert EncoderConfig().resolved_backend(fine_tuning=False) == "onnx"  # and the CPU runs ONNX

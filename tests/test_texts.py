@@ -89,7 +89,7 @@ def test_embed_each_blames_the_encoder_when_a_known_good_text_fails_too(encoder)
     from fusion.errors import EncoderError
 
     broken = TextEncoder.__new__(TextEncoder)  # the real encoder with its model removed, as a crashed GPU would
-    broken.__dict__.update(encoder.__dict__, model=None)
+    broken.__dict__.update(encoder.__dict__, model=None, onnx=None)
     with pytest.raises(EncoderError, match="fails on a known-good text"):
         broken.embed_each(["one text", PROBE_TEXT])
 
