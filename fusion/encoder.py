@@ -26,7 +26,8 @@ import importlib.util
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -299,31 +300,33 @@ class TextEncoder:
 
             bar = tqdm(total=len(texts), desc="embedding", unit="text")
         try:
-            if ids is not None:
+            with self._frozen():
                 for start in range(0, len(texts), bs):
                     idx = order[start : start + bs]
-                    out[idx] = self._embed_onnx([ids[i] for i in idx])
+                    if ids is not None:
+                        out[idx] = self._embed_onnx([ids[i] for i in idx])
+                    else:
+                        out[idx] = self.forward([texts[i] for i in idx]).float().cpu().numpy()
                     if bar is not None:
                         bar.update(len(idx))
-            else:
-                self._embed_torch(texts, order, bs, out, bar)
         finally:
             if bar is not None:
                 bar.close()
         return out
 
-    def _embed_torch(self, texts: list[str], order: np.ndarray, bs: int, out: np.ndarray, bar: Any) -> None:
+    @contextmanager
+    def _frozen(self) -> Iterator[None]:
+        """PyTorch: eval mode without gradients for the block, then the model's mode as it was."""
+        if self.model is None:
+            yield
+            return
         import torch
 
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.inference_mode():
-                for start in range(0, len(texts), bs):
-                    idx = order[start : start + bs]
-                    out[idx] = self.forward([texts[i] for i in idx]).float().cpu().numpy()
-                    if bar is not None:
-                        bar.update(len(idx))
+                yield
         finally:
             self.model.train(was_training)
 

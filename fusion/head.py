@@ -1,8 +1,8 @@
 """The fusion head: what is learned on top of the encoder and the LLMs, and the three inference steps.
 
-A :class:`FusionHead` holds the label space, the feature layout, the feature scaler, the
-MLP (numpy: this module imports no torch), the calibration temperature, the multilabel thresholds and the cost gate's
-threshold. It needs neither the encoder nor an LLM, so the Serve Fusion deployment and the
+A :class:`FusionHead` holds the label space, the feature layout, the feature scaler, the MLP (in
+numpy: this module imports no torch), the calibration temperature, the multilabel thresholds and the
+cost gate's threshold. It needs neither the encoder nor an LLM, so the Serve Fusion deployment and the
 backfill's predictor actors load only this part of a bundle (:meth:`fusion.bundle.Bundle.head`).
 
 - :meth:`FusionHead.ask` is the cost gate: which texts the LLMs should be asked about.
