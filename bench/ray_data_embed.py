@@ -1,7 +1,7 @@
 """Ray Data embed job vs a plain single-process loop: rows/s side by side in one run, and their ratio.
 
 Both sides do the whole job on the same bbc-news texts: load the encoder, read parquet, embed,
-write parquet. The plain side is one process with ``--threads`` torch threads; the Ray side is
+write parquet. The plain side is one process with ``--threads`` CPU threads; the Ray side is
 ``data_jobs.embed`` with ``--actors`` actors of ``threads / actors`` threads each on a local Ray
 with ``--threads`` CPUs (actor start and model load included). Rounds alternate so machine
 noise hits both. With ``--num-gpus`` (a GPU machine) the actors take that many GPUs each and
@@ -54,7 +54,7 @@ def with_ray(src: str, dst: str, cfg: EncoderConfig, actors: int, threads: int, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=2000)
-    ap.add_argument("--threads", type=int, default=2, help="total torch threads (and Ray CPUs) on each side")
+    ap.add_argument("--threads", type=int, default=2, help="total CPU threads (and Ray CPUs) on each side")
     ap.add_argument("--actors", type=int, default=2)
     ap.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per actor (GPU machines)")
     ap.add_argument("--encoder", default="all-MiniLM-L6-v2", help="encoder name or local model directory")
