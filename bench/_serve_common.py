@@ -77,8 +77,31 @@ def bundle(args: argparse.Namespace) -> str:
     return out
 
 
+def quiet(busy_below: float = 0.25, timeout_s: float = 30.0) -> None:
+    """Wait until the machine's CPUs are less than ``busy_below`` busy over a second (or ``timeout_s``): work
+    the load left behind (requests still in flight when the load generator stopped) must not slow the raw side."""
+
+    def ticks() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return v[3] + v[4], sum(v)  # idle + iowait, all
+
+    if not os.path.exists("/proc/stat"):
+        time.sleep(5)
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        idle0, all0 = ticks()
+        time.sleep(1)
+        idle1, all1 = ticks()
+        if 1 - (idle1 - idle0) / max(1, all1 - all0) < busy_below:
+            return
+
+
 def raw_rate(model: str, sample: list[str]) -> float:
-    """Texts/s of the raw model in this process (all cores): encoder.embed in batches of 64, then the head."""
+    """Texts/s of the raw model in this process (all cores), once the machine is quiet: encoder.embed in batches
+    of 64, then the head."""
+    quiet()
     clf = AutoFusionClassifier.load(model, device="cpu")
     clf.predict_proba(sample[:128])  # warm-up (ONNX Runtime sizes its buffers on the first long batches)
     t = time.perf_counter()

@@ -1,13 +1,14 @@
 """HTTP load on the Serve graph vs the raw model on the same machine, side by side in one run.
 
 The Serve side is the labelfuse application with its default sizing (Fusion, which serves HTTP and
-runs the encoder, autoscaling 1→2 replicas of 1 torch thread), behind ``--proxy`` (Serve's proxy,
+runs the encoder, autoscaling 1→2 replicas of 1 encoder thread), behind ``--proxy`` (Serve's proxy,
 or Ray Serve's HAProxy ingress), driven by a separate load-generator process (aiohttp,
 ``--concurrency`` closed-loop clients posting ``--texts-per-request`` texts with ``llm: off``, the
 encoder path). It warms up first so
 autoscaling settles, then measures req/s, texts/s and p50/p99 latency. The raw side is
-``AutoFusionClassifier.predict_proba`` in batches of 64 in this process on all cores, measured
-before and after the load. Each row's ratio: HTTP texts/s over raw texts/s; the last line,
+``AutoFusionClassifier.predict_proba`` over the whole sample in this process on all cores (sorted by
+length into passes of 32, so it pads less than a replica's batches can), measured before and after the
+load, each once the machine is quiet (requests still in flight after the load would slow it). Each row's ratio: HTTP texts/s over raw texts/s; the last line,
 ``ratio: X``, is the lowest of them.
 
     python bench/http_load.py [--bundle DIR | --backend auto|torch|onnx|onnx-int8] [--proxy serve|haproxy]

@@ -3,9 +3,9 @@
 A local tansu broker, the labelfuse application with its default sizing and ``--replicas``
 tagger replicas. ``--messages`` JSON messages (bbc-news texts) are produced up front; the
 clock starts ``--warmup`` seconds after the first result is read back (the group join and the
-the scaling of Fusion from 1 to 2 replicas are left out) and stops at the last, so the steady
+scaling of Fusion from 1 to 2 replicas are left out) and stops at the last, so the steady
 state is measured. The raw side is ``AutoFusionClassifier.predict_proba`` in
-batches of 64 in this process on all cores, measured before and after. Printed ratio:
+this process on all cores, measured before and after, each once the machine is quiet. Printed ratio:
 tagged messages/s over raw texts/s (the target is 0.9 or more).
 
     python bench/kafka_throughput.py [--bundle DIR | --backend auto|torch|onnx|onnx-int8] [--kind long|short] [--messages 2000] [--warmup 25] [--replicas 1]
