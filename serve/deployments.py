@@ -53,7 +53,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ray.serve")
 
-EMBED_BATCH = 64  # texts per encoder forward pass, summed over the requests batched together
+EMBED_BATCH = 64  # texts per encoder call, summed over the requests batched together. The encoder sorts them by
+# length and runs forward passes of its encoder.batch_size (32; raise it for GPUs): one pass over 64 short texts,
+# all padded to the longest, ran 80 texts/s on one CPU thread where passes of 32 ran 105 (24-word bbc openings)
 KEEP_MODELS = 2  # bundles a replica keeps loaded: the current one and the one rolling out
 CALL_RATE_WINDOW = 1000  # texts over which a Fusion replica reports its gate's recent LLM-call rate
 KEPT_IDS = 10_000  # LLM answers a Fusion replica remembers having kept (a repeated text is kept once)
@@ -380,7 +382,7 @@ class Fusion:
     @serve.batch(max_batch_size=EMBED_BATCH, batch_wait_timeout_s=0.005, batch_size_fn=_n_texts)
     async def _embed(self, items: list[tuple[_Model, list[str]]]) -> list[tuple[np.ndarray, list[str | None]]]:
         """Each item is (model, up to EMBED_BATCH texts); per item, (embeddings, per-text failure reasons).
-        Texts of concurrent requests share one forward pass per encoder (two during a rollout)."""
+        Texts of concurrent requests share one encoder call per encoder (two during a rollout)."""
         from fusion.errors import EncoderError
 
         out: list[Any] = [None] * len(items)
@@ -388,7 +390,7 @@ class Fusion:
             members = [i for i, (m, _) in enumerate(items) if m.ref.encoder_key == key]
             texts = [t for i in members for t in items[i][1]]
             try:
-                emb, reasons = items[members[0]][0].encoder.embed_each(texts, batch_size=EMBED_BATCH)
+                emb, reasons = items[members[0]][0].encoder.embed_each(texts)
             except EncoderError as err:  # not the texts' fault: Serve replaces this replica
                 self._broken = str(err)
                 raise
