@@ -99,8 +99,8 @@ def quiet(busy_below: float = 0.25, timeout_s: float = 30.0) -> None:
 
 
 def raw_rate(model: str, sample: list[str]) -> float:
-    """Texts/s of the raw model in this process (all cores), once the machine is quiet: encoder.embed in batches
-    of 64, then the head."""
+    """Texts/s of the raw model in this process (all cores), once the machine is quiet: ``predict_proba`` over the
+    whole sample (the encoder sorts it by length into passes of ``encoder.batch_size``)."""
     quiet()
     clf = AutoFusionClassifier.load(model, device="cpu")
     clf.predict_proba(sample[:128])  # warm-up (ONNX Runtime sizes its buffers on the first long batches)

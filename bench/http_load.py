@@ -7,9 +7,9 @@ or Ray Serve's HAProxy ingress), driven by a separate load-generator process (ai
 encoder path). It warms up first so
 autoscaling settles, then measures req/s, texts/s and p50/p99 latency. The raw side is
 ``AutoFusionClassifier.predict_proba`` over the whole sample in this process on all cores (sorted by
-length into passes of 32, so it pads less than a replica's batches can), measured before and after the
-load, each once the machine is quiet (requests still in flight after the load would slow it). Each row's ratio: HTTP texts/s over raw texts/s; the last line,
-``ratio: X``, is the lowest of them.
+length into passes of 32, so it pads less than a replica's batches can), measured before and after
+the load, each once the machine is quiet (requests still in flight after the load would slow it).
+Each row's ratio: HTTP texts/s over raw texts/s; the last line, ``ratio: X``, is the lowest of them.
 
     python bench/http_load.py [--bundle DIR | --backend auto|torch|onnx|onnx-int8] [--proxy serve|haproxy]
                               [--kind long|short|both] [--concurrency 16] [--texts-per-request 1,8]
