@@ -77,24 +77,22 @@ def bundle(args: argparse.Namespace) -> str:
     return out
 
 
+def cpu_times() -> tuple[float, float]:
+    """The machine's CPU time since boot from /proc/stat (Linux): (all, idle + iowait), in clock ticks."""
+    with open("/proc/stat") as f:
+        v = [float(x) for x in f.readline().split()[1:]]
+    return sum(v), v[3] + (v[4] if len(v) > 4 else 0.0)
+
+
 def quiet(busy_below: float = 0.25, timeout_s: float = 30.0) -> None:
     """Wait until the machine's CPUs are less than ``busy_below`` busy over a second (or ``timeout_s``): work
     the load left behind (requests still in flight when the load generator stopped) must not slow the raw side."""
-
-    def ticks() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        return v[3] + v[4], sum(v)  # idle + iowait, all
-
-    if not os.path.exists("/proc/stat"):
-        time.sleep(5)
-        return
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        idle0, all0 = ticks()
+        all0, idle0 = cpu_times()
         time.sleep(1)
-        idle1, all1 = ticks()
-        if 1 - (idle1 - idle0) / max(1, all1 - all0) < busy_below:
+        all1, idle1 = cpu_times()
+        if 1 - (idle1 - idle0) / max(1.0, all1 - all0) < busy_below:
             return
 
 

@@ -27,6 +27,8 @@ import threading
 import time
 from typing import Any
 
+from _serve_common import cpu_times
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -35,13 +37,6 @@ MAX_LENGTH = 256
 
 
 # -- measuring ------------------------------------------------------------------------------------------------
-def _cpu_times() -> tuple[float, float]:
-    with open("/proc/stat") as f:
-        v = [float(x) for x in f.readline().split()[1:]]
-    idle = v[3] + (v[4] if len(v) > 4 else 0.0)
-    return sum(v), idle
-
-
 class Sampler:
     """GPU utilisation and memory (nvidia-smi every ``ms`` ms) and CPU busy % over one window."""
 
@@ -54,7 +49,7 @@ class Sampler:
         self.cpu0 = (0.0, 0.0)
 
     def start(self) -> Sampler:
-        self.t0, self.cpu0 = time.perf_counter(), _cpu_times()
+        self.t0, self.cpu0 = time.perf_counter(), cpu_times()
         if shutil.which("nvidia-smi"):
             q = ["--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits", "-lms", str(self.ms)]
             self.proc = subprocess.Popen(
@@ -74,7 +69,7 @@ class Sampler:
             self.samples.append((util, mem))
 
     def stop(self) -> dict[str, Any]:
-        total, idle = _cpu_times()
+        total, idle = cpu_times()
         dt, di = total - self.cpu0[0], idle - self.cpu0[1]
         out: dict[str, Any] = {"window_s": round(time.perf_counter() - self.t0, 2)}
         out["cpu_busy_pct"] = round(100 * (1 - di / dt), 1) if dt > 0 else None
