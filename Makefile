@@ -80,22 +80,23 @@ serve: install
 	test -f $(SERVE_MODEL)/manifest.json || $(BIN)/labelfuse train --dataset bbc-news --output $(SERVE_MODEL)
 	$(BIN)/labelfuse serve --bundle $(SERVE_MODEL) --dev-kafka
 
-# lint (mypy, about 30 s of one core, runs beside the first lane instead of before it), then pytest in two lanes.
-# The first runs PYTEST_WORKERS pytest-xdist processes (a test file stays in one, so its module fixtures start once;
-# 0 runs them in this process), the slowest files first (tests/conftest.py). The second runs the tests marked
-# `serial` alone after it: the sustained HTTP load test (its throughput floor needs the cores to itself) and the
-# multi-node tests (their own Ray cluster, which must not meet the first lane's local Ray in one process; run beside
-# the first lane instead, they made it 200 s slower and saved 137). pytest exits 5 when it collected no tests: in
-# the first lane that is a broken run, not a pass; in the second (PYTEST_ARGS picked other tests) it is fine.
+# ruff, then pytest in two lanes. The first runs PYTEST_WORKERS pytest-xdist processes (a test file stays in one, so
+# its module fixtures start once; 0 runs them in this process), the slowest files first (tests/conftest.py). The
+# second runs the tests marked `serial` alone after it: the multi-node tests (their own Ray cluster, which must not
+# meet the first lane's local Ray in one process; run beside the first lane instead, they made it 200 s slower and
+# saved 137), then the sustained HTTP load test (its throughput floor needs the cores to itself). mypy (50 CPU-s
+# from a fresh clone) runs beside the multi-node tests, which leave the 2 cores idle 60% of the time, instead of
+# beside the first lane, which keeps them 90% busy. pytest exits 5 when it collected no tests: in the first lane
+# that is a broken run, not a pass; in the second (PYTEST_ARGS picked other tests) it is fine.
 PYTEST_WORKERS ?= 2
 test: install
 	$(BIN)/ruff check $(LINT)
 	$(BIN)/ruff format --check $(LINT)
-	$(BIN)/mypy fusion & mypy=$$!; \
-	  $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not serial" $(PYTEST_ARGS); rc=$$?; \
-	  wait $$mypy || { echo "mypy failed (above)"; exit 1; }; \
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not serial" $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; [ $$rc -eq 0 ] || exit $$rc; \
-	  $(BIN)/python -m pytest -m serial $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && exit 0; exit $$rc
+	  $(BIN)/mypy fusion & mypy=$$!; \
+	  $(BIN)/python -m pytest -m serial $(PYTEST_ARGS); rc=$$?; \
+	  wait $$mypy || { echo "mypy failed (above)"; exit 1; }; [ $$rc -eq 5 ] && exit 0; exit $$rc
 
 # the inner loop: the library's tests, no Ray, no broker, no LLM (tests marked `integration` are left out)
 test-fast: install
