@@ -118,10 +118,10 @@ class AutoFusionClassifier(_Estimator):
         encoder: TextEncoder | None = None,
         ledger: Ledger | None = None,
     ):
-        """``encoder``: use this encoder instead of the configured one (e.g. one shared by many models); it is
-        never changed: fine-tuning trains a copy, with this config's ``encoder.fine_tuning`` and
-        ``encoder.fine_tune_lr``. ``ledger`` replaces the in-process LLM budget/rate ledger (e.g. a shared Ray
-        actor)."""
+        """``encoder``: use this encoder instead of the configured one (e.g. one shared by many models; a saved
+        bundle records its settings, so loading it builds the same encoder); it is never changed: fine-tuning
+        trains a copy, with this config's ``encoder.fine_tuning`` and ``encoder.fine_tune_lr``. ``ledger``
+        replaces the in-process LLM budget/rate ledger (e.g. a shared Ray actor)."""
         self.config = _coerce_config(config)
         self._encoder_param, self._ledger = encoder, ledger
         self._encoder = encoder
@@ -555,13 +555,21 @@ class AutoFusionClassifier(_Estimator):
             **head.manifest(),
             "encoder": {**self.encoder.reference(), "embedded": fine_tuned, "probe": probe.tolist()},
             "fewshot": None if self.pool is None else self.pool.manifest(),
-            "config": self.config.model_dump(),
+            "config": self._saved_config(),
             "metrics": self.metrics,
             "training": self.training,
         }
         out = bundle_io.write_bundle(path, manifest, tensors, self.encoder.save if fine_tuned else None)
         self.version = bundle_io.version_of(json.loads((out / bundle_io.MANIFEST).read_text(encoding="utf-8")))
         return out
+
+    def _saved_config(self) -> dict[str, Any]:
+        """The config a bundle keeps. Loading builds the encoder from it, so an encoder given to the constructor
+        is described by its own settings (model, max_length, pooling, normalize, backend), not the config's."""
+        config = self.config.model_dump()
+        if self._encoder_param is not None:
+            config["encoder"] |= self._encoder_param.config.model_dump(include=set(ENCODER_IDENTITY))
+        return config
 
     @classmethod
     def load(
@@ -584,6 +592,10 @@ class AutoFusionClassifier(_Estimator):
         clf.version = b.version
         clf._encoder, clf._encoder_changed = b.encoder(device, encoder), b.fine_tuned
         return clf
+
+
+# the encoder settings that change its embeddings (device, threads and batch size do not)
+ENCODER_IDENTITY = ("model", "max_length", "pooling", "normalize", "backend")
 
 
 def _few_shot(cfg: Config) -> bool:

@@ -64,6 +64,18 @@ def test_save_load_gives_identical_probabilities(bbc_model, bbc, bbc_emb, tmp_pa
     np.testing.assert_allclose(fresh.predict_proba(texts), bbc_model.predict_proba(texts), atol=1e-6)
 
 
+def test_a_model_trained_with_a_shared_encoder_loads_that_encoder(encoder, bbc, bbc_emb, tmp_path):
+    """The config says 256 tokens, the shared encoder cuts at 64: the bundle must load the encoder it was
+    trained with (it once loaded the config's, and 5 of 40 labels changed; the short probe text hid it)."""
+    rows = np.random.default_rng(0).choice(len(bbc["train"]), 300, replace=False)  # the split is sorted by class
+    clf = AutoFusionClassifier(encoder=encoder).fit(bbc["train"].iloc[rows], embeddings=bbc_emb["train"][rows])
+    assert clf.config.encoder.max_length != encoder.config.max_length
+    loaded = AutoFusionClassifier.load(clf.save(tmp_path / "m"))
+    assert loaded.config.encoder.max_length == encoder.config.max_length
+    texts = bbc["test"]["text"].tolist()[:40]  # articles, far longer than 64 tokens
+    np.testing.assert_allclose(loaded.predict_proba(texts), clf.predict_proba(texts), atol=1e-6)
+
+
 def test_fusion_with_llm_block_and_missing_llm_fallback(encoder, bbc, bbc_emb):
     classes = sorted(bbc["train"]["label"].unique())
     y = {k: class_ids(bbc[k], classes) for k in bbc}
