@@ -66,7 +66,7 @@ def test_save_load_gives_identical_probabilities(bbc_model, bbc, bbc_emb, tmp_pa
 
 def test_a_model_trained_with_a_shared_encoder_loads_that_encoder(encoder, bbc, bbc_emb, tmp_path):
     """The config says 256 tokens, the shared encoder cuts at 64: the bundle must load the encoder it was
-    trained with (it once loaded the config's, and 5 of 40 labels changed; the short probe text hid it)."""
+    trained with (it once loaded the config's; the bundle's probe, a short text, did not tell them apart)."""
     rows = np.random.default_rng(0).choice(len(bbc["train"]), 300, replace=False)  # the split is sorted by class
     clf = AutoFusionClassifier(encoder=encoder).fit(bbc["train"].iloc[rows], embeddings=bbc_emb["train"][rows])
     assert clf.config.encoder.max_length != encoder.config.max_length
