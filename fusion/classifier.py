@@ -565,10 +565,11 @@ class AutoFusionClassifier(_Estimator):
 
     def _saved_config(self) -> dict[str, Any]:
         """The config a bundle keeps. Loading builds the encoder from it, so an encoder given to the constructor
-        is described by its own settings (model, max_length, pooling, normalize, backend), not the config's."""
+        is described by its own settings (those of its :meth:`TextEncoder.reference`), not the config's."""
         config = self.config.model_dump()
         if self._encoder_param is not None:
-            config["encoder"] |= self._encoder_param.config.model_dump(include=set(ENCODER_IDENTITY))
+            ref = self._encoder_param.reference()
+            config["encoder"] |= {k: v for k, v in ref.items() if k in config["encoder"]}
         return config
 
     @classmethod
@@ -592,10 +593,6 @@ class AutoFusionClassifier(_Estimator):
         clf.version = b.version
         clf._encoder, clf._encoder_changed = b.encoder(device, encoder), b.fine_tuned
         return clf
-
-
-# the encoder settings that change its embeddings (device, threads and batch size do not)
-ENCODER_IDENTITY = ("model", "max_length", "pooling", "normalize", "backend")
 
 
 def _few_shot(cfg: Config) -> bool:
