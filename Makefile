@@ -87,11 +87,13 @@ serve: install
 # saved 137), then the sustained HTTP load test (its throughput floor needs the cores to itself). mypy (50 CPU-s
 # from a fresh clone) runs beside the multi-node tests, which leave the 2 cores idle 60% of the time, instead of
 # beside the first lane, which keeps them 90% busy. pytest exits 5 when it collected no tests: in the first lane
-# that is a broken run, not a pass; in the second (PYTEST_ARGS picked other tests) it is fine.
+# that is a broken run, not a pass; in the second (PYTEST_ARGS picked other tests) it is fine. Both lanes share one
+# directory of ONNX exports of the encoder (tests/conftest.py): each export costs 9-15 CPU-s.
 PYTEST_WORKERS ?= 2
 test: install
 	$(BIN)/ruff check $(LINT)
 	$(BIN)/ruff format --check $(LINT)
+	export LABELFUSE_TEST_ONNX_DIR=$$(mktemp -d -t labelfuse-test-onnx-XXXXXX); \
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not serial" $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; [ $$rc -eq 0 ] || exit $$rc; \
 	  $(BIN)/mypy fusion & mypy=$$!; \
