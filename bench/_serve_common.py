@@ -39,8 +39,26 @@ def add_proxy_arg(ap: argparse.ArgumentParser) -> None:
     )
 
 
+def add_sizing_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--threads", type=int, default=1, help="encoder threads (and CPUs) per Fusion replica")
+    ap.add_argument("--fusion-replicas", type=int, help="a fixed number of Fusion replicas (default: autoscaling 1-2)")
+
+
+def sizing(args: argparse.Namespace) -> tuple[dict, dict]:
+    """The app settings and deployment options of ``--threads`` and ``--fusion-replicas``."""
+    fusion: dict = {"ray_actor_options": {"num_cpus": args.threads}} if args.threads != 1 else {}
+    if args.fusion_replicas:
+        fusion |= {"num_replicas": args.fusion_replicas, "autoscaling_config": None}
+    return {"threads": args.threads}, {"Fusion": fusion}
+
+
+def describe_sizing(args: argparse.Namespace) -> str:
+    return f"Fusion {args.fusion_replicas or '1-2'} replica(s) x {args.threads} thread(s)"
+
+
 def serve_app(args: argparse.Namespace, model: str) -> str:
-    """A local Ray with the labelfuse app at its default sizing on a free port, behind ``--proxy``: its URL."""
+    """A local Ray with the labelfuse app (its default sizing, or ``--threads`` / ``--fusion-replicas``) on a free
+    port, behind ``--proxy``: its URL."""
     from fusion.llm.local import free_port
 
     if args.proxy == "haproxy":  # read when Ray's processes (and this one's ray.serve) start
@@ -59,7 +77,8 @@ def serve_app(args: argparse.Namespace, model: str) -> str:
     port = free_port()
     ray.init(include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build({"bundle": model}), name="bench", route_prefix="/")
+    settings, options = sizing(args)
+    serve.run(build({"bundle": model, **settings}, options), name="bench", route_prefix="/")
     return f"http://127.0.0.1:{port}"
 
 

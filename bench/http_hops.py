@@ -23,7 +23,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _serve_common import add_bundle_args, add_proxy_arg, bundle, raw_rate, serve_app, texts
+from _serve_common import add_bundle_args, add_proxy_arg, add_sizing_args, bundle, raw_rate, serve_app, texts
 
 ROUTES = {  # name: (method, path, what the request passes through)
     "healthz": ("GET", "/healthz", "proxy + Fusion's HTTP API"),
@@ -59,6 +59,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_bundle_args(ap)
     add_proxy_arg(ap)
+    add_sizing_args(ap)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=15)
     ap.add_argument("--warmup", type=float, default=20, help="seconds of classify load first (Fusion scales 1 -> 2)")

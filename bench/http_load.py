@@ -12,6 +12,7 @@ the load, each once the machine is quiet (requests still in flight after the loa
 Each row's ratio: HTTP texts/s over raw texts/s; the last line, ``ratio: X``, is the lowest of them.
 
     python bench/http_load.py [--bundle DIR | --backend auto|torch|onnx|onnx-int8] [--proxy serve|haproxy]
+                              [--threads 1] [--fusion-replicas N]
                               [--kind long|short|both] [--concurrency 16] [--texts-per-request 1,8]
                               [--seconds 30] [--warmup 30]
 
@@ -30,7 +31,16 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _serve_common import add_bundle_args, add_proxy_arg, bundle, raw_rate, serve_app, texts
+from _serve_common import (
+    add_bundle_args,
+    add_proxy_arg,
+    add_sizing_args,
+    bundle,
+    describe_sizing,
+    raw_rate,
+    serve_app,
+    texts,
+)
 
 
 async def _load(url: str, sample: list[str], per_request: int, concurrency: int, warmup: float, seconds: float):
@@ -91,6 +101,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_bundle_args(ap)
     add_proxy_arg(ap)
+    add_sizing_args(ap)
     ap.add_argument("--kind", choices=["long", "short", "both"], default="both")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--texts-per-request", default="1,8", help="comma list; one measurement each")
@@ -124,7 +135,7 @@ def main() -> None:
 
     print(
         f"\nHTTP encoder path (llm: off) vs raw model, {os.cpu_count()} CPUs, {args.concurrency} concurrent clients, "
-        f"{args.proxy} proxy"
+        f"{args.proxy} proxy, {describe_sizing(args)}"
     )
     print(
         f"{'texts':6} {'per req':>7} {'raw texts/s':>16} {'HTTP texts/s':>13} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} {'ratio':>6}"

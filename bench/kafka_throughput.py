@@ -9,6 +9,7 @@ this process on all cores, measured before and after, each once the machine is q
 tagged messages/s over raw texts/s (the target is 0.9 or more).
 
     python bench/kafka_throughput.py [--bundle DIR | --backend auto|torch|onnx|onnx-int8] [--kind long|short] [--messages 2000] [--warmup 25] [--replicas 1]
+                                   [--threads 1] [--fusion-replicas N]
 """
 
 import argparse
@@ -21,12 +22,13 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _serve_common import add_bundle_args, bundle, raw_rate, texts
+from _serve_common import add_bundle_args, add_sizing_args, bundle, describe_sizing, raw_rate, sizing, texts
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_bundle_args(ap)
+    add_sizing_args(ap)
     ap.add_argument("--kind", choices=["long", "short"], default="long")
     ap.add_argument("--messages", type=int, default=2000)
     ap.add_argument("--warmup", type=float, default=25.0, help="seconds of results not timed (Fusion scales 1 -> 2)")
@@ -56,7 +58,9 @@ def main() -> None:
             "replicas": args.replicas,
             "batch_size": args.batch_size,
         }
-        serve.run(build({"bundle": model, "kafka": {**kafka, **DEV_CLIENT}}), name="bench", route_prefix="/")
+        settings, options = sizing(args)
+        app = build({"bundle": model, **settings, "kafka": {**kafka, **DEV_CLIENT}}, options)
+        serve.run(app, name="bench", route_prefix="/")
         p = KafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=20)
         for i, t in enumerate(sample):
             p.send(topics["input_topics"][0], key=str(i).encode(), value=json.dumps({"text": t}).encode())
@@ -90,7 +94,7 @@ def main() -> None:
     raw_mean = statistics.mean(raw)
     print(
         f"\nKafka tagging vs raw model, {os.cpu_count()} CPUs, {args.kind} texts, {args.replicas} tagger replica(s), "
-        f"batch {args.batch_size}"
+        f"batch {args.batch_size}, {describe_sizing(args)}"
     )
     print(
         f"tagged {len(seen)}/{len(sample)} messages, {len(measured)} timed after {args.warmup:.0f} s of warm-up: "
