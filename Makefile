@@ -88,7 +88,7 @@ serve: install
 # from a fresh clone) runs beside the multi-node tests, which leave the 2 cores idle 60% of the time, instead of
 # beside the first lane, which keeps them 90% busy. pytest exits 5 when it collected no tests: in the first lane
 # that is a broken run, not a pass; in the second (PYTEST_ARGS picked other tests) it is fine. Both lanes share one
-# directory of ONNX exports of the encoder (tests/conftest.py): each export costs 9-15 CPU-s.
+# directory of ONNX exports of the encoder (tests/conftest.py): an export of MiniLM costs about 9 CPU-s.
 PYTEST_WORKERS ?= 2
 test: install
 	$(BIN)/ruff check $(LINT)
