@@ -10,7 +10,7 @@ under single texts: with Serve's proxy in front (``--proxy serve``) it is about 
 The last line is ``ratio: X``: classify requests/s over the raw model's texts/s.
 
     python bench/http_hops.py [--bundle DIR | --backend auto|torch|onnx|onnx-int8] [--proxy serve|haproxy] [--seconds 15]
-                              [--warmup 20]
+                              [--warmup 20] [--threads 1] [--fusion-replicas N]
 """
 
 import argparse
