@@ -46,7 +46,7 @@ def add_sizing_args(ap: argparse.ArgumentParser) -> None:
 
 def sizing(args: argparse.Namespace) -> tuple[dict, dict]:
     """The app settings and deployment options of ``--threads`` and ``--fusion-replicas``."""
-    fusion: dict = {"ray_actor_options": {"num_cpus": args.threads}} if args.threads != 1 else {}
+    fusion: dict = {"ray_actor_options": {"num_cpus": args.threads}}
     if args.fusion_replicas:
         fusion |= {"num_replicas": args.fusion_replicas, "autoscaling_config": None}
     return {"threads": args.threads}, {"Fusion": fusion}

@@ -27,9 +27,9 @@ from fusion.config import EncoderConfig
 from fusion.datasets import builtin_split, load_builtin, split
 from fusion.encoder import TextEncoder
 
-# The fresh cache of each test session holds one set of the encoder's ONNX exports (made once per model and backend,
-# checked against PyTorch as they are made) for the whole run: the pytest-xdist workers inherit the directory from the process that starts them,
-# and `make test` gives both its lanes one.
+# The fresh cache of each test session links to one set of the encoder's ONNX exports for the whole run (made once
+# per model and backend, checked against PyTorch as they are made): the pytest-xdist workers inherit the directory
+# from the process that starts them, and `make test` gives both its lanes one.
 if "LABELFUSE_TEST_ONNX_DIR" not in os.environ:
     os.environ["LABELFUSE_TEST_ONNX_DIR"] = tempfile.mkdtemp(prefix="labelfuse-test-onnx-")
 os.symlink(os.environ["LABELFUSE_TEST_ONNX_DIR"], os.path.join(os.environ["LABELFUSE_CACHE_DIR"], "onnx"))
