@@ -56,6 +56,26 @@ def describe_sizing(args: argparse.Namespace) -> str:
     return f"Fusion {args.fusion_replicas or '1-2'} replica(s) x {args.threads} thread(s)"
 
 
+def full_fusion(args: argparse.Namespace) -> int:
+    """How many Fusion replicas the app runs under full load: ``--fusion-replicas``, or autoscaling's maximum, at most
+    as many as the local Ray's CPUs hold (each takes ``--threads``)."""
+    import ray
+
+    from serve.deployments import FUSION_AUTOSCALING
+
+    fits = int(ray.cluster_resources().get("CPU", 1) // args.threads)
+    return max(1, min(args.fusion_replicas or FUSION_AUTOSCALING["max_replicas"], fits))
+
+
+def running_replicas(app: str, deployment: str = "Fusion") -> int:
+    """The running replicas of one deployment of a Serve application (0 while it is not there yet)."""
+    from ray import serve
+
+    status = serve.status().applications.get(app)
+    dep = status.deployments.get(deployment) if status else None
+    return dep.replica_states.get("RUNNING", 0) if dep else 0
+
+
 def serve_app(args: argparse.Namespace, model: str) -> str:
     """A local Ray with the labelfuse app (its default sizing, or ``--threads`` / ``--fusion-replicas``) on a free
     port, behind ``--proxy``: its URL."""

@@ -59,6 +59,8 @@ EMBED_BATCH = 64  # texts per encoder call, summed over the requests batched tog
 KEEP_MODELS = 2  # bundles a replica keeps loaded: the current one and the one rolling out
 CALL_RATE_WINDOW = 1000  # texts over which a Fusion replica reports its gate's recent LLM-call rate
 KEPT_IDS = 10_000  # LLM answers a Fusion replica remembers having kept (a repeated text is kept once)
+# the encoder is the work, and a request carries 1 to EMBED_BATCH texts: 2 waiting means a queue
+FUSION_AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2, "upscale_delay_s": 5}
 
 
 @dataclass(frozen=True)
@@ -224,8 +226,7 @@ def _info(bundle: Bundle, head: FusionHead) -> dict[str, Any]:
     max_ongoing_requests=128,  # a request waits in the replica's batch queue, where texts join the next batch
     max_queued_requests=256,  # at the HTTP proxy; beyond it: 503 with Retry-After
     backpressure_config=BackpressureConfig(status_code=503, retry_after_s=1),
-    # the encoder is the work, and a request carries 1 to EMBED_BATCH texts: 2 waiting means a queue
-    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2, "upscale_delay_s": 5},
+    autoscaling_config=FUSION_AUTOSCALING,
 )
 @serve.ingress()
 class Fusion:
