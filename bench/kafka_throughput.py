@@ -4,9 +4,10 @@ A local tansu broker, the labelfuse application with its default sizing and ``--
 tagger replicas. ``--messages`` JSON messages (bbc-news texts) are produced up front; the
 clock starts ``--warmup`` seconds after Fusion runs all its replicas (2 when it autoscales), so the
 group join and the scaling from 1 to 2 replicas are left out however long they take, and stops at
-the last result: the steady state is measured. The raw side is ``AutoFusionClassifier.predict_proba`` in
-this process on all cores, measured before and after, each once the machine is quiet. Printed ratio:
-tagged messages/s over raw texts/s (the target is 0.9 or more).
+the last result: the steady state is measured. The raw side is
+``AutoFusionClassifier.predict_proba`` in this process on all cores, measured before and after, each
+once the machine is quiet. Printed ratio: tagged messages/s over raw texts/s (the target is 0.9 or
+more).
 
     python bench/kafka_throughput.py [--bundle DIR | --backend auto|torch|onnx|onnx-int8] [--kind long|short] [--messages 3000] [--warmup 10] [--replicas 1]
                                    [--threads 1] [--fusion-replicas N]
@@ -104,8 +105,15 @@ def main() -> None:
         c.close()
         serve.shutdown()
         ray.shutdown()
+    if len(measured) < 2:
+        why = (
+            f"Fusion never ran {full} replica(s)"
+            if timed_from is None
+            else f"the results ended within {args.warmup:.0f} s of Fusion running {full} replica(s)"
+        )
+        raise SystemExit(f"nothing was timed: {why} ({len(seen)}/{len(sample)} results); give more --messages")
     raw.append(raw_rate(model, sample[:256] if args.kind == "long" else sample))
-    rate = (len(measured) - 1) / (last - first) if first and last and last > first else 0.0
+    rate = (len(measured) - 1) / (last - first)
     raw_mean = statistics.mean(raw)
     print(
         f"\nKafka tagging vs raw model, {os.cpu_count()} CPUs, {args.kind} texts, {args.replicas} tagger replica(s), "
