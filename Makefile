@@ -88,12 +88,13 @@ serve: install
 # from a fresh clone) runs beside the multi-node tests, which leave the 2 cores idle 60% of the time, instead of
 # beside the first lane, which keeps them 90% busy. pytest exits 5 when it collected no tests: in the first lane
 # that is a broken run, not a pass; in the second (PYTEST_ARGS picked other tests) it is fine. Both lanes share one
-# directory of ONNX exports of the encoder (tests/conftest.py): an export of MiniLM costs about 9 CPU-s.
+# directory of ONNX exports of the encoder (tests/conftest.py), removed at the end: an export of MiniLM costs about
+# 9 CPU-s.
 PYTEST_WORKERS ?= 2
 test: install
 	$(BIN)/ruff check $(LINT)
 	$(BIN)/ruff format --check $(LINT)
-	export LABELFUSE_TEST_ONNX_DIR=$$(mktemp -d -t labelfuse-test-onnx-XXXXXX); \
+	export LABELFUSE_TEST_ONNX_DIR=$$(mktemp -d -t labelfuse-test-onnx-XXXXXX); trap 'rm -rf "$$LABELFUSE_TEST_ONNX_DIR"' EXIT; \
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not serial" $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; [ $$rc -eq 0 ] || exit $$rc; \
 	  $(BIN)/mypy fusion & mypy=$$!; \

@@ -53,7 +53,10 @@ def sizing(args: argparse.Namespace) -> tuple[dict, dict]:
 
 
 def describe_sizing(args: argparse.Namespace) -> str:
-    return f"Fusion {args.fusion_replicas or '1-2'} replica(s) x {args.threads} thread(s)"
+    from serve.deployments import FUSION_AUTOSCALING
+
+    autoscaling = f"{FUSION_AUTOSCALING['min_replicas']}-{FUSION_AUTOSCALING['max_replicas']}"
+    return f"Fusion {args.fusion_replicas or autoscaling} replica(s) x {args.threads} thread(s)"
 
 
 def full_fusion(args: argparse.Namespace) -> int:

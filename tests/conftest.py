@@ -1,14 +1,16 @@
 """Shared fixtures: the real bundled encoder and the real bbc-news corpus, embedded once per session."""
 
+import atexit
 import http.server
 import os
+import shutil
 import tempfile
 import threading
 from functools import partial
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# a fresh LLM score cache per test session: no test may pass on answers cached by an earlier run
+# a fresh LLM score cache per test session (removed when it ends): no test may pass on answers cached by an earlier run
 os.environ["LABELFUSE_CACHE_DIR"] = tempfile.mkdtemp(prefix="labelfuse-test-cache-")
 # Serve kills an HTTP proxy that is not ready within 5 s of its start, and serve.start then fails: on 2 busy
 # cores (two xdist workers) a proxy's process can take longer to start. Every Ray the tests start inherits this.
@@ -30,8 +32,10 @@ from fusion.encoder import TextEncoder
 # The fresh cache of each test session links to one set of the encoder's ONNX exports for the whole run (made once
 # per model and backend, checked against PyTorch as they are made): the pytest-xdist workers inherit the directory
 # from the process that starts them, and `make test` gives both its lanes one.
-if "LABELFUSE_TEST_ONNX_DIR" not in os.environ:
+atexit.register(shutil.rmtree, os.environ["LABELFUSE_CACHE_DIR"], ignore_errors=True)
+if "LABELFUSE_TEST_ONNX_DIR" not in os.environ:  # removed by the process that made it, after its workers ended
     os.environ["LABELFUSE_TEST_ONNX_DIR"] = tempfile.mkdtemp(prefix="labelfuse-test-onnx-")
+    atexit.register(shutil.rmtree, os.environ["LABELFUSE_TEST_ONNX_DIR"], ignore_errors=True)
 os.symlink(os.environ["LABELFUSE_TEST_ONNX_DIR"], os.path.join(os.environ["LABELFUSE_CACHE_DIR"], "onnx"))
 
 # A quarter of the product default (256) to keep the suite fast: embedding the bbc-news corpus takes half the
