@@ -45,6 +45,7 @@ from serve.settings import KafkaSettings
 log = logging.getLogger("labelfuse.kafka")
 
 ERROR_HEADER = "labelfuse.error"
+IDLE_POLL_MS = 500  # how long a poll waits with nothing in flight (records end the wait as they arrive)
 Classify = Callable[[list[str]], dict[str, Any]]  # texts -> Fusion.classify's answer
 COUNTERS = ("consumed", "tagged", "dead_lettered", "failed_alone", "graph_failures", "batches", "commits",
             "commit_failures", "retries", "pauses")  # fmt: skip
@@ -274,7 +275,10 @@ class TaggerLoop:
                     consumer.pause(*consumer.assignment())  # keep polling (group membership), fetch nothing
                 elif consumer.paused():
                     consumer.resume(*consumer.paused())
-                polled = consumer.poll(timeout_ms=100 if full else self.s.linger_ms or 1)
+                # A poll returns as soon as records arrive: with nothing in flight to commit, an idle tagger
+                # waits longer in it instead of waking 20 times a second.
+                wait_ms = 100 if full else (self.s.linger_ms or 1) if inflight else max(self.s.linger_ms, IDLE_POLL_MS)
+                polled = consumer.poll(timeout_ms=wait_ms)
                 with self._lock:
                     self.assignment = sorted(f"{tp.topic}:{tp.partition}" for tp in consumer.assignment())
                 records = [r for batch in polled.values() for r in batch]

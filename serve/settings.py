@@ -174,7 +174,12 @@ class KafkaSettings(_Strict):
     id_field: str = Field("id", description="JSON field copied into the result as 'id' (optional in messages).")
     max_chars: int = Field(20_000, ge=1, description="Longer texts go to the dead-letter topic.")
     batch_size: int = Field(64, ge=1, le=64, description="Messages per batch through the graph (max_poll_records).")
-    linger_ms: int = Field(50, ge=0, description="How long a poll waits for a batch to fill.")
+    linger_ms: int = Field(
+        50,
+        ge=0,
+        description="How long a poll waits for messages while batches are in flight (with none in flight, up to "
+        "500 ms); a poll returns as soon as messages arrive.",
+    )
     max_in_flight: int = Field(4, ge=1, description="Batches in the graph at once; beyond it, partitions are paused.")
     llm: LLMMode = Field("auto", description="LLM use per message (see POST /v1/classify).")
     labels_topic: str | None = Field(
