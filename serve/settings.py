@@ -177,8 +177,8 @@ class KafkaSettings(_Strict):
     linger_ms: int = Field(
         50,
         ge=0,
-        description="How long a poll waits for messages while batches are in flight (with none in flight, up to "
-        "500 ms); a poll returns as soon as messages arrive.",
+        description="How long a poll waits for messages while batches are in flight (with none in flight, the "
+        "longer of this and 500 ms); a poll returns as soon as messages arrive.",
     )
     max_in_flight: int = Field(4, ge=1, description="Batches in the graph at once; beyond it, partitions are paused.")
     llm: LLMMode = Field("auto", description="LLM use per message (see POST /v1/classify).")
