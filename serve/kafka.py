@@ -40,12 +40,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from fusion.texts import PROBE_TEXT, TextError, clean_text, load_json
-from serve.settings import KafkaSettings
+from serve.settings import IDLE_POLL_MS, KafkaSettings
 
 log = logging.getLogger("labelfuse.kafka")
 
 ERROR_HEADER = "labelfuse.error"
-IDLE_POLL_MS = 500  # how long a poll waits with nothing in flight (records end the wait as they arrive)
 Classify = Callable[[list[str]], dict[str, Any]]  # texts -> Fusion.classify's answer
 COUNTERS = ("consumed", "tagged", "dead_lettered", "failed_alone", "graph_failures", "batches", "commits",
             "commit_failures", "retries", "pauses")  # fmt: skip
@@ -275,9 +274,12 @@ class TaggerLoop:
                     consumer.pause(*consumer.assignment())  # keep polling (group membership), fetch nothing
                 elif consumer.paused():
                     consumer.resume(*consumer.paused())
-                # A poll returns as soon as records arrive: with nothing in flight to commit, an idle tagger
-                # waits longer in it instead of waking 20 times a second.
-                wait_ms = 100 if full else (self.s.linger_ms or 1) if inflight else max(self.s.linger_ms, IDLE_POLL_MS)
+                if full:
+                    wait_ms = 100
+                elif inflight:
+                    wait_ms = self.s.linger_ms or 1
+                else:  # nothing to commit: wait longer (records end a poll as they arrive) than waking 20 times a second
+                    wait_ms = max(self.s.linger_ms, IDLE_POLL_MS)
                 polled = consumer.poll(timeout_ms=wait_ms)
                 with self._lock:
                     self.assignment = sorted(f"{tp.topic}:{tp.partition}" for tp in consumer.assignment())

@@ -50,6 +50,7 @@ MANAGED = {
     "transactional_id": "",
 }
 SECRETS = ("sasl_plain_password", "ssl_password")
+IDLE_POLL_MS = 500  # how long a tagger's poll waits with no batch in flight (records end the wait as they arrive)
 
 
 def _client_keys() -> tuple[set[str], set[str]]:
@@ -178,7 +179,7 @@ class KafkaSettings(_Strict):
         50,
         ge=0,
         description="How long a poll waits for messages while batches are in flight (with none in flight, the "
-        "longer of this and 500 ms); a poll returns as soon as messages arrive.",
+        f"longer of this and {IDLE_POLL_MS} ms); a poll returns as soon as messages arrive.",
     )
     max_in_flight: int = Field(4, ge=1, description="Batches in the graph at once; beyond it, partitions are paused.")
     llm: LLMMode = Field("auto", description="LLM use per message (see POST /v1/classify).")
