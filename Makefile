@@ -84,7 +84,7 @@ serve: install
 # its module fixtures start once; 0 runs them in this process), the slowest files first (tests/conftest.py). The
 # second runs the tests marked `serial` alone after it: the multi-node tests (their own Ray cluster, which must not
 # meet the first lane's local Ray in one process; run beside the first lane instead, they made it 200 s slower and
-# saved 137), then the sustained HTTP load test (its throughput floor needs the cores to itself). mypy (50 CPU-s
+# saved 137), then the sustained HTTP load test (its throughput floor needs the cores to itself). mypy (32 CPU-s
 # from a fresh clone) runs beside the multi-node tests, which leave the 2 cores idle 60% of the time, instead of
 # beside the first lane, which keeps them 90% busy. pytest exits 5 when it collected no tests: in the first lane
 # that is a broken run, not a pass; in the second (PYTEST_ARGS picked other tests) it is fine. Both lanes share one

@@ -2,15 +2,12 @@
 
 Jobs run in-process on the session's Ray runtime (``ray_local``), except where the test is
 about processes: the interrupted backfill (a job's driver process, attached to the session's Ray
-and killed) and ``ray job submit`` (a ``ray start --head`` cluster the test starts and stops
-itself, touching no other Ray).
+and killed). ``ray job submit`` runs a backfill on the multi-node cluster of tests/test_multinode.py.
 The budget test alone uses the scripted stub endpoint: a paid API cannot be called here.
 """
 
 import json
 import os
-import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -32,7 +29,6 @@ from stub_llm import StubServer
 from data_jobs import backfill, embed, score, train
 from fusion.classifier import AutoFusionClassifier
 from fusion.datasets import builtin_split
-from fusion.llm.local import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
@@ -333,74 +329,3 @@ def test_fuzzed_rows_never_fail_a_backfill(ray_local, bbc_model, tmp_path_factor
             assert pd.isna(rows.loc[i, "error"]) and rows.loc[i, "label"] in bbc_model.classes
         else:
             assert rows.loc[i, "error"] == why and pd.isna(rows.loc[i, "label"])
-
-
-# -- ray job submit against a cluster this test starts ----------------------------------------------------------
-def _own_processes(marker: str) -> set[int]:
-    """PIDs whose command line names ``marker`` (our cluster's temp dir), plus their descendants."""
-    parents: dict[int, int] = {}
-    mine: set[int] = set()
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            parents[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            if marker in (d / "cmdline").read_bytes().decode(errors="replace"):
-                mine.add(int(d.name))
-        except (OSError, ValueError, IndexError):
-            continue
-    grew = True
-    while grew:
-        kids = {p for p, pp in parents.items() if pp in mine} - mine
-        grew = bool(kids)
-        mine |= kids
-    return mine
-
-
-def _stop_own_cluster(marker: str) -> None:
-    """SIGTERM, 3 s to exit (GCS, the raylet and the agents took the whole 10 s this gave them before), SIGKILL."""
-    for sig, grace in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):
-        for pid in _own_processes(marker):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + grace
-        while _own_processes(marker) and time.time() < deadline:
-            time.sleep(0.2)
-
-
-def test_ray_job_submit_runs_a_job_on_a_started_cluster(corpora, tmp_path):
-    temp = Path(f"/tmp/lf-cluster-{secrets.token_hex(4)}")  # short: Ray's socket paths have a length limit
-    env = {
-        **os.environ,
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": secrets.token_hex(16),  # this cluster's own token; no token file is touched
-    }
-    env.pop("RAY_ADDRESS", None)
-    ports = {
-        p: free_port() for p in ("port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port")
-    }
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    start = [ray_bin, "start", "--head", "--num-cpus=2", f"--temp-dir={temp}", "--include-dashboard=true"]
-    start += [f"--{k}={v}" for k, v in ports.items()]
-    out = tmp_path / "emb"
-    try:
-        subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
-        submit = [
-            ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{ports['dashboard-port']}",
-            "--working-dir", str(REPO), "--",
-            sys.executable, "-m", "data_jobs.embed", "--input", str(corpora["dir"] / "test.jsonl"),
-            "--output", str(out), "--id-column", "id", *ENC,
-        ]  # fmt: skip
-        res = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
-        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-        assert "succeeded" in res.stdout + res.stderr
-        df = read_output(out)
-        assert len(df) == 32 and df["error"].notna().sum() == 2
-        assert "Connected to Ray cluster" in res.stdout + res.stderr  # the job ran on our cluster, not a local one
-    finally:
-        _stop_own_cluster(str(temp))
-        shutil.rmtree(temp, ignore_errors=True)
-    assert not _own_processes(str(temp))

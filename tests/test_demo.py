@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import TEST_MAX_LENGTH
 
 from fusion.classifier import AutoFusionClassifier
 from serve.dev_kafka import _listening
@@ -26,7 +27,8 @@ def test_demo_trains_serves_streams_reports_and_stops_only_what_it_started(ray_l
 
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "fusion.cli", "-q", "demo", "--output", str(out), "--limit", str(N),
-           "--llm", "local:smollm2-135m", "--llm-fraction", "0.25", "--gate-rate", "0.25"]  # fmt: skip
+           "--llm", "local:smollm2-135m", "--llm-fraction", "0.25", "--gate-rate", "0.25",
+           "--max-length", str(TEST_MAX_LENGTH)]  # fmt: skip
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=os.environ
     )

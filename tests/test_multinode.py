@@ -3,7 +3,7 @@
 ``ray.cluster_utils.Cluster`` (what Ray's own fault-tolerance tests use) starts a head and two
 worker nodes, each a raylet with its own object store and resources; removing one kills all its
 processes, as a lost machine would. The head has no CPUs, so every actor and task runs on the
-workers, and the jobs run as separate driver processes attached to the cluster's address.
+workers; the backfill is submitted with ``ray job submit`` to the head's dashboard, as on a real cluster.
 
 These tests run in their own pytest process (``make test`` starts it after the main lane): the
 main lane's session-wide local Ray and this cluster must not meet in one process.
@@ -31,14 +31,17 @@ pytestmark = [pytest.mark.integration, pytest.mark.multinode, pytest.mark.serial
 
 @pytest.fixture(scope="module")
 def cluster():
-    """The head node: no CPUs, so work goes to the worker nodes each test adds with :func:`workers`."""
+    """The head node: no CPUs, so work goes to the worker nodes each test adds with :func:`workers`. It runs the
+    dashboard, which takes ``ray job submit``."""
     from ray.cluster_utils import Cluster
+
+    from fusion.llm.local import free_port
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # A lost node is declared dead after 3 failed health checks 1 s apart (Ray's defaults: 5 checks 3 s apart),
     # so the tests spend their time on what follows the loss, not on waiting for Ray to notice it.
     quick = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
-    head = {"num_cpus": 0, "include_dashboard": False, "_system_config": quick}
+    head = {"num_cpus": 0, "include_dashboard": True, "dashboard_port": free_port(), "_system_config": quick}
     c = Cluster(initialize_head=True, connect=False, head_node_args=head)
     yield c
     c.shutdown()  # also forgets the cluster's address, so a later `ray.init()` starts its own
@@ -103,18 +106,21 @@ def corpus(root: Path, n: int, files: int) -> list[str]:
 
 
 def test_a_backfill_finishes_when_a_worker_node_is_lost(cluster, workers, bundle, http_dir, tmp_path, capsys):
-    """A worker node dies (all its processes killed) while the backfill runs on both: the same job finishes on
-    the node that is left, and every id is written exactly once. The bundle is a URI (served over HTTP), so
-    no node needs a shared path: each fetches it into its cache."""
+    """A backfill submitted with `ray job submit` (the code uploaded as its working directory) runs on both
+    worker nodes; one dies (all its processes killed): the same job finishes on the node that is left, and every
+    id is written exactly once. The bundle is a URI (served over HTTP), so no node needs a shared path: each
+    fetches it into its cache."""
     c = cluster
     root, base, _ = http_dir
     shutil.copytree(bundle, root / "model")
     out = tmp_path / "pred"
     ids = corpus(tmp_path / "corpus", 400, files=4)
     argv = ["--bundle", f"{base}/model", "--input", str(tmp_path / "corpus"), "--output", str(out),
-            "--rows-per-file", "50", "--batch-size", "25", "--actors", "2", "--address", c.address]  # fmt: skip
+            "--rows-per-file", "50", "--batch-size", "25", "--actors", "2"]  # fmt: skip
+    submit = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", f"http://{c.head_node.webui_url}",
+              "--working-dir", str(REPO), "--", sys.executable, "-m", "data_jobs.backfill", *argv]  # fmt: skip
     log = open(tmp_path / "job.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "data_jobs.backfill", *argv], cwd=REPO, stdout=log, stderr=log)
+    proc = subprocess.Popen(submit, cwd=tmp_path, stdout=log, stderr=log)
     try:
         deadline = time.monotonic() + 300
         while len(list(out.glob("part-*.parquet"))) < 2 and proc.poll() is None and time.monotonic() < deadline:
@@ -133,7 +139,9 @@ def test_a_backfill_finishes_when_a_worker_node_is_lost(cluster, workers, bundle
         if proc.poll() is None:
             proc.kill()
         log.close()
-    assert rc == 0, (tmp_path / "job.log").read_text()[-3000:]
+    job_log = (tmp_path / "job.log").read_text()
+    assert rc == 0 and "succeeded" in job_log, job_log[-3000:]
+    assert "Connected to Ray cluster" in job_log  # the job's driver attached to this cluster (RAY_ADDRESS)
     got = pq.read_table(out, columns=["id", "error"]).to_pandas()
     assert parts_before < len(ids) / 50  # the node was lost with most of the work still to do
     assert sorted(got["id"]) == sorted(ids)  # every id, exactly once
