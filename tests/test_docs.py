@@ -196,8 +196,9 @@ NOT_RUN_HERE = {
     "ray down": "needs a cloud account",
     "ray job logs": "Ray's own CLI, a view of a running job",
     "ray start": "Ray's own CLI; the multi-node tests start the same head and worker processes with "
-    "ray.cluster_utils.Cluster, with token auth, and `ray job submit` a backfill to it",
-    "ray get-auth-token": "Ray's own CLI; the multi-node tests give their cluster a token in RAY_AUTH_TOKEN",
+    "ray.cluster_utils.Cluster and `ray job submit` a backfill to it",
+    "ray get-auth-token": "Ray's own CLI; a local Ray writes the same token file (~/.ray/auth_token) when there is "
+    "none, and every later Ray and `ray job submit` on the machine use it",
     "docker": "no Docker daemon on the test machine; the Dockerfile's base image is Ray's",
     "kubectl": "no Kubernetes here; tests/test_deploy.py validates the manifests",
     "serve deploy": "serve/config.yaml and deploy/serve-cluster.yaml are built by tests/test_deploy.py",
