@@ -16,7 +16,7 @@ os.environ["LABELFUSE_CACHE_DIR"] = tempfile.mkdtemp(prefix="labelfuse-test-cach
 # cores (two xdist workers) a proxy's process can take longer to start. Every Ray the tests start inherits this.
 os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
 # Two of an idle Ray's own costs that no test looks at, for every Ray the tests start: its log monitor looks for
-# new log files every 0.5 s instead of every 0.1 s (Ray does so only from 1,000 files on), and its dashboard agent
+# new log files every 0.5 s instead of every 0.1 s (what Ray does once it watches 1,000 files), and its dashboard agent
 # reads every process's CPU and memory for the node's stats every 30 s instead of 5 s. An idle Ray with Serve, an
 # app and 6 actors, over 40 s: log monitor 1.14 -> 0.36 CPU-s, dashboard agent 0.86 -> 0.59.
 os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
