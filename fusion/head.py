@@ -114,11 +114,12 @@ class FusionHead:
             z[:, self.layout.flag(j)] = 1.0
         return z
 
-    def ask(self, emb: np.ndarray, llm: LLMMode = "auto", calibrated: bool = True) -> np.ndarray:
+    def ask(self, emb: np.ndarray, llm: LLMMode = "auto") -> np.ndarray:
         """The cost gate: a bool per text, True where the LLMs should be asked (all False without LLMs).
 
-        ``auto`` asks about the texts whose encoder-only confidence is below the gate threshold, or every
-        text when the model was trained without gating; ``off`` none; ``all`` every text."""
+        ``auto`` asks about the texts whose encoder-only confidence (calibrated, as the threshold was learned
+        on) is below the gate threshold, or every text when the model was trained without gating; ``off``
+        none; ``all`` every text."""
         if llm not in LLM_MODES:
             raise ValueError(f"llm must be one of {LLM_MODES}, got {llm!r}")
         n = len(emb)
@@ -126,7 +127,7 @@ class FusionHead:
             return np.zeros(n, dtype=bool)
         if llm == "all" or self.gate_threshold is None:
             return np.ones(n, dtype=bool)
-        enc = self.proba(self.features(emb), calibrated)
+        enc = self.proba(self.features(emb))
         return confidence(enc, self.multilabel) < self.gate_threshold
 
     def fuse(
@@ -177,7 +178,7 @@ class FusionHead:
         progress: bool = False,
     ) -> Prediction:
         """ask → the panel scores the texts asked (``given`` scores are used as they are) → fuse."""
-        ask = self.ask(emb, llm, calibrated)
+        ask = self.ask(emb, llm)  # the same texts whichever probabilities are asked for
         idx = np.flatnonzero(ask)
         asked = {k: np.asarray(v)[idx] for k, v in (given or {}).items()}
         batches: dict[str, ScoreBatch] = {}

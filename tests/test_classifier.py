@@ -127,6 +127,10 @@ def test_gating_by_call_rate_and_by_target_accuracy(encoder, bbc, bbc_emb):
     assert 0.1 < (~d.gated_out).mean() < 0.6  # about the validation rate on test data
     assert (d.llm_used[:, 0] == ~d.gated_out).all()  # given scores are not used for gated-out texts
     given = {"embeddings": bbc_emb["test"], "llm_scores": {"sim": scores["test"]}}
+    # the gate compares calibrated confidences with its threshold, whichever probabilities are asked for
+    assert clf.head.temperature != 1.0
+    raw = clf.predict_details(bbc["test"], calibrated=False, **given)
+    np.testing.assert_array_equal(raw.gated_out, d.gated_out)
     every, none = (clf.predict_details(bbc["test"], llm=m, **given) for m in ("all", "off"))
     assert every.llm_used.all() and not none.llm_used.any() and none.gated_out.all()
     with pytest.warns(DeprecationWarning, match="llm='all'"):  # the old spelling, for one release

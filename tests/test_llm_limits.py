@@ -147,6 +147,21 @@ def test_a_journaled_ledger_resumes_its_spend_and_open_reservations(tmp_path):
         again.settle(999, 1, 0.1)
 
 
+def test_ledgers_from_one_journal_in_one_process_share_its_books(tmp_path):
+    """Every `fit` and scorer builds its ledger from `llm_limits`: with `ledger_journal` set, the second one in a
+    process (`labelfuse eval --train-fractions`, a notebook's second fit) took 10 s to fail on the journal's lock."""
+    limits = LLMLimitsConfig(budget_usd=1.0, ledger_journal=str(tmp_path / "spend.sqlite"))
+    first = LocalLedger.from_limits(limits)
+    first.settle(first.try_reserve(10, 0.4).id, 10, 0.4)
+    start = time.perf_counter()
+    second = LocalLedger.from_limits(limits.model_copy(update={"budget_usd": 2.0}))
+    assert time.perf_counter() - start < 1 and second is first
+    assert second.snapshot()["spent_usd"] == 0.4 and second.snapshot()["budget_usd"] == 2.0  # its limits, same books
+    first.journal.close()  # the process ends; the next one resumes from the journal
+    third = LocalLedger.from_limits(limits)
+    assert third is not first and third.snapshot()["spent_usd"] == 0.4
+
+
 def test_a_reservation_whose_caller_died_is_charged_then_corrected_by_a_late_settle(tmp_path):
     now = [1000.0]
     path = tmp_path / "ledger.sqlite"
@@ -267,6 +282,29 @@ def test_429_with_retry_after_and_500_are_retried_then_succeed(tmp_path):
     assert stub.requests == 3 and batch.stats.attempts == 3 and batch.stats.calls == 1
     assert took >= 1.0  # waited for Retry-After: 1 (the 500 backoff is only ~0.01 s)
     assert batch.errors == [None] and batch.scores[0].argmax() == 1
+
+
+def test_a_cancelled_call_frees_its_slot_at_once_and_is_charged_its_reservation(tmp_path):
+    """A caller that goes away mid-call (Serve cancels the request's task when its HTTP client hangs up) must
+    not hold its concurrency slot until the reservation times out (15 minutes): the next call starts at once."""
+    with StubServer(CLASSES, _answer, latency_s=30) as stub:
+        scorer = _scorer(stub, tmp_path, max_concurrency=1)
+
+        async def cancel_then_score():
+            task = asyncio.create_task(scorer.score(["the match ended 2-1"]))
+            while stub.in_flight == 0:
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            after_cancel = scorer.ledger.snapshot()
+            stub.latency_s = 0
+            return after_cancel, await asyncio.wait_for(scorer.score(["shares fell"]), 10)
+
+        after_cancel, batch = asyncio.run(cancel_then_score())
+    assert after_cancel["in_flight"] == 0 and after_cancel["reserved_usd"] == 0
+    assert after_cancel["spent_usd"] > 0  # the provider may bill a request it received
+    assert batch.errors == [None] and batch.scores[0].argmax() == 0
 
 
 def test_out_of_retries_marks_the_text_missing_and_keeps_going(tmp_path):

@@ -93,6 +93,7 @@ class LedgerJournal:
                 f"cannot open the ledger journal at {self.path}: {err} (set llm_limits.ledger_journal)"
             ) from None
         self._lock = threading.Lock()
+        self.closed = False
 
     def _tx(self, *statements: tuple[str, tuple]) -> None:
         with self._lock:
@@ -156,6 +157,7 @@ class LedgerJournal:
         with self._lock:
             self._conn.close()
             os.close(self._lockfile)
+            self.closed = True
 
 
 def _exclusive(lock_path: Path, wait_s: float) -> int:

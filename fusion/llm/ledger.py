@@ -39,6 +39,8 @@ from typing import Any, Literal, Protocol
 from fusion.llm.journal import JournalGrant, JournalState, LedgerJournal
 
 log = logging.getLogger(__name__)
+_JOURNALED: dict[Path, LocalLedger] = {}  # LocalLedger.from_limits: this process's ledger of each journal file
+_JOURNALED_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -209,11 +211,21 @@ class LocalLedger:
 
     @classmethod
     def from_limits(cls, limits: Any, journal: str | Path | None = None) -> LocalLedger:
-        """From an ``LLMLimitsConfig``. ``journal`` is the default when ``limits.ledger_journal`` is unset."""
+        """From an ``LLMLimitsConfig``. ``journal`` is the default when ``limits.ledger_journal`` is unset.
+
+        One ledger per journal file in a process (a second ``fit`` or scorer on the same journal gets the first
+        one's books, with these limits): a journal is held by one ledger at a time."""
         path = limits.ledger_journal or journal
-        budget, concurrency, rpm, tpm, timeout = cls.limit_args(limits)
-        journal = None if path in (None, "memory") else path
-        return cls(budget, concurrency, rpm, tpm, journal=journal, reservation_timeout_s=timeout)
+        args = cls.limit_args(limits)
+        if path in (None, "memory"):
+            return cls(*args[:4], reservation_timeout_s=args[4])
+        with _JOURNALED_LOCK:
+            ledger = _JOURNALED.get(key := Path(path).expanduser().resolve())
+            if ledger is None or ledger.journal is None or ledger.journal.closed:
+                ledger = _JOURNALED[key] = cls(*args[:4], journal=path, reservation_timeout_s=args[4])
+            else:
+                ledger.set_limits(*args)
+            return ledger
 
     def try_reserve(self, tokens: int, max_cost_usd: float, key: str | None = None) -> Grant | Denial:
         """``key``: the caller's id for this request; asking again with it returns the same grant (a retry)."""

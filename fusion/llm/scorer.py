@@ -242,6 +242,12 @@ class LLMScorer:
             start = time.perf_counter()
             try:
                 resp = await client.chat.completions.create(**self._request(messages))
+            except asyncio.CancelledError:
+                # The caller went away (an HTTP client hung up, a job was stopped) with the request sent: the
+                # provider may bill it, so charge the reservation, and free the slot now rather than after
+                # `reservation_timeout_s`. Not awaited: a cancelled task must not wait on the ledger.
+                self.ledger.settle(grant.id, grant.tokens, max_cost)
+                raise
             except Exception as err:
                 await settle(self.ledger, grant, 0, 0.0)  # failed requests are not billed
                 if isinstance(err, (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError)):
