@@ -174,6 +174,13 @@ def write_part(batch: pa.Table, output: str, id_column: str) -> pa.Table:
     return pa.table({"part": [name], **{k: [v] for k, v in counts.items()}})
 
 
+def output_ledger(output: str) -> str:
+    """The default ledger's name: the output's own, so a killed run's journal (kept until a run finishes) is
+    the one the run that resumes it attaches to, and the budget counts both runs' spend."""
+    fs, root = common.filesystem(output)
+    return "labelfuse-backfill-" + hashlib.sha1(f"{type(fs).__name__}:{root}".encode()).hexdigest()[:12]
+
+
 def existing_parts(output: str) -> tuple[Any, str, list[str]]:
     """(filesystem, root, part paths) of ``output``, creating it and removing leftover temp files."""
     import pyarrow.fs as pafs
@@ -235,9 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
     deprecated(llm, "--no-llm", "--llm off", dest="llm", const="off")
     deprecated(llm, "--no-gate", "--llm all", dest="llm", const="all")
     deprecated(llm, "--gate", "--llm auto", dest="llm", const="auto")
-    p.add_argument("--llm-budget", type=float, metavar="USD", help="dollar cap for this run's LLM calls")
     p.add_argument(
-        "--ledger-name", help="named ledger actor to share (default: a new one for this run, its journal deleted after)"
+        "--llm-budget",
+        type=float,
+        metavar="USD",
+        help="dollar cap for this run's LLM calls, counting what a killed run into the same --output spent",
+    )
+    p.add_argument(
+        "--ledger-name",
+        help="named ledger actor to share (default: the output's own, its journal kept until a run finishes)",
     )
     p.add_argument(
         "--predictors",
@@ -284,7 +297,7 @@ def run(args: argparse.Namespace) -> int:
         kwargs = {"bundle": args.bundle, "id_column": args.id_column, "llm": args.llm, "threads": args.threads}
         ds = map_on_encoders(ds, EmbedAndPredict, kwargs, {}, **pool)
     else:
-        ledger = shared_ledger(args.ledger_name or f"labelfuse-ledger-{uuid.uuid4().hex[:8]}", config.llm_limits)
+        ledger = shared_ledger(args.ledger_name or output_ledger(args.output), config.llm_limits)
         ds = embed_dataset(ds, bundle=args.bundle, **pool)
         local = any(c.provider == "local" for c in config.llms)
         ds = ds.map_batches(
@@ -335,7 +348,7 @@ def run(args: argparse.Namespace) -> int:
         "ledger": ledger and {k: (None if v == float("inf") else v) for k, v in ledger.snapshot().items()},
         "cluster": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")},
     }
-    if ledger is not None and args.ledger_name is None:  # this run's own ledger: nothing to resume later
+    if ledger is not None and args.ledger_name is None:  # the output's own ledger: the run is over
         ledger.discard()
     with fs.open_output_stream(f"{root}/{SUMMARY}") as f:
         f.write(json.dumps(summary, indent=2).encode())

@@ -197,6 +197,7 @@ def read_corpus(
     ctx.target_min_block_size = min(ctx.target_min_block_size, BLOCK_BYTES)
     fmt = detect_format(path, fmt)
     wanted = list(dict.fromkeys([c for c in (id_column, text_column, *keep) if c]))
+    required = [c for c in (id_column, text_column) if c]
     opts = light()
     try:
         if fmt == "jsonl":
@@ -207,26 +208,56 @@ def read_corpus(
                 fn_kwargs={"columns": wanted, "text_column": text_column, "id_column": id_column},
                 **opts,
             )
-            names = wanted  # every line gives each wanted column (null where it has none): no schema pass
+            names = jsonl_fields(path)  # every line gives each wanted column (null where it has none)
         elif fmt == "parquet":
             ds = read_parquet(path, opts)
             names = ds.columns()  # from the files' metadata
         else:
-            ds = ray.data.read_csv(path, **opts)
+            import pyarrow.csv
+
+            # ids and texts as written: Arrow would read "00123" as the number 123, and a text of digits as one
+            strings = pyarrow.csv.ConvertOptions(column_types=dict.fromkeys(required, pa.string()))
+            ds = ray.data.read_csv(path, convert_options=strings, **opts)
             names = ds.columns()  # reads the first file
     except Exception as err:  # missing path, unreadable file: Ray and pyarrow raise many types
         raise DataError(f"cannot read {path} as {fmt}: {str(err).splitlines()[0]}") from None
-    required = [c for c in (id_column, text_column) if c]
-    missing = [c for c in required if c not in names]
+    missing = [] if names is None else [c for c in required if c not in names]  # None: the rows will say why
     if missing:
-        raise DataError(f"{path} has no column(s) {missing}; it has {names}. Use --text-column / --id-column.")
-    columns = [c for c in wanted if c in names]
+        has = "its first lines have" if fmt == "jsonl" else "it has"
+        raise DataError(f"{path} has no column(s) {missing}; {has} {names}. Use --text-column / --id-column.")
+    columns = wanted if fmt == "jsonl" else [c for c in wanted if c in names]
     return ds.map_batches(
         _validate,
         batch_format="pyarrow",
         fn_kwargs={"columns": columns, "text": text_column, "id": id_column, "clean": fmt != "jsonl"},
         **opts,
     )
+
+
+def jsonl_fields(path: str, lines: int = 100, enough: int = 10) -> list[str] | None:
+    """The fields of the JSON objects among the first ``lines`` lines of a JSONL input (of its first file by
+    name), read here on the driver: a column that not one of them has is misnamed, not a job of bad rows.
+    None when fewer than ``enough`` lines are objects: too few to tell (each bad row says why it is bad)."""
+    import pyarrow.fs as pafs
+
+    fs, root = filesystem(path)
+    if fs.get_file_info(root).type == pafs.FileType.Directory:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        files = sorted(i.path for i in infos if i.is_file and not i.base_name.startswith(("_", ".")))
+        if not files:
+            return None
+        root = files[0]
+    with fs.open_input_stream(root) as f:
+        head = f.read(1 << 20)
+    fields: dict[str, None] = {}
+    objects = 0
+    for raw in head.split(b"\n")[:lines]:
+        try:
+            fields.update(dict.fromkeys(load_json_object(raw)))
+            objects += 1
+        except ValueError:  # not an object (the row will say so); the last line may be cut short
+            continue
+    return list(fields) if objects >= enough else None
 
 
 def read_parquet(path: str, opts: dict[str, Any] | None = None) -> Any:

@@ -82,15 +82,19 @@ def run(args: argparse.Namespace) -> int:
     if args.label_column:
         config["data"].update(label_column=args.label_column, label_columns=None)
     info = common.read_sidecar(args.input)
-    if info.get("encoder"):  # the embeddings came from this encoder: the bundle must embed the same way
-        config["encoder"] = info["encoder"]
+    if not info.get("encoder"):  # a killed embed or score job leaves parts, but not the sidecar it writes last
+        raise common.DataError(
+            f"{args.input} has no {common.SIDECAR} naming the encoder of its embeddings: it is not the output of a "
+            "finished embed job (or of a score job run on one); run that job again"
+        )
+    config["encoder"] = info["encoder"]  # the embeddings came from this encoder: the bundle must embed the same way
     if info.get("classes"):  # score columns are in the scorer's class order: train in the same order
         config["labels"].update(classes=info["classes"], mode="multilabel" if info["multilabel"] else "multiclass")
     if not config["llms"] and info.get("llms"):
         config["llms"] = info["llms"]  # the LLMs that scored the input
     config = parse_config(config, source="data_jobs.train options")
     if config.llms and not config.labels.classes:
-        raise common.ConfigError(f"{args.input} has no {common.SIDECAR}; set labels.classes to the scorer's classes")
+        raise common.ConfigError(f"{args.input} names no classes in {common.SIDECAR}; set labels.classes")
     labels = config.data.label_columns or [config.data.label_column]
     columns = [config.data.text_column, "embedding", *labels, *[f"llm_{c.name}" for c in config.llms]]
     classes = config.labels.classes or []

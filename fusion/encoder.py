@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import logging
 import os
 import sys
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fusion.config import DEFAULT_ENCODER, EncoderConfig
-from fusion.errors import EncoderError, LabelfuseError
+from fusion.errors import ConfigError, EncoderError, LabelfuseError
 from fusion.texts import PROBE_TEXT, TextError, check_texts, clean_text
 
 if TYPE_CHECKING:
@@ -47,6 +48,17 @@ log = logging.getLogger(__name__)
 CLASSIFIER_FILE = "classifier.safetensors"
 
 _BUNDLED = {DEFAULT_ENCODER.lower(), f"sentence-transformers/{DEFAULT_ENCODER}".lower()}
+
+
+def position_limit(source: str) -> int | None:
+    """The most tokens a model takes (its position embeddings), or None when its config.json does not say."""
+    try:
+        cfg = json.loads((Path(source) / "config.json").read_text())
+        n = int(cfg["max_position_embeddings"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    # the RoBERTa family numbers positions from the padding index + 1: two of them are never a token's
+    return n - 2 if cfg.get("model_type") in ("roberta", "xlm-roberta", "camembert", "longformer") else n
 
 
 def resolve_model_path(model: str) -> str:
@@ -104,6 +116,12 @@ class TextEncoder:
         self.config = config or EncoderConfig()
         self.model_dir = model_dir
         self.source = model_dir or resolve_model_path(self.config.model)
+        limit = position_limit(self.source)
+        if limit is not None and self.config.max_length > limit:
+            raise ConfigError(
+                f"encoder.max_length {self.config.max_length} is over the {limit} tokens {self.config.model!r} "
+                f"takes (its position embeddings): set it to {limit} or less"
+            )
         self.model: Any = None  # the PyTorch model ('torch')
         self.onnx: OnnxTransformer | None = None  # the ONNX Runtime graph ('onnx', 'onnx-int8')
         self.classifier: Any = None  # a fine-tuned encoder's classification layer (fusion.finetune.Classifier)
@@ -121,8 +139,6 @@ class TextEncoder:
             self._load_torch()
 
     def _load_onnx(self) -> None:
-        import json
-
         from fusion.onnx_encoder import load_or_export
 
         self.device = "cpu"

