@@ -284,12 +284,16 @@ class Fusion:
         if self._registry and self._follower is None:
             self._follower = asyncio.get_running_loop().create_task(self._follow())
 
-    async def _load(self, path: str) -> None:
-        """Load the bundle at ``path`` (or the registry's champion) and swap it in once its parts are warm."""
+    async def _load(self, path: str, if_moved: bool = False) -> None:
+        """Load the bundle at ``path`` (or the registry's champion) and swap it in once its parts are warm;
+        ``if_moved``: only if that is another directory than the live model's (a registry's version directories
+        never change, and opening one checks every file's checksum: seconds for a fine-tuned encoder)."""
         from fusion.registry import resolve_bundle
 
         async with self._swap:
             bundle_dir = str(await asyncio.to_thread(resolve_bundle, path))
+            if if_moved and self.model is not None and self.model.ref.path == bundle_dir:
+                return
             bundle = await asyncio.to_thread(Bundle.open, bundle_dir)
             ref = BundleRef(bundle_dir, bundle.version, bundle.encoder_key)
             if self.model is not None and self.model.ref == ref:
@@ -316,7 +320,7 @@ class Fusion:
             if self._registry is None:
                 continue
             try:
-                await self._load(self._registry)
+                await self._load(self._registry, if_moved=True)
             except Exception:  # a half-copied or broken champion: keep serving the current one
                 log.exception("could not roll out the champion of %s; still serving the current model", self._registry)
 
@@ -515,22 +519,27 @@ class KafkaTagger:
         self.loop = TaggerLoop(s, classify, name=f"tagger-{replica}", metrics=KafkaMetrics())
         self.loops = [self.loop]
         if s.labels_topic and labels is not None:
-            self.loops.append(
-                LabelsLoop(
-                    s,
-                    keep=lambda records: labels.add.remote(records).result(timeout_s=timeout),
-                    text_of=lambda tid: labels.text_of.remote(tid).result(timeout_s=timeout),
-                    model=lambda: fusion.info.remote().result(timeout_s=timeout),
-                    name=f"labels-{replica}",
-                )
+            self._labels_loop = lambda: LabelsLoop(
+                s,
+                keep=lambda records: labels.add.remote(records).result(timeout_s=timeout),
+                text_of=lambda tid: labels.text_of.remote(tid).result(timeout_s=timeout),
+                model=lambda: fusion.info.remote().result(timeout_s=timeout),
+                name=f"labels-{replica}",
             )
+            self.loops.append(self._labels_loop())
         for loop in self.loops:
             loop.start()
 
     def check_health(self) -> None:
-        for loop in self.loops:
-            if not loop.alive:
-                raise RuntimeError(f"the Kafka loop {loop.name} stopped: {loop.stats()['error']}")
+        if not self.loop.alive:
+            raise RuntimeError(f"the Kafka loop {self.loop.name} stopped: {self.loop.stats()['error']}")
+        if len(self.loops) > 1 and not self.loops[1].alive:
+            # the label store or the labels topic failed, not the tagging: start that loop again (it resumes
+            # from its last commit) at the next health check, rather than replacing the replica and its tagger
+            log.warning("the Kafka loop %s stopped (%s); starting it again", self.loops[1].name,
+                        self.loops[1].stats()["error"])  # fmt: skip
+            self.loops[1] = self._labels_loop()
+            self.loops[1].start()
 
     def stats(self) -> dict[str, Any]:
         return self.loop.stats()

@@ -225,16 +225,19 @@ def http_api(
             text, given = fb.check(req, info["classes"], info["multilabel"], lim.max_chars)
         except DataError as err:
             raise HTTPException(422, str(err)) from None
-        if text is None:
-            text = await labels.text_of.remote(req.text_id)
-            if text is None:
-                raise HTTPException(422, f"text_id {req.text_id!r} is not in the label store; send the text instead")
-        record = fb.record(req, text, given, "http")
         try:
-            await labels.add.remote([record])
+            if text is None:
+                text = await labels.text_of.remote(req.text_id)
+                if text is None:
+                    raise HTTPException(
+                        422, f"text_id {req.text_id!r} is not in the label store; send the text instead"
+                    )
+            await labels.add.remote([fb.record(req, text, given, "http")])
+        except HTTPException:
+            raise
         except Exception as err:
             log.warning("feedback %r not kept: %s: %s", req.id, type(err).__name__, err)
-            return _unavailable(f"the label store could not be written ({type(err).__name__}); retry with the same id")
+            return _unavailable(f"the label store could not be used ({type(err).__name__}); retry with the same id")
         return {"kept": True, "label_id": req.id, "text_id": text_id(text)}
 
     @api.get("/v1/model", response_model=ModelInfo, dependencies=auth, responses=AUTH_ERRORS)

@@ -45,10 +45,43 @@ from serve.settings import IDLE_POLL_MS, KafkaSettings
 log = logging.getLogger("labelfuse.kafka")
 
 ERROR_HEADER = "labelfuse.error"
+SOURCE_HEADER = "labelfuse.source"
+DROPPED_HEADER = "labelfuse.dropped"
 Classify = Callable[[list[str]], dict[str, Any]]  # texts -> Fusion.classify's answer
 COUNTERS = ("consumed", "tagged", "dead_lettered", "failed_alone", "graph_failures", "batches", "commits",
             "commit_failures", "retries", "pauses")  # fmt: skip
 LABEL_COUNTERS = ("consumed", "kept", "dead_lettered", "batches", "commits", "commit_failures", "pauses")
+
+
+class DeadLetter:
+    """One dead letter on its way: whole, or, when the dead-letter topic cannot take it whole, without its key
+    and value (the ``labelfuse.dropped`` header gives their size; ``labelfuse.source`` still points at the
+    original). A dead letter that could never be sent would stop its partition for good, as the loop re-reads
+    a batch whose acks failed. ``get`` waits for the ack, like the producer's futures."""
+
+    def __init__(self, send: Callable[..., Any], record: Any, headers: list[tuple[str, bytes]]):
+        self.send, self.record, self.headers = send, record, headers
+        self.future = self._send(whole=True)
+
+    def _send(self, whole: bool) -> Any:
+        from kafka.errors import MessageSizeTooLargeError
+
+        key, value = self.record.key, self.record.value
+        if whole and (key is not None or value is not None):  # Kafka clients refuse a message with neither
+            try:
+                return self.send(key=key, value=value, headers=self.headers)
+            except MessageSizeTooLargeError:  # over the producer's max_request_size
+                pass
+        dropped = str(len(key or b"") + len(value or b"")).encode()
+        return self.send(key=None, value=b"", headers=[*self.headers, (DROPPED_HEADER, dropped)])
+
+    def get(self, timeout: float) -> Any:
+        from kafka.errors import MessageSizeTooLargeError
+
+        try:
+            return self.future.get(timeout=timeout)
+        except MessageSizeTooLargeError:  # the broker refused it: over the topic's max.message.bytes
+            return self._send(whole=False).get(timeout=timeout)
 
 
 class GraphUnavailable(Exception):
@@ -123,9 +156,10 @@ class RegistryDecoder:
         try:
             return self._decode(raw, SerializationContext(topic, MessageField.VALUE))
         except SchemaRegistryError as err:
-            if err.http_status_code < 0 or err.http_status_code >= 500:
-                raise RegistryUnavailable(f"schema registry: {err}") from err
-            raise BadMessage(f"schema id {schema_id}: {err.error_message}"[:500]) from None
+            if err.http_status_code == 404:  # the message names a schema the registry does not have
+                raise BadMessage(f"schema id {schema_id}: {err.error_message}"[:500]) from None
+            # down, or refusing the loop (401, 403, 429, ...): never the message's fault
+            raise RegistryUnavailable(f"schema registry: HTTP {err.http_status_code}: {err}") from err
         except Exception as err:
             # the registry cannot be reached: a socket error, or the HTTP client's (httpx, or httpx2 in newer
             # confluent-kafka); anything else is the payload not matching its schema
@@ -363,16 +397,13 @@ class TaggerLoop:
         self._count("failed_alone", alone)
         self._count("batches")
 
-    def _dead_letters(self, producer: Any, bad: list[tuple[Any, str]]) -> list[Any]:
+    def _dead_letters(self, producer: Any, bad: list[tuple[Any, str]]) -> list[DeadLetter]:
         """Send each (message, reason) to the dead-letter topic: original key and bytes, the reason in a header."""
-        futures = []
+        out = []
         for r, reason in bad:
-            headers = [
-                (ERROR_HEADER, reason.encode()),
-                ("labelfuse.source", f"{r.topic}:{r.partition}:{r.offset}".encode()),
-            ]
-            futures.append(producer.send(self.s.dead_letter_topic, key=r.key, value=r.value, headers=headers))
-        return futures
+            headers = [(ERROR_HEADER, reason.encode()), (SOURCE_HEADER, f"{r.topic}:{r.partition}:{r.offset}".encode())]
+            out.append(DeadLetter(lambda **m: producer.send(self.s.dead_letter_topic, **m), r, headers))
+        return out
 
     def _wait(self, futures: list[Any]) -> None:
         deadline = time.monotonic() + self.s.produce_timeout_s

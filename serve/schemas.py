@@ -157,6 +157,6 @@ FEEDBACK_ERRORS = AUTH_ERRORS | _errors(
         422: "The body does not match the schema; neither or both of `text` and `text_id`, or of `label` and `labels`; "
         "a class the model does not know; not exactly one label for a multi-class model; a text the text rule "
         "refuses; a `text_id` the store has not seen (send the text).",
-        503: "The label store could not be written; nothing was kept. Retry with the same `id`.",
+        503: "The label store could not be read or written; nothing was kept. Retry with the same `id`.",
     }
 )

@@ -15,7 +15,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from fusion.texts import PROBE_TEXT
 from serve.dev_kafka import DEV_CLIENT, create_topics, dev_kafka_args
-from serve.kafka import GraphUnavailable, TaggerLoop
+from serve.kafka import GraphUnavailable, RegistryDecoder, RegistryUnavailable, TaggerLoop
 from serve.settings import KafkaSettings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -109,6 +109,34 @@ def test_a_message_that_fails_alone_is_dead_lettered_and_the_rest_are_tagged(top
     assert committed(bootstrap, s.group_id, inp) == 4
 
 
+def test_a_message_the_dead_letter_topic_cannot_take_whole_goes_without_its_value(topics, bbc_model):
+    """Kafka clients refuse a message with neither key nor value, and one over the producer's max_request_size:
+    such a dead letter goes without its key and value, or it could never be sent and its partition would stop
+    for good (the loop re-reads a batch whose acks failed)."""
+    bootstrap, (inp, _, dead), s = topics
+    s = s.model_copy(update={"producer": s.producer.model_copy(update={"options": {"max_request_size": 30_000}})})
+    from confluent_kafka import Producer
+
+    p = Producer({"bootstrap.servers": bootstrap})  # librdkafka sends what kafka-python refuses to
+    p.produce(inp, value=None)  # neither key nor value
+    p.produce(inp, key=b"big", value=json.dumps({"text": "word " * 10_000}).encode())  # over max_chars, and 50 KB
+    p.produce(inp, key=b"gone", value=None)  # a tombstone: the dead letter keeps its key
+    p.produce(inp, key=b"ok", value=json.dumps({"text": "Shares in BP fell"}).encode())
+    assert p.flush(30) == 0
+    stats = run_until(TaggerLoop(s, Graph(bbc_model, lambda t: None)), lambda st: st["tagged"] >= 1)
+    assert stats["error"] is None and (stats["tagged"], stats["dead_lettered"]) == (1, 3)
+    assert committed(bootstrap, s.group_id, inp) == 4
+    c = KafkaConsumer(dead, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest", **DEV_CLIENT)
+    letters = [r for recs in c.poll(5000, max_records=10).values() for r in recs]
+    c.close()
+    got = {int(dict(r.headers)["labelfuse.source"].split(b":")[-1]): (r.key, r.value, dict(r.headers)) for r in letters}
+    assert sorted(got) == [0, 1, 2]
+    assert got[0][:2] == (None, b"") and got[0][2]["labelfuse.dropped"] == b"0"
+    assert got[1][:2] == (None, b"") and int(got[1][2]["labelfuse.dropped"]) > 50_000
+    assert got[1][2]["labelfuse.error"].endswith(b"characters; the limit is 20000")
+    assert got[2][:2] == (b"gone", None) and "labelfuse.dropped" not in got[2][2]
+
+
 def test_a_graph_that_is_down_stops_the_loop_uncommitted_and_a_new_loop_loses_nothing(topics, bbc_model):
     bootstrap, (inp, out, _), s = topics
     send(bootstrap, inp, ["Shares in BP fell", "The striker scored"])
@@ -147,7 +175,7 @@ class Registry:
         import threading
 
         self.schemas: list[dict] = []
-        self.up = True
+        self.down: int | None = None  # the status every schema lookup gets while the registry is "down"
         registry = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -165,8 +193,8 @@ class Registry:
                 self._send(200, {"id": len(registry.schemas)})
 
             def do_GET(self):  # /schemas/ids/<id>; anything else (newer clients' lookups) is not found
-                if not registry.up:
-                    return self._send(503, {"error_code": 50301, "message": "registry down"})
+                if registry.down:
+                    return self._send(registry.down, {"error_code": registry.down * 100 + 1, "message": "down"})
                 path = self.path.split("?")[0]
                 if not path.startswith("/schemas/ids/"):
                     return self._send(404, {"error_code": 40401, "message": "Not found"})
@@ -225,11 +253,17 @@ def test_avro_messages_from_a_schema_registry_are_decoded_and_bad_ones_dead_lett
         p.send(inp, key=b"5", value=other({"id": 5, "body": "A new phone"}, ctx))
         p.flush()
         p.close()
-        registry.up = False  # the new schema id, not cached by the loop yet, must be fetched: the registry is down
+        registry.down = 503  # the new schema id, not cached by the loop yet, must be fetched: the registry is down
         before = committed(bootstrap, s.group_id, inp)
         stats = run_until(TaggerLoop(settings, graph), lambda st: not st["alive"] and st["consumed"])
         assert "RegistryUnavailable" in stats["error"] and stats["dead_lettered"] == 0
         assert committed(bootstrap, s.group_id, inp) == before == 5  # nothing dead-lettered, nothing committed
+        # a registry refusing the loop's credentials or throttling it: not the message's fault either
+        value = read(bootstrap, inp, 6)["5"].value
+        for status in (401, 403, 429):
+            registry.down = status
+            with pytest.raises(RegistryUnavailable, match=f"{status}"):
+                RegistryDecoder(settings)(inp, value)
     finally:
         registry.server.shutdown()
 
@@ -241,7 +275,7 @@ def test_json_schema_values_decode_like_json_objects():
     from confluent_kafka.schema_registry.json_schema import JSONSerializer
     from confluent_kafka.serialization import MessageField, SerializationContext
 
-    from serve.kafka import RegistryDecoder, decode
+    from serve.kafka import decode
 
     registry = Registry()
     try:
