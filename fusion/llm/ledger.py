@@ -216,15 +216,16 @@ class LocalLedger:
         One ledger per journal file in a process (a second ``fit`` or scorer on the same journal gets the first
         one's books, with these limits): a journal is held by one ledger at a time."""
         path = limits.ledger_journal or journal
-        args = cls.limit_args(limits)
+        budget, concurrency, rpm, tpm, timeout = cls.limit_args(limits)
         if path in (None, "memory"):
-            return cls(*args[:4], reservation_timeout_s=args[4])
+            return cls(budget, concurrency, rpm, tpm, reservation_timeout_s=timeout)
         with _JOURNALED_LOCK:
             ledger = _JOURNALED.get(key := Path(path).expanduser().resolve())
             if ledger is None or ledger.journal is None or ledger.journal.closed:
-                ledger = _JOURNALED[key] = cls(*args[:4], journal=path, reservation_timeout_s=args[4])
+                ledger = cls(budget, concurrency, rpm, tpm, journal=path, reservation_timeout_s=timeout)
+                _JOURNALED[key] = ledger
             else:
-                ledger.set_limits(*args)
+                ledger.set_limits(budget, concurrency, rpm, tpm, timeout)
             return ledger
 
     def try_reserve(self, tokens: int, max_cost_usd: float, key: str | None = None) -> Grant | Denial:
