@@ -141,7 +141,7 @@ class EncoderConfig(_Strict):
         "GPU, fine-tunable. 'onnx': the transformer in ONNX Runtime, float32, CPU only: PyTorch's embeddings "
         "(cosine >= 0.9999), and a process that embeds loads neither torch nor transformers (MiniLM, loaded and "
         "one text embedded in a fresh process: 1.0 CPU-s and 208 MB instead of 8.1 CPU-s and 452 MB). 'onnx-int8': the same with int8 weights, refused unless "
-        "cosine >= 0.95; on 2 AVX2 cores with MiniLM 1.8x the texts/s of 'torch', the same accuracy "
+        "cosine >= 0.95; on 2 AVX2 cores with MiniLM 1.65-1.8x the texts/s of 'torch' (3.4x with AVX-512), the same accuracy "
         "(docs/scaling.md). ONNX exports are made once per machine into $LABELFUSE_CACHE_DIR/onnx.",
     )
     fine_tune: Literal["auto", "off", "joint", "two-stage"] = Field(
