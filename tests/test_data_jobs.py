@@ -268,7 +268,7 @@ def test_a_resumed_backfill_counts_what_the_killed_run_spent(ray_local, encoder,
         ray.get(killed.settle(grant.id, 100, 0.5))
         ray.kill(killed.actor, no_restart=True)
         deadline = time.monotonic() + 30
-        while name in {a["name"] for a in ray.util.list_named_actors()} and time.monotonic() < deadline:
+        while name in ray.util.list_named_actors() and time.monotonic() < deadline:
             time.sleep(0.1)  # until the name is free for the next run's actor
         argv = ["--bundle", str(tmp_path / "model"), "--input", str(tmp_path / "in.parquet"), "--output", str(out)]
         asked = stub.requests
