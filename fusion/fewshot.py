@@ -46,8 +46,9 @@ class ExamplePool:
 
         sims = _unit(np.asarray(emb, dtype=np.float32)) @ _unit(self.embeddings).T
         if exclude is not None:
-            sims[np.arange(len(exclude)), exclude] = -np.inf
-        idx = np.argsort(-sims, axis=1)[:, :k]
+            sims[np.arange(len(exclude)), exclude] = -np.inf  # sorted last, and left out below
+        k = min(k, sims.shape[1] - (exclude is not None))  # a pool of k or fewer: every other text
+        idx = np.argsort(-sims, axis=1)[:, : max(k, 0)]
         return [[Example(self.texts[j], self.labels[j]) for j in row[::-1]] for row in idx]
 
     # -- persistence ----------------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
-"""Logprob-to-distribution maths, answer keys, JSON-answer validation and prompt shape."""
+"""Logprob-to-distribution maths, answer keys, JSON-answer validation, prompt shape and few-shot examples."""
 
 import math
 
 import numpy as np
 import pytest
 
+from fusion.fewshot import ExamplePool
 from fusion.llm import prompts
 from fusion.llm.prompts import Example, InvalidAnswer, answer_keys, logprobs_to_distribution, parse_json_answer
 
@@ -78,3 +79,14 @@ def test_prompts_put_text_first_and_include_few_shot_examples():
     assert '"business": 1.0' in js[1]["content"] and "several or none may apply" in js[-1]["content"]
     schema = prompts.json_schema(CLASSES)["json_schema"]["schema"]
     assert schema["required"] == CLASSES and schema["properties"]["tech"]["maximum"] == 1
+
+
+def test_few_shot_examples_never_show_a_training_text_as_its_own_example():
+    """In training, a pool no larger than `few_shot` gave each text itself as an example: its own label in the
+    prompt, so the LLM's training scores looked better than they are on new texts."""
+    emb = np.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]], dtype=np.float32)  # a-b 0.8, b-c 0.6, a-c 0.0
+    pool = ExamplePool(["a", "b", "c"], [("x",), ("y",), ("z",)], emb)
+    texts = [[e.text for e in row] for row in pool.neighbours(emb, 5, np.arange(3))]
+    assert texts == [["c", "b"], ["c", "a"], ["a", "b"]]  # every other text, nearest last
+    assert [[e.text for e in row] for row in pool.neighbours(emb, 1, np.arange(3))] == [["b"], ["a"], ["b"]]
+    assert [len(row) for row in pool.neighbours(emb[:1], 5)] == [3]  # serving: a new text, the whole pool

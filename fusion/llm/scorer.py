@@ -339,7 +339,7 @@ class LLMScorer:
         errors: list[str | None] = [None] * n
         stats = UsageStats(texts=n)
         k_shot = self.cfg.few_shot
-        ex = [tuple(examples[i][len(examples[i]) - k_shot :]) if examples and k_shot else () for i in range(n)]
+        ex = [tuple(examples[i][-k_shot:]) if examples and k_shot else () for i in range(n)]  # the nearest
         keys = [cache_key(self._key_parts(ex[i]), texts[i]) for i in range(n)]
         cached = self.cache.get_many(set(keys)) if self.cache is not None and self.limits.cache else {}
         todo = []
