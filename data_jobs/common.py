@@ -117,6 +117,14 @@ def run_main(fn: Callable[[argparse.Namespace], int], parser: argparse.ArgumentP
 
 
 # -- input ---------------------------------------------------------------------------------------------------
+def data_files(fs: Any, root: str) -> list[Any]:
+    """The files under a directory input, by path, without the hidden ones (``_*``, ``.*``) the readers skip."""
+    import pyarrow.fs as pafs
+
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    return sorted((i for i in infos if i.is_file and not i.base_name.startswith(("_", "."))), key=lambda i: i.path)
+
+
 def detect_format(path: str, fmt: str | None) -> str:
     if fmt:
         return fmt
@@ -126,18 +134,12 @@ def detect_format(path: str, fmt: str | None) -> str:
     suffix = "." + base.rsplit(".", 1)[-1] if "." in base else ""
     if suffix in FORMATS:
         return FORMATS[suffix]
-    import pyarrow.fs as pafs
-
     fs, root = filesystem(path)
     try:
-        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        infos = data_files(fs, root)
     except (FileNotFoundError, OSError) as err:
         raise DataError(f"cannot list input {path}: {err}") from None
-    found = {
-        FORMATS.get("." + i.base_name.rsplit(".", 1)[-1].lower())
-        for i in infos
-        if i.is_file and not i.base_name.startswith(("_", "."))
-    }
+    found = {FORMATS.get("." + i.base_name.rsplit(".", 1)[-1].lower()) for i in infos}
     found.discard(None)
     if len(found) != 1:
         raise DataError(f"cannot tell the format of {path} (found {sorted(found) or 'no known files'}); pass --format")
@@ -242,11 +244,10 @@ def jsonl_fields(path: str, lines: int = 100, enough: int = 10) -> list[str] | N
 
     fs, root = filesystem(path)
     if fs.get_file_info(root).type == pafs.FileType.Directory:
-        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-        files = sorted(i.path for i in infos if i.is_file and not i.base_name.startswith(("_", ".")))
+        files = data_files(fs, root)
         if not files:
             return None
-        root = files[0]
+        root = files[0].path
     with fs.open_input_stream(root) as f:
         head = f.read(1 << 20)
     fields: dict[str, None] = {}
