@@ -198,15 +198,18 @@ def fit_head(
         eval_every = tune.eval_every or max(math.ceil(steps_per_epoch / 4), math.ceil(len(yv) / batch_size))
     patience = tune.patience if tune else train_cfg.patience
 
-    groups: list[dict] = [{"params": head.parameters(), "lr": train_cfg.learning_rate}]
+    groups: list[dict] = [{"params": list(head.parameters()), "lr": train_cfg.learning_rate}]
     modules: list[nn.Module] = [head]
     schedules = [lambda step: 1.0]
     if encoder is not None and tune is not None:
-        groups.append({"params": encoder.model.parameters(), "lr": encoder.config.fine_tune_lr})
+        groups.append({"params": list(encoder.model.parameters()), "lr": encoder.config.fine_tune_lr})
         modules.append(encoder.model)
         warmup = max(1, round(tune.warmup_fraction * max_steps))
         schedules.append(lambda step: warmup_linear(step, warmup, max_steps))
-    opt = torch.optim.AdamW(groups, weight_decay=train_cfg.weight_decay)
+    # the fused kernel: on one CPU core an AdamW step over MiniLM's weights took 20 ms instead of 138 (the default,
+    # one tensor at a time, made the optimiser a third of a CPU fine-tune); CPU and CUDA only
+    fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
+    opt = torch.optim.AdamW(groups, weight_decay=train_cfg.weight_decay, fused=fused)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedules)
     gen = torch.Generator().manual_seed(train_cfg.seed)
 
