@@ -27,7 +27,7 @@ def test_demo_trains_serves_streams_reports_and_stops_only_what_it_started(ray_l
 
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "fusion.cli", "-q", "demo", "--output", str(out), "--limit", str(N),
-           "--llm", "local:smollm2-135m", "--llm-fraction", "0.25", "--gate-rate", "0.25",
+           "--llm", "local:smollm2-135m", "--llm-fraction", "0.15", "--gate-rate", "0.15",
            "--max-length", str(TEST_MAX_LENGTH)]  # fmt: skip
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=os.environ

@@ -14,7 +14,7 @@ import urllib.request
 
 import numpy as np
 import pytest
-from conftest import TEST_MAX_LENGTH, first_words, sample, short
+from conftest import LLM_WORDS, TEST_MAX_LENGTH, first_words, sample, short
 from fuzz import NASTY_TEXT, budget
 from hypothesis import given
 from hypothesis import strategies as st
@@ -143,13 +143,14 @@ def test_a_local_model_runs_a_thread_per_cpu_its_process_was_given(ray_local, mo
 def test_classifier_with_the_local_llm_gates_calls_and_round_trips(encoder, bbc, tmp_path):
     cfg = {
         "encoder": {"max_length": TEST_MAX_LENGTH},
-        "llms": [{"name": "smol", "provider": "local", "model": "smollm2-135m", "max_words": 30, "few_shot": 1}],
+        "llms": [{"name": "smol", "provider": "local", "model": "smollm2-135m", "max_words": LLM_WORDS, "few_shot": 1}],
         "gating": {"enabled": True, "target_call_rate": 0.5},
         "llm_limits": {"max_concurrency": 2},
     }
-    train, val, test = sample(bbc["train"], 20), sample(bbc["val"], 12), sample(bbc["test"], 8)
+    train = bbc["train"].groupby("label").sample(3, random_state=0).reset_index(drop=True)  # every class
+    val, test = sample(bbc["val"], 8), sample(bbc["test"], 8)
     clf = AutoFusionClassifier(cfg, encoder=encoder).fit(train, validation=val)
-    assert clf.llm_usage["train"]["smol"]["llm_calls"] == 20 and clf.llm_usage["validation"]["smol"]["texts"] == 12
+    assert clf.llm_usage["train"]["smol"]["llm_calls"] == 15 and clf.llm_usage["validation"]["smol"]["texts"] == 8
     assert clf.head.gate_threshold is not None and [r["target_rate"] for r in clf.metrics["gating"]][-1] == 1.0
     # few-shot: the nearest training text, never the text itself
     ex = clf.pool.neighbours(encoder.embed(train["text"].tolist()[:1]), 1, np.array([0]))
@@ -175,7 +176,7 @@ def test_classifier_with_the_local_llm_gates_calls_and_round_trips(encoder, bbc,
 
 
 def test_cli_train_and_eval_with_the_local_llm(tmp_path, bbc, capsys):
-    for name, df, n in (("train", bbc["train"], 20), ("val", bbc["val"], 10), ("test", bbc["test"], 10)):
+    for name, df, n in (("train", bbc["train"], 16), ("val", bbc["val"], 8), ("test", bbc["test"], 8)):
         first_words(sample(df, n, seed=3))[["text", "label"]].to_csv(tmp_path / f"{name}.csv", index=False)
 
     def cli(*args):  # in-process, as `labelfuse -q ...` (tests/test_cli.py runs the console script itself)

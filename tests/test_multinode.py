@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import report, short
+from conftest import TEST_MAX_LENGTH, report, short
 
 from fusion.datasets import builtin_split
 
@@ -66,7 +66,7 @@ def bundle(tmp_path_factory):
 
     train = builtin_split("bbc-news", "train").sample(n=150, random_state=0)
     path = tmp_path_factory.mktemp("model") / "model"
-    AutoFusionClassifier({"encoder": {"max_length": 64}}).fit(train).save(path)
+    AutoFusionClassifier({"encoder": {"max_length": TEST_MAX_LENGTH}}).fit(train).save(path)
     return path
 
 
