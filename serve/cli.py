@@ -91,7 +91,7 @@ def cmd_dev_kafka(args: argparse.Namespace) -> int:
         create_topics(broker.bootstrap, topics, args.partitions)
         print(f"Kafka-protocol broker on {broker.bootstrap} (pid {os.getpid()}); topics: {', '.join(topics)}")
         print("Ctrl-C or `kill PID` stops it; its data is in memory and goes with it.", flush=True)
-        if not _wait_for_signal(lambda: broker.proc is not None and broker.proc.poll() is None):
+        if not _wait_for_signal(lambda: broker.running):
             print(
                 f"labelfuse dev-kafka: error: the broker stopped by itself; its log: {broker.log_path}", file=sys.stderr
             )

@@ -76,8 +76,9 @@ class DevBroker:
         return f"127.0.0.1:{self.port}"
 
     @property
-    def pid(self) -> int | None:
-        return None if self.proc is None else self.proc.pid
+    def running(self) -> bool:
+        """Started and not stopped or dead."""
+        return self.proc is not None and self.proc.poll() is None
 
     def start(self, timeout_s: float = 15.0) -> DevBroker:
         if _listening(self.port):
