@@ -1,12 +1,15 @@
 """Shared fixtures: the real bundled encoder and the real bbc-news corpus, embedded once per session."""
 
 import atexit
+import hashlib
 import http.server
 import os
 import shutil
 import tempfile
 import threading
+import warnings
 from functools import partial
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -90,10 +93,60 @@ def bbc() -> dict:
     return split(load_builtin("bbc-news"))
 
 
+# Embeddings of the corpora the session fixtures share, shipped in tests/data: computing them took 67 CPU-s of
+# every run (bbc-news at 48 tokens 40, the multi-label subset at 128 tokens 27; one process, 2 cores). A file is used
+# only if it holds the same texts and the encoder, run on the first texts of each split now, gives the stored
+# vectors (float16, so within 1e-3): a change of model, tokens or pooling falls back to embedding, with a warning.
+# LABELFUSE_UPDATE_TEST_EMBEDDINGS=1 writes the files anew from what the run embedded.
+TEST_DATA = Path(__file__).resolve().parent / "data"
+
+
+def _texts_digest(texts: dict[str, list[str]]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(texts):
+        h.update(k.encode() + b"\0" + "\0".join(texts[k]).encode() + b"\1")
+    return h.hexdigest()
+
+
+def shipped_embeddings(name: str, encoder: TextEncoder, texts: dict[str, list[str]]) -> dict | None:
+    """The stored embeddings of ``texts`` from tests/data, or None (and a warning) when they do not hold."""
+    path = TEST_DATA / f"{name}.npz"
+    if os.environ.get("LABELFUSE_UPDATE_TEST_EMBEDDINGS") or not path.is_file():
+        return None
+    with np.load(path) as z:
+        stored = {k: z[k].astype(np.float32) for k in z.files if k != "texts_sha256"}
+        digest = str(z["texts_sha256"])
+    if digest != _texts_digest(texts):
+        warnings.warn(f"{path.name} holds other texts than the test corpus: embedding it instead", stacklevel=2)
+        return None
+    probe = {k: encoder.embed(t[:4]) for k, t in texts.items()}
+    off = max(float(np.abs(probe[k] - stored[k][:4]).max()) for k in texts)
+    if off > 1e-3:
+        warnings.warn(f"{path.name} is not what this encoder gives (off by {off:.3g}): embedding instead; "
+                      "LABELFUSE_UPDATE_TEST_EMBEDDINGS=1 writes it anew", stacklevel=2)  # fmt: skip
+        return None
+    return stored
+
+
 def embed_once_per_run(tmp_path_factory, name: str, encoder: TextEncoder, texts: dict[str, list[str]]):
-    """``encoder``'s embeddings of each list in ``texts``, computed once per test run. Under pytest-xdist the
-    workers share the work in chunks kept in the run's shared temp dir: each embeds the chunks no other worker
-    holds and loads the rest, instead of one embedding all while another waits for it (both need them first)."""
+    """``encoder``'s embeddings of each list in ``texts``: the shipped ones (:func:`shipped_embeddings`), or
+    computed once per test run. Under pytest-xdist the workers share that work in chunks kept in the run's shared
+    temp dir: each embeds the chunks no other worker holds and loads the rest, instead of one embedding all while
+    another waits for it (both need them first)."""
+    stored = shipped_embeddings(name, encoder, texts)
+    if stored is not None:
+        return stored
+    emb = _embed_in_chunks(tmp_path_factory, name, encoder, texts)
+    if os.environ.get("LABELFUSE_UPDATE_TEST_EMBEDDINGS"):
+        TEST_DATA.mkdir(exist_ok=True)
+        tmp = TEST_DATA / f".{name}.{os.getpid()}.npz"
+        arrays = {k: v.astype(np.float16) for k, v in emb.items()}
+        np.savez_compressed(tmp, texts_sha256=np.array(_texts_digest(texts)), **arrays)
+        os.replace(tmp, TEST_DATA / f"{name}.npz")
+    return emb
+
+
+def _embed_in_chunks(tmp_path_factory, name: str, encoder: TextEncoder, texts: dict[str, list[str]]):
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return {k: encoder.embed(t) for k, t in texts.items()}
     from filelock import FileLock, Timeout
