@@ -1,4 +1,5 @@
-"""Shared fixtures: the real bundled encoder and the real bbc-news corpus, embedded once per session."""
+"""Shared fixtures: the real bundled encoder and the real bbc-news corpus, with its embeddings (shipped in tests/data,
+checked against the encoder, or else computed once per run)."""
 
 import atexit
 import hashlib
@@ -25,7 +26,8 @@ os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
 os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
 os.environ.setdefault("REPORTER_UPDATE_INTERVAL_MS", "30000")
 # Serve replicas and routers hand their cached request metrics to Ray's every 1 s instead of every 0.1 s (Ray only
-# reports them every 10 s): an idle app (two replicas and the proxy), 30 s, two runs each: 4.8 and 5.2 -> 4.0 and 4.3 CPU-s for the whole Ray.
+# reports them every 10 s). An idle app (two replicas and the proxy) over 30 s, two runs each: the whole Ray used
+# 4.8 and 5.2 CPU-s before, 4.0 and 4.3 after.
 os.environ.setdefault("RAY_SERVE_METRICS_EXPORT_INTERVAL_MS", "1000")
 # Under pytest-xdist, each worker its share of the cores: torch, llama.cpp (fusion.llm.local.default_threads) and
 # the Ray workers a test worker starts take their thread counts from OMP_NUM_THREADS, and two test workers each
