@@ -116,7 +116,7 @@ def _texts_digest(texts: dict[str, list[str]]) -> str:
 def shipped_embeddings(name: str, encoder: TextEncoder, texts: dict[str, list[str]]) -> dict | None:
     """The stored embeddings of ``texts`` from tests/data, or None (and a warning) when they do not hold."""
     path = TEST_DATA / f"{name}.npz"
-    if os.environ.get("LABELFUSE_UPDATE_TEST_EMBEDDINGS") or not path.is_file():
+    if not path.is_file():
         return None
     with np.load(path) as z:
         stored = {k: z[k].astype(np.float32) for k in z.files if k != "texts_sha256"}
@@ -138,11 +138,12 @@ def embed_once_per_run(tmp_path_factory, name: str, encoder: TextEncoder, texts:
     computed once per test run. Under pytest-xdist the workers share that work in chunks kept in the run's shared
     temp dir: each embeds the chunks no other worker holds and loads the rest, instead of one embedding all while
     another waits for it (both need them first)."""
-    stored = shipped_embeddings(name, encoder, texts)
+    update = bool(os.environ.get("LABELFUSE_UPDATE_TEST_EMBEDDINGS"))
+    stored = None if update else shipped_embeddings(name, encoder, texts)
     if stored is not None:
         return stored
     emb = _embed_in_chunks(tmp_path_factory, name, encoder, texts)
-    if os.environ.get("LABELFUSE_UPDATE_TEST_EMBEDDINGS"):
+    if update:
         TEST_DATA.mkdir(exist_ok=True)
         tmp = TEST_DATA / f".{name}.{os.getpid()}.npz"
         arrays = {k: v.astype(np.float16) for k, v in emb.items()}
