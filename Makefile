@@ -130,6 +130,7 @@ bench: install
 	$(BIN)/python bench/kafka_throughput.py
 	$(BIN)/python bench/replica_footprint.py
 	$(BIN)/python bench/backfill_scaling.py
+	$(BIN)/python bench/retrain_embeddings.py
 
 # the learning loop's benchmarks, with the 1.5B local teacher: ~4 and ~15 minutes with a cold LLM cache
 bench-loop: models-qwen models-qwen15

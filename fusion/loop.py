@@ -15,7 +15,10 @@
 3. **The gate follows the model.** The challenger's gate threshold is fitted again on its
    validation rows for the configured target accuracy (or call rate): as the encoder learns,
    fewer texts fall below it, and fewer are sent to the LLM.
-4. **Promote** when the challenger is not worse than the champion (``min_delta``); otherwise
+4. **Only new texts are embedded.** The encoder's vectors of the store's texts are kept in the registry
+   (:mod:`fusion.embcache`, up to ``embedding_cache_rows``), so a retrain embeds what arrived since the
+   last one, not the whole store again.
+5. **Promote** when the challenger is not worse than the champion (``min_delta``); otherwise
    the refusal and its report are recorded. Either way the challenger is kept in the registry.
 """
 
@@ -26,12 +29,14 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
+from fusion.embcache import EmbeddingCache
 from fusion.errors import DataError
 from fusion.labels import LabelSpace
 from fusion.labelstore import LabelStore
@@ -51,6 +56,7 @@ class LoopSettings:
     min_delta: float = 0.0  # promote when challenger >= champion - min_delta (headline metric)
     min_new_labels: int = 0  # retrain only when the store has at least this many records since the champion's
     min_human_holdout: int = 20  # fewer people's labels held out: compare on agreement with the LLM instead
+    embedding_cache_rows: int = 200_000  # texts' vectors kept in the registry for the next retrain (0: none)
 
 
 def in_holdout(text_ids: pd.Series, fraction: float) -> np.ndarray:
@@ -166,8 +172,9 @@ def retrain(
     """Train a challenger on ``store``, compare it with ``registry``'s champion, promote it or not.
 
     ``config`` (default: the champion's) sets the encoder, the LLMs, the gate and training. ``embed``: the
-    texts' embeddings by that encoder from elsewhere (a cache), instead of encoding them here. Returns the
-    promotion report (also saved in the registry); ``report["decision"]`` is promote, refuse or skip."""
+    texts' embeddings by that encoder from elsewhere, instead of the registry's embedding cache. Returns the
+    promotion report (also saved in the registry); ``report["decision"]`` is promote, refuse or skip, and
+    ``report["embeddings"]`` counts the texts the cache had and those it embedded."""
     from fusion.classifier import AutoFusionClassifier
     from fusion.config import Config
 
@@ -219,7 +226,11 @@ def retrain(
     )
     encoder = champion.encoder if champion is not None and same_encoder and not config.encoder.fine_tuned else None
     challenger = AutoFusionClassifier(config, encoder=encoder)
-    if embed is None or config.encoder.fine_tuned:
+    cache = None
+    if embed is None and settings.embedding_cache_rows and not config.encoder.fine_tuned:
+        cache = EmbeddingCache(registry.root / "embeddings", challenger.encoder, settings.embedding_cache_rows)
+        embed = partial(cache, progress=progress)
+    elif embed is None or config.encoder.fine_tuned:
         embed = lambda texts: challenger.encoder.embed(texts, progress=progress)  # noqa: E731
     emb = None if config.encoder.fine_tuned else embed(train.texts)  # a fine-tuned encoder trains on the texts
     challenger.fit(
@@ -257,6 +268,8 @@ def retrain(
         if champion is not None and champion.head is not None:
             champ_emb = hold_emb if encoder is not None else champion.encoder.embed(hold.texts)
             report["champion_scores"] = judge(champion.head, champ_emb, hold, by_people)
+    if cache is not None:
+        report["embeddings"] = cache.stats
     c_score = report.get("challenger_scores", {}).get(key)
     h_score = report.get("champion_scores", {}).get(key)
     if champion is None:

@@ -47,6 +47,14 @@ def add_loop_args(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="compare on the people's labels held out when there are at least N, else on agreement with the LLM",
     )
+    p.add_argument(
+        "--embedding-cache-rows",
+        type=int,
+        default=d.embedding_cache_rows,
+        metavar="N",
+        help="keep the encoder's vectors of up to N texts in the registry, so the next retrain embeds only new "
+        "texts (0: keep none)",
+    )
     add_config_args(p)
 
 
@@ -57,7 +65,16 @@ def loop_settings(args: argparse.Namespace) -> Any:
         raise ConfigError(f"--holdout must be in (0, 1), got {args.holdout}")
     if args.human_weight <= 0:
         raise ConfigError(f"--human-weight must be positive, got {args.human_weight}")
-    return LoopSettings(args.human_weight, args.holdout, args.min_delta, args.min_new_labels, args.min_human_holdout)
+    if args.embedding_cache_rows < 0:
+        raise ConfigError(f"--embedding-cache-rows must be 0 or more, got {args.embedding_cache_rows}")
+    return LoopSettings(
+        args.human_weight,
+        args.holdout,
+        args.min_delta,
+        args.min_new_labels,
+        args.min_human_holdout,
+        args.embedding_cache_rows,
+    )
 
 
 def loop_config(args: argparse.Namespace) -> Any:

@@ -83,10 +83,9 @@ def _require() -> Any:
     return onnxruntime
 
 
-def cache_key(source: str, backend: str) -> str:
-    """Hash of the model's weights, config and tokenizer, the export recipe and the onnxruntime version."""
-    ort = _require()
-    h = hashlib.sha256(f"{RECIPES[backend]}\0{ort.__version__}".encode())
+def model_files_digest(source: str) -> str | None:
+    """Hash of a local model directory's weights, config and tokenizer files; None when it has no weights."""
+    h = hashlib.sha256()
     found = False
     for name in HASHED_FILES:
         p = Path(source) / name
@@ -96,9 +95,16 @@ def cache_key(source: str, backend: str) -> str:
             with p.open("rb") as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
                     h.update(chunk)
-    if not found:
+    return h.hexdigest() if found else None
+
+
+def cache_key(source: str, backend: str) -> str:
+    """Hash of the model's weights, config and tokenizer, the export recipe and the onnxruntime version."""
+    ort = _require()
+    digest = model_files_digest(source)
+    if digest is None:
         raise EncoderError(f"encoder.backend {backend!r} needs a local model directory with weights; {source} has none")
-    return h.hexdigest()[:32]
+    return hashlib.sha256(f"{RECIPES[backend]}\0{ort.__version__}\0{digest}".encode()).hexdigest()[:32]
 
 
 class OnnxTransformer:

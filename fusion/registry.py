@@ -5,6 +5,7 @@ registry/
   registry.json          {"champion": version, "lineage": [older champions .., champion], "history": [events]}
   bundles/<version>/     a copy of each registered bundle (kept: a rollback needs the previous ones)
   reports/<time>-<version>.json   one report per promotion decision
+  embeddings/<encoder key>/       the texts' vectors retrains computed (fusion.embcache)
 ```
 
 The Serve app follows a registry when its ``bundle`` is one (:func:`resolve_bundle`): each

@@ -7,6 +7,7 @@ tests/test_learning_loop.py).
 
 import json
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,8 @@ from hypothesis import strategies as st
 
 from fusion.bootstrap import coverage, least_certain
 from fusion.classifier import AutoFusionClassifier
+from fusion.config import EncoderConfig
+from fusion.encoder import TextEncoder
 from fusion.errors import ConfigError, DataError
 from fusion.labels import LabelSpace
 from fusion.labelstore import LabelRecord, LabelStore, human_label, llm_labels
@@ -208,6 +211,8 @@ def test_retrain_promotes_a_better_challenger_refuses_a_worse_one_and_skips_with
 
     first = retrain(store, reg, config=FAST)
     assert first["decision"] == "promote" and first["reason"] == "no champion yet"
+    n = len(set(rows["text"]))  # one label per text, and bbc-news repeats a few articles
+    assert first["embeddings"] == {"cached": 0, "embedded": n}
     assert first["holdout"]["kind"].startswith("agreement with the LLM")
     assert reg.champion() == first["challenger"]
 
@@ -219,6 +224,7 @@ def test_retrain_promotes_a_better_challenger_refuses_a_worse_one_and_skips_with
     assert skipped["decision"] == "skip" and reg.champion() == first["challenger"]
 
     better = retrain(store, reg)
+    assert better["embeddings"] == {"cached": n, "embedded": 0}  # people labelled texts it had embedded
     assert better["holdout"]["kind"] == "human labels" and better["decision"] == "promote", better
     assert better["challenger_scores"]["accuracy"] > better["champion_scores"]["accuracy"]
     assert better["trained_on"]["human"] > 100 and reg.champion() == better["challenger"]
@@ -226,9 +232,55 @@ def test_retrain_promotes_a_better_challenger_refuses_a_worse_one_and_skips_with
     worse_cfg = {**FAST, "train": {"max_epochs": 1, "learning_rate": 1e-7}}  # an untrained head, on purpose
     worse = retrain(store, reg, config=worse_cfg)
     assert worse["decision"] == "refuse" and reg.champion() == better["challenger"], worse
+    assert worse["embeddings"] == {"cached": n, "embedded": 0}
     assert worse["challenger_scores"]["accuracy"] < worse["champion_scores"]["accuracy"]
     assert [e["event"] for e in reg.state()["history"]] == ["promote", "promote", "refuse"]
     assert worse["challenger"] in reg.versions()  # kept, as every challenger is
+
+
+SHORT_TEXTS = [
+    f"{w} news from the {p} today" for w in ("Market", "Match", "Film", "Vote") for p in ("city", "coast", "hills")
+]
+
+
+@given(calls=st.lists(st.lists(st.sampled_from(SHORT_TEXTS), max_size=8), min_size=1, max_size=5),
+       max_rows=st.integers(1, 12))  # fmt: skip
+@budget(15)
+def test_the_embedding_cache_gives_the_encoders_vectors_and_stays_within_its_rows(encoder, calls, max_rows):
+    import tempfile
+
+    from fusion.embcache import EmbeddingCache
+
+    with tempfile.TemporaryDirectory() as root:
+        previous: list[str] = []
+        for texts in calls:
+            cache = EmbeddingCache(root, encoder, max_rows)  # a new one each time: what a retrain finds on disk
+            got = cache(texts)
+            assert got.shape == (len(texts), encoder.dim)
+            np.testing.assert_allclose(got, encoder.embed(texts), atol=1e-5)
+            assert cache.stats["embedded"] <= len(set(texts))  # each new text once, however often it is in a call
+            if set(texts) <= set(previous) and len(set(previous)) <= max_rows:
+                assert cache.stats == {"cached": len(texts), "embedded": 0}, (previous, texts)
+            shards = list((Path(root) / cache.dir.name).glob("*.npz"))
+            assert sum(len(np.load(s)["ids"]) for s in shards) <= max_rows
+            previous = texts
+
+
+def test_a_damaged_embedding_shard_is_removed_and_its_texts_embedded_again(tmp_path, encoder, caplog):
+    from fusion.embcache import EmbeddingCache
+
+    texts = SHORT_TEXTS[:5]
+    EmbeddingCache(tmp_path, encoder, 100)(texts)
+    (shard,) = tmp_path.glob("*/*.npz")
+    shard.write_bytes(shard.read_bytes()[:100])  # cut short, as by a full disk
+    cache = EmbeddingCache(tmp_path, encoder, 100)
+    np.testing.assert_allclose(cache(texts), encoder.embed(texts), atol=1e-5)
+    assert cache.stats == {"cached": 0, "embedded": 5} and not shard.exists()
+    assert "cannot be used" in caplog.text
+    again = EmbeddingCache(tmp_path, encoder, 100)
+    assert again(texts[:2]).shape == (2, encoder.dim) and again.stats["cached"] == 2  # the new shard reads back
+    other = TextEncoder(EncoderConfig(max_length=TEST_MAX_LENGTH // 2))
+    assert EmbeddingCache(tmp_path, other, 100).dir != cache.dir  # another encoder never reads these vectors
 
 
 # -- choosing what to ask --------------------------------------------------------------------------------------------
