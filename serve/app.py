@@ -18,10 +18,15 @@ Deploy with ``serve run serve/config.yaml`` / ``serve deploy serve/config.yaml``
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from serve.deployments import Fusion, KafkaTagger, Labels, Scorer
 from serve.settings import AppSettings, parse_settings
+
+log = logging.getLogger(__name__)
 
 # structured logs: one JSON object per line in the replica logs, with Serve's request_id, route and replica
 LOGGING = {"encoding": "JSON"}
@@ -48,3 +53,37 @@ def build(settings: AppSettings | dict[str, Any], options: dict[str, dict[str, A
 def build_app(args: dict[str, Any]) -> Any:
     """Application builder for ``serve run serve.app:build_app bundle=...`` and serve/config.yaml."""
     return build(args)
+
+
+@contextmanager
+def serving(
+    settings: dict[str, Any], *, address: str | None, host: str, port: int, name: str, route_prefix: str = "/"
+) -> Iterator[str]:
+    """Deploy the application as ``name`` on the Ray at ``address`` (see :func:`data_jobs.common.connect`; the
+    Ray this process is connected to, if any) and yield its URL. On exit, remove what this started and nothing
+    else: the application, and Serve itself only where Serve was not running before (on a cluster, other
+    people's applications go on serving). Joining a running Serve keeps its HTTP host and port."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    from data_jobs.common import connect
+    from fusion.errors import ConfigError
+
+    connect(address)
+    joined = _get_global_client(raise_if_no_controller_running=False) is not None
+    if joined and name in serve.status().applications:
+        raise ConfigError(f"an application named {name!r} is already running on this Ray cluster: choose another name")
+    serve.start(http_options={"host": host, "port": port})
+    http = _get_global_client().http_config
+    if (http.host, http.port) != (host, port):
+        log.warning(
+            "Serve on this cluster listens on %s:%s; the host and port asked for are ignored", http.host, http.port
+        )
+    try:
+        serve.run(build(settings), name=name, route_prefix=route_prefix, logging_config=LOGGING)
+        yield f"http://{http.host}:{http.port}{route_prefix.rstrip('/')}"
+    finally:
+        if joined:
+            serve.delete(name)
+        else:
+            serve.shutdown()

@@ -22,7 +22,7 @@ def register(sub: Any) -> None:
         "serve",
         help="serve a model over HTTP (and tag Kafka topics) with Ray Serve",
         description="Starts (or joins) Ray, deploys the labelfuse Serve application and blocks until Ctrl-C or "
-        "SIGTERM, then shuts it down. HTTP: POST /v1/classify, POST /v1/feedback (with --label-store), GET /v1/model, "
+        "SIGTERM, then removes it (and Serve, where this command started Serve). HTTP: POST /v1/classify, POST /v1/feedback (with --label-store), GET /v1/model, "
         "/healthz, /readyz, /docs. "
         "With --dev-kafka, a local broker is started too and the input topic is tagged in real time. For a "
         "cluster, use `serve deploy serve/config.yaml` instead.",
@@ -41,6 +41,13 @@ def register(sub: Any) -> None:
         help="Ray cluster address; default: RAY_ADDRESS, else a cluster started with `ray start` on this machine, "
         "else a new local Ray; 'local' always starts a new one",
     )
+    s.add_argument(
+        "--name",
+        default="labelfuse",
+        help="the Serve application's name (default: labelfuse); on a cluster already running Serve, the "
+        "application is added beside the others, on Serve's own HTTP port, and Ctrl-C removes only it",
+    )
+    s.add_argument("--route-prefix", default="/", help="the application's route prefix (default: /)")
     s.add_argument("--threads", type=int, default=1, help="CPU threads per Fusion replica (default: 1)")
     s.add_argument("--token-env", metavar="VAR", help="require 'Authorization: Bearer $VAR' on /v1/*")
     k = s.add_argument_group("Kafka tagging")
@@ -151,21 +158,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, settings: dict[str, Any]) -> None:
     from pathlib import Path
 
-    from ray import serve
-
-    from data_jobs.common import connect
-    from serve.app import LOGGING, build
+    from serve.app import serving
 
     if not is_uri(settings["bundle"]):
         settings["bundle"] = str(Path(settings["bundle"]).resolve())
     store = settings.get("label_store")
     if store and "://" not in store:  # replicas do not share this shell's working directory
         settings["label_store"] = str(Path(store).resolve())
-    connect(args.address)
-    serve.start(http_options={"host": args.host, "port": args.port})
-    try:
-        serve.run(build(settings), name="labelfuse", route_prefix="/", logging_config=LOGGING)
-        url = f"http://{args.host}:{args.port}"
+    where = {"host": args.host, "port": args.port, "name": args.name, "route_prefix": args.route_prefix}
+    with serving(settings, address=args.address, **where) as url:
         example = json.dumps({"texts": ["Shares in BP fell 3% after oil prices dropped"]})
         print(f"labelfuse is serving {args.bundle} at {url} (docs: {url}/docs)")
         print(f"  curl -s {url}/v1/classify -H 'content-type: application/json' -d '{example}'")
@@ -174,5 +175,3 @@ def _run(args: argparse.Namespace, settings: dict[str, Any]) -> None:
             print(f"  tagging {', '.join(k['input_topics'])} -> {k['output_topic']} on {k['bootstrap_servers']}")
         print("Ctrl-C stops it.", flush=True)
         _wait_for_signal()
-    finally:
-        serve.shutdown()

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -221,14 +222,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     t = _phase("2/4 starting a local Kafka-protocol broker, a local Ray and the Serve application")
     import ray
-    from ray import serve
 
     from data_jobs.common import NAMESPACE
     from fusion.llm.local import free_port
-    from serve.app import LOGGING, build
+    from serve.app import serving
     from serve.dev_kafka import DevBroker, create_topics, dev_kafka_args
 
     broker = DevBroker()
+    app = contextlib.ExitStack()
     try:
         broker.start()
         create_topics(broker.bootstrap, TOPICS, partitions=2)
@@ -236,14 +237,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         ray.init(
             address="local", namespace=NAMESPACE, include_dashboard=False, log_to_driver=False, logging_level="WARNING"
         )
-        port = args.port or free_port()
-        url = f"http://127.0.0.1:{port}"
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
         # small batches keep several in flight: one waits on the LLM while others embed
         kafka = dev_kafka_args(broker.bootstrap, TOPICS, f"labelfuse-demo-{uuid.uuid4().hex[:8]}", batch_size=16)
         ledger_name = f"{LEDGER}-{uuid.uuid4().hex[:8]}"
         settings = {"bundle": str(model_dir.resolve()), "ledger_name": ledger_name, "kafka": kafka}
-        serve.run(build(settings), name="labelfuse-demo", route_prefix="/", logging_config=LOGGING)
+        where = {"host": "127.0.0.1", "port": args.port or free_port(), "name": "labelfuse-demo"}
+        url = app.enter_context(serving(settings, address=None, **where))
         deadline = time.monotonic() + 60
         while not _get(f"{url}/v1/kafka").get("assignment"):  # the tagger joined its group
             if time.monotonic() > deadline:
@@ -267,9 +266,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         timings["http_s"] = time.perf_counter() - t
     finally:
         t = time.perf_counter()
-        if ray.is_initialized():
-            serve.shutdown()
-            ray.shutdown()
+        app.close()  # the application and Serve
+        ray.shutdown()
         broker.stop()
         timings["shutdown_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - total

@@ -158,7 +158,7 @@ RUN_BY = {
     "make test": ".ci/run",
     "make lint": ".ci/run",
     "make docs": "tests/test_docs.py::test_generated_references_are_current",
-    "make serve": "tests/test_serve_config.py::test_labelfuse_serve_one_command_serves_http_and_tags_kafka",
+    "make serve": "tests/test_serve_config.py::test_labelfuse_serve_joins_a_running_serve_and_stops_only_what_it_started",
     "labelfuse train": "tests/test_cli.py::test_train_predict_eval",
     "labelfuse predict": "tests/test_cli.py::test_train_predict_eval",
     "labelfuse eval": "tests/test_llm_local.py::test_cli_train_and_eval_with_the_local_llm",
@@ -168,7 +168,7 @@ RUN_BY = {
     "labelfuse llm-models": "tests/test_cli.py::test_llm_models_lists_bundled_models_and_bad_llm_flags_exit_2",
     "labelfuse demo": "tests/test_demo.py::test_demo_trains_serves_streams_reports_and_stops_only_what_it_started",
     "labelfuse prepare": "tests/test_benchmarks.py::test_reuters_recipe_trains_and_evaluates_multilabel",
-    "labelfuse serve": "tests/test_serve_config.py::test_labelfuse_serve_one_command_serves_http_and_tags_kafka",
+    "labelfuse serve": "tests/test_serve_config.py::test_labelfuse_serve_joins_a_running_serve_and_stops_only_what_it_started",
     "labelfuse dev-kafka": "tests/test_serve_config.py::test_dev_kafka_command_runs_a_broker_until_sigterm",
     "labelfuse bootstrap": "tests/test_learning_loop.py::test_bootstrap_command_calibrates_on_gold_labels",
     "labelfuse labels": "tests/test_loop.py::test_labels_command_imports_counts_and_compacts",
@@ -183,7 +183,7 @@ RUN_BY = {
     "ray job submit": "tests/test_multinode.py::test_a_backfill_finishes_when_a_worker_node_is_lost",
     "curl /v1/classify": "tests/test_serve_http.py::test_classify_matches_the_library_and_reports_the_model",
     "curl /v1/feedback": "tests/test_learning_loop.py::test_paid_llm_answers_and_feedback_are_kept_once_even_when_the_writer_dies",
-    "python -c": "tests/test_serve_config.py::test_labelfuse_serve_one_command_serves_http_and_tags_kafka",
+    "python -c": "tests/test_serve_config.py::test_labelfuse_serve_joins_a_running_serve_and_stops_only_what_it_started",
     "pytest": ".ci/run",
 }
 NOT_RUN_HERE = {

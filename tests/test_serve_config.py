@@ -71,26 +71,36 @@ def test_dev_kafka_command_runs_a_broker_until_sigterm():
 
 
 @pytest.mark.slow
-def test_labelfuse_serve_one_command_serves_http_and_tags_kafka(bbc_model, tmp_path):
-    """`labelfuse serve --dev-kafka`: its own Ray, a local broker and the app; SIGTERM stops them."""
+def test_labelfuse_serve_joins_a_running_serve_and_stops_only_what_it_started(bbc_model, serve_url, tmp_path):
+    """`labelfuse serve --dev-kafka` on a Ray already running Serve (this session's): the app goes beside the
+    others under its name and prefix, on Serve's own port, answers HTTP and tags Kafka; SIGTERM removes the app
+    and the broker and leaves Serve running. (`labelfuse demo` runs the same code on a Ray and Serve of its own.)"""
+    import ray
     import requests
+    from ray import serve
+
+    from serve.app import serving
 
     bbc_model.save(tmp_path / "model")
-    port, kafka_port = free_port(), free_port()
-    cmd = [sys.executable, "-m", "fusion.cli", "serve", "--bundle", str(tmp_path / "model"), "--address", "local"]
-    cmd += ["--port", str(port), "--dev-kafka", "--kafka-port", str(kafka_port)]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO, env=env, start_new_session=True)
+    kafka_port = free_port()
+    cmd = [sys.executable, "-m", "fusion.cli", "serve", "--bundle", str(tmp_path / "model")]
+    cmd += ["--address", ray.get_runtime_context().gcs_address, "--name", "cli-app", "--route-prefix", "/cli"]
+    cmd += ["--dev-kafka", "--kafka-port", str(kafka_port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True)
     try:
         lines = []
         while not lines or lines[-1] != "Ctrl-C stops it.\n":
             lines.append(proc.stdout.readline())
             assert lines[-1], f"labelfuse serve exited early: {lines}"
-        r = requests.post(f"http://127.0.0.1:{port}/v1/classify", json={"text": "The striker scored twice"}, timeout=60)
+        assert f"at {serve_url}/cli (docs: {serve_url}/cli/docs)" in lines[0], lines  # Serve's port, not --port's
+        r = requests.post(f"{serve_url}/cli/v1/classify", json={"text": "The striker scored twice"}, timeout=60)
         assert (
             r.status_code == 200
             and r.json()["results"][0]["label"] == bbc_model.predict(["The striker scored twice"])[0]
         )
+        with pytest.raises(ConfigError, match="an application named 'cli-app' is already running"):
+            with serving({"bundle": "unused"}, address=None, host="127.0.0.1", port=8000, name="cli-app"):
+                pass
 
         bootstrap = f"127.0.0.1:{kafka_port}"
         p = KafkaProducer(bootstrap_servers=bootstrap)
@@ -111,9 +121,11 @@ def test_labelfuse_serve_one_command_serves_http_and_tags_kafka(bbc_model, tmp_p
             rc = proc.wait(90)
         finally:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)  # whatever Ray left behind in its session
+                os.killpg(proc.pid, signal.SIGKILL)
     assert rc == 0
     assert not _listening(kafka_port)
+    assert "cli-app" not in serve.status().applications
+    assert requests.get(f"{serve_url}/-/healthz", timeout=10).status_code == 200  # Serve itself goes on
 
 
 def test_kafka_client_settings_are_checked_by_name_and_secrets_come_from_the_environment(monkeypatch):
