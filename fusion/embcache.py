@@ -46,7 +46,7 @@ def encoder_key(encoder: Any) -> str:
 
 
 class EmbeddingCache:
-    """``embed(texts)``: ``encoder``'s vectors of ``texts``, from the shards under ``root`` where they are there.
+    """``cache(texts)``: ``encoder``'s vectors of ``texts``, read from the shards under ``root`` where it has them.
 
     ``stats`` counts the texts it found (``cached``) and those it gave the encoder (``embedded``)."""
 

@@ -70,6 +70,7 @@ def serving(
     from fusion.errors import ConfigError
 
     connect(address)
+    # Serve's own client is the one way to ask whether Serve runs here and on which port (no public call says)
     joined = _get_global_client(raise_if_no_controller_running=False) is not None
     if joined and name in serve.status().applications:
         raise ConfigError(f"an application named {name!r} is already running on this Ray cluster: choose another name")

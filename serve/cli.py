@@ -22,8 +22,8 @@ def register(sub: Any) -> None:
         "serve",
         help="serve a model over HTTP (and tag Kafka topics) with Ray Serve",
         description="Starts (or joins) Ray, deploys the labelfuse Serve application and blocks until Ctrl-C or "
-        "SIGTERM, then removes it (and Serve, where this command started Serve). HTTP: POST /v1/classify, POST /v1/feedback (with --label-store), GET /v1/model, "
-        "/healthz, /readyz, /docs. "
+        "SIGTERM, then removes it (and Serve, where this command started Serve). HTTP: POST /v1/classify, "
+        "POST /v1/feedback (with --label-store), GET /v1/model, /healthz, /readyz, /docs. "
         "With --dev-kafka, a local broker is started too and the input topic is tagged in real time. For a "
         "cluster, use `serve deploy serve/config.yaml` instead.",
     )
@@ -130,6 +130,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     read_bundle(resolve_bundle(args.bundle))  # a clear error now instead of a failed deployment later
     if args.dev_kafka and args.kafka_bootstrap:
         raise ConfigError("--dev-kafka starts its own broker; drop --kafka-bootstrap (or --dev-kafka)")
+    if not args.route_prefix.startswith("/"):
+        raise ConfigError(f"--route-prefix must start with '/', got {args.route_prefix!r}")
     broker = None
     try:
         bootstrap = args.kafka_bootstrap

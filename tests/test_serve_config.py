@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
+from fusion.cli import main
 from fusion.errors import ConfigError
 from fusion.llm.local import free_port
 from serve.dev_kafka import DEV_CLIENT, _listening
@@ -71,7 +72,7 @@ def test_dev_kafka_command_runs_a_broker_until_sigterm():
 
 
 @pytest.mark.slow
-def test_labelfuse_serve_joins_a_running_serve_and_stops_only_what_it_started(bbc_model, serve_url, tmp_path):
+def test_labelfuse_serve_joins_a_running_serve_and_stops_only_what_it_started(bbc_model, serve_url, tmp_path, capsys):
     """`labelfuse serve --dev-kafka` on a Ray already running Serve (this session's): the app goes beside the
     others under its name and prefix, on Serve's own port, answers HTTP and tags Kafka; SIGTERM removes the app
     and the broker and leaves Serve running. (`labelfuse demo` runs the same code on a Ray and Serve of its own.)"""
@@ -82,6 +83,8 @@ def test_labelfuse_serve_joins_a_running_serve_and_stops_only_what_it_started(bb
     from serve.app import serving
 
     bbc_model.save(tmp_path / "model")
+    assert main(["serve", "--bundle", str(tmp_path / "model"), "--route-prefix", "cli"]) == 2
+    assert "--route-prefix must start with '/', got 'cli'" in capsys.readouterr().err
     kafka_port = free_port()
     cmd = [sys.executable, "-m", "fusion.cli", "serve", "--bundle", str(tmp_path / "model")]
     cmd += ["--address", ray.get_runtime_context().gcs_address, "--name", "cli-app", "--route-prefix", "/cli"]
