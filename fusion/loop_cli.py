@@ -68,12 +68,12 @@ def loop_settings(args: argparse.Namespace) -> Any:
     if args.embedding_cache_rows < 0:
         raise ConfigError(f"--embedding-cache-rows must be 0 or more, got {args.embedding_cache_rows}")
     return LoopSettings(
-        args.human_weight,
-        args.holdout,
-        args.min_delta,
-        args.min_new_labels,
-        args.min_human_holdout,
-        args.embedding_cache_rows,
+        human_weight=args.human_weight,
+        holdout_fraction=args.holdout,
+        min_delta=args.min_delta,
+        min_new_labels=args.min_new_labels,
+        min_human_holdout=args.min_human_holdout,
+        embedding_cache_rows=args.embedding_cache_rows,
     )
 
 
