@@ -119,12 +119,21 @@ def test_a_backfill_finishes_when_a_worker_node_is_lost(cluster, workers, bundle
             "--rows-per-file", "50", "--batch-size", "25", "--actors", "2"]  # fmt: skip
     submit = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", f"http://{c.head_node.webui_url}",
               "--working-dir", str(REPO), "--", sys.executable, "-m", "data_jobs.backfill", *argv]  # fmt: skip
-    log = open(tmp_path / "job.log", "w")
-    proc = subprocess.Popen(submit, cwd=tmp_path, stdout=log, stderr=log)
-    try:
+    for attempt in (1, 2):
+        log = open(tmp_path / "job.log", "w")
+        proc = subprocess.Popen(submit, cwd=tmp_path, stdout=log, stderr=log)
         deadline = time.monotonic() + 300
         while len(list(out.glob("part-*.parquet"))) < 2 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
+        # Ray can lose the uploaded working directory before the job's first actor fetches it (ray-project/ray#36703,
+        # once in about 40 CI runs): the job fails before it starts, and a user would submit it again
+        lost_upload = "Failed to download runtime_env file package" in (tmp_path / "job.log").read_text()
+        if proc.poll() is None or attempt == 2 or not lost_upload:
+            break
+        log.close()
+        report(capsys, "ray job submit: Ray lost the uploaded working directory (ray-project/ray#36703), submitting again",
+               "multinode")  # fmt: skip
+    try:
         assert proc.poll() is None, (tmp_path / "job.log").read_text()[-3000:]
         parts_before = len(list(out.glob("part-*.parquet")))
         # lose the node that runs more of the job's actors (Ray placed them, not the test)
