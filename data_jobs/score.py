@@ -99,7 +99,10 @@ def score_dataset(
 def infer_classes(ds: Any, label_column: str) -> list[str]:
     if label_column not in ds.columns():
         raise common.DataError(f"no --classes given and the input has no {label_column!r} column to infer them from")
-    return sorted(str(v) for v in ds.unique(label_column) if v is not None)
+    classes = sorted(str(v) for v in ds.unique(label_column) if v is not None)
+    if not classes:  # e.g. an embed job's output of an unlabelled corpus: the column is there, all null
+        raise common.DataError(f"no --classes given and the input's {label_column!r} column has no labels")
+    return classes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,9 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from data_jobs.ledger import shared_ledger
     from fusion.args import config_from_args, with_llm_args
-    from fusion.config import apply_overrides
+    from fusion.config import LabelsConfig, apply_overrides
 
     config = with_llm_args(config_from_args(args), args)
     if args.multilabel:
@@ -140,8 +145,12 @@ def run(args: argparse.Namespace) -> int:
     common.connect(args.address)
     keep = ["id", "embedding", args.label_column]
     ds = common.read_corpus(args.input, args.format, args.text_column, args.id_column, keep=keep)
-    if args.classes:
+    if args.classes is not None:
         classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+        try:
+            LabelsConfig(classes=classes)
+        except ValidationError as err:
+            raise common.ConfigError(f"--classes {args.classes!r}: {err.errors()[0]['msg']}") from None
     elif config.labels.classes:
         classes = list(config.labels.classes)
     elif config.labels.mode == "multilabel":

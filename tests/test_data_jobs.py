@@ -296,6 +296,27 @@ def test_backfill_input_errors_are_clear(ray_local, bbc_model, tmp_path, capsys)
     assert "no column(s) ['id']; its first lines have ['doc_id', 'text']" in capsys.readouterr().err
 
 
+def test_score_input_errors_are_clear(ray_local, tmp_path, capsys):
+    """Classes the job cannot score with are refused before any LLM is loaded (an unlabelled embed output has a
+    label column of nulls: it failed every batch in Arrow)."""
+    df = pd.DataFrame({"id": ["a", "b"], "text": ["Shares fell", "The striker scored"], "label": [None, None]})
+    df.to_parquet(tmp_path / "unlabelled.parquet")
+    base = [
+        "--input",
+        str(tmp_path / "unlabelled.parquet"),
+        "--output",
+        str(tmp_path / "o"),
+        "--llm",
+        "local:smollm2-135m",
+    ]
+    assert score.main(base) == 2
+    assert "'label' column has no labels" in capsys.readouterr().err
+    for classes, words in ((",", "at least one class"), ("sport,sport", "duplicate class names: ['sport']")):
+        assert score.main([*base, "--classes", classes]) == 2
+        assert words in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_csv_ids_and_texts_are_read_as_written(ray_local, tmp_path):
     """Arrow guesses CSV column types: without the ids and texts read as strings, "00123" became the id "123"
     and a text of digits a number, refused as not a string."""
