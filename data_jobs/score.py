@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from data_jobs import common
 from data_jobs.embed import write_parquet
@@ -96,10 +97,19 @@ def score_dataset(
     )
 
 
+def _distinct(batch: pa.Table, column: str) -> pa.Table:
+    return pa.table({column: pc.unique(batch.column(column))})
+
+
 def infer_classes(ds: Any, label_column: str) -> list[str]:
     if label_column not in ds.columns():
         raise common.DataError(f"no --classes given and the input has no {label_column!r} column to infer them from")
-    classes = sorted(str(v) for v in ds.unique(label_column) if v is not None)
+    # each block's distinct labels, merged here: Ray Data's ds.unique() shuffles through aggregator actors, about
+    # 7 s even for a few rows on 2 cores
+    per_block = ds.select_columns([label_column]).map_batches(
+        _distinct, fn_args=(label_column,), batch_format="pyarrow", batch_size=None, **common.light()
+    )
+    classes = sorted({str(r[label_column]) for r in per_block.take_all() if r[label_column] is not None})
     if not classes:  # e.g. an embed job's output of an unlabelled corpus: the column is there, all null
         raise common.DataError(f"no --classes given and the input's {label_column!r} column has no labels")
     return classes
@@ -142,9 +152,7 @@ def run(args: argparse.Namespace) -> int:
         config = apply_overrides(config, ["labels.mode=multilabel"])
     if not config.llms:
         raise common.ConfigError("no LLM to score with: pass --llm PROVIDER:MODEL or set llms in --config")
-    common.connect(args.address)
-    keep = ["id", "embedding", args.label_column]
-    ds = common.read_corpus(args.input, args.format, args.text_column, args.id_column, keep=keep)
+    classes: list[str] | None = None
     if args.classes is not None:
         classes = [c.strip() for c in args.classes.split(",") if c.strip()]
         try:
@@ -155,7 +163,10 @@ def run(args: argparse.Namespace) -> int:
         classes = list(config.labels.classes)
     elif config.labels.mode == "multilabel":
         raise common.ConfigError("a multi-label task needs its classes: pass --classes or set labels.classes")
-    else:
+    common.connect(args.address)
+    keep = ["id", "embedding", args.label_column]
+    ds = common.read_corpus(args.input, args.format, args.text_column, args.id_column, keep=keep)
+    if classes is None:
         classes = infer_classes(ds, args.label_column)
     name = args.ledger_name or f"labelfuse-ledger-{uuid.uuid4().hex[:8]}"
     ledger = shared_ledger(name, config.llm_limits)
