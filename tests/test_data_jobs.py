@@ -56,20 +56,26 @@ def read_output(path: Path) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def corpora(tmp_path_factory):
     d = tmp_path_factory.mktemp("corpora")
-    train_df = sample(builtin_split("bbc-news", "train"), 40, seed=1)
+    train_df = sample(builtin_split("bbc-news", "train"), 20, seed=1)
     test_df = sample(builtin_split("bbc-news", "test"), 30, seed=2)
     ids = write_corpus(d / "train.jsonl", train_df, "tr")
     test_ids = write_corpus(d / "test.jsonl", test_df, "te")
     return {"dir": d, "train_ids": ids, "test_ids": test_ids, "test": test_df}
 
 
-def test_embed_job_writes_embeddings_and_keeps_bad_rows_with_a_reason(ray_local, corpora, encoder, tmp_path):
-    out = tmp_path / "emb"
+@pytest.fixture(scope="module")
+def embedded(ray_local, corpora, tmp_path_factory) -> Path:
+    """The embed job's output for the training corpus: checked by the embed test, scored by the local-LLM one."""
+    out = tmp_path_factory.mktemp("embedded") / "emb"
     argv = ["--input", str(corpora["dir"] / "train.jsonl"), "--output", str(out), "--id-column", "id", *ENC]
     assert embed.main(argv) == 0
-    df = read_output(out)
-    assert len(list(out.glob("*.parquet"))) == 1  # not one file per block
-    assert len(df) == 42 and df["id"].is_unique
+    return out
+
+
+def test_embed_job_writes_embeddings_and_keeps_bad_rows_with_a_reason(embedded, encoder):
+    df = read_output(embedded)
+    assert len(list(embedded.glob("*.parquet"))) == 1  # not one file per block
+    assert len(df) == 22 and df["id"].is_unique
     bad = df[df["error"].notna()].set_index("id")
     assert set(bad.index) == {"tr-null", next(i for i in bad.index if i.startswith("invalid-line-"))}
     assert "invalid JSON line" in bad.filter(like="invalid-line-", axis=0)["error"].iloc[0]
@@ -80,18 +86,16 @@ def test_embed_job_writes_embeddings_and_keeps_bad_rows_with_a_reason(ray_local,
     assert set(good["label"]) <= {"business", "entertainment", "politics", "sports", "tech"}
 
 
-def test_score_train_and_backfill_with_the_local_llm(ray_local, tmp_path):
-    """Few rows, as each is a real LLM call: 20 to train on, 12 to backfill, and the bad rows."""
-    emb, scored, model, pred = (tmp_path / n for n in ("emb", "scored", "model", "pred"))
-    write_corpus(tmp_path / "train.jsonl", sample(builtin_split("bbc-news", "train"), 20, seed=1), "tr")
+def test_score_train_and_backfill_with_the_local_llm(ray_local, embedded, tmp_path):
+    """Few rows, as each is a real LLM call: 20 to train on (the embed test's output), 12 to backfill, and the bad
+    rows."""
+    scored, model, pred = (tmp_path / n for n in ("scored", "model", "pred"))
     test_df = sample(builtin_split("bbc-news", "test"), 12, seed=2)
     test_ids = write_corpus(tmp_path / "test.jsonl", test_df, "te")
-    src = ["--input", str(tmp_path / "train.jsonl"), "--id-column", "id"]
-    assert embed.main([*src, "--output", str(emb), *ENC]) == 0
     ledger = "ledger-score-local"
     journals = Path(os.environ["LABELFUSE_CACHE_DIR"]) / "ledgers"
     before = set(journals.glob("*"))
-    assert score.main(["--input", str(emb), "--output", str(scored), "--llm", "local:smollm2-135m"]) == 0
+    assert score.main(["--input", str(embedded), "--output", str(scored), "--llm", "local:smollm2-135m"]) == 0
     assert set(journals.glob("*")) == before  # the run's own ledger left no journal behind
     df = read_output(scored).set_index("id")
     ok = df[df["error"].isna()]

@@ -1,7 +1,7 @@
 """The web page the Serve app serves at /, in a real headless Chromium (Debian's chromium and chromium-driver,
 driven by selenium) against the running app: the token entered once, a classification's bars, a bad input's
 error, and the Kafka view filling up from a real broker. Screenshots go to the test's directory, and to docs/
-with LABELFUSE_UPDATE_SCREENSHOTS=1."""
+with LABELFUSE_UPDATE_SCREENSHOTS=1. The same app checks the API's bearer token over plain HTTP."""
 
 import json
 import os
@@ -9,6 +9,7 @@ import shutil
 import uuid
 
 import pytest
+import requests
 from conftest import sample
 from kafka import KafkaProducer
 from ray import serve
@@ -119,3 +120,16 @@ def test_the_page_classifies_shows_errors_and_watches_kafka(browser, app, bbc, t
     assert len(d.find_elements(By.CSS_SELECTOR, "#mix .bar[data-label]")) == len(model.classes)
     wait.until(lambda drv: "120 tagged" in drv.find_element(By.ID, "kafka").text)
     screenshot(d, tmp_path, "page-live.png")
+
+
+def test_bearer_token_auth(app):
+    """The app of the page test (its token in Fusion's environment): no browser needed."""
+    url, body = app["url"], {"text": "Parliament passed the bill"}
+    r = requests.post(f"{url}/v1/classify", json=body, timeout=30)
+    assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer"
+    r = requests.post(f"{url}/v1/classify", json=body, headers={"Authorization": "Bearer nope"}, timeout=30)
+    assert r.status_code == 403 and "invalid API token" in r.text
+    ok = {"Authorization": f"Bearer {TOKEN}"}
+    assert requests.post(f"{url}/v1/classify", json=body, headers=ok, timeout=30).status_code == 200
+    assert requests.get(f"{url}/v1/model", timeout=30).status_code == 401
+    assert requests.get(f"{url}/healthz", timeout=30).status_code == 200  # probes need no token

@@ -200,7 +200,9 @@ def test_a_new_bundle_rolls_out_through_user_config_without_failing_requests(url
     try:
         while len(seen) < 5:
             time.sleep(0.05)
-        deploy({"bundle": path_b, "limits": LIMITS})  # only Fusion's user_config changes: no replica restarts
+        # serve.run gives each deployment a new code version, so Serve replaces the replicas a few at a time (a
+        # `serve deploy` that changes only Fusion's user_config reconfigures them in place, docs/serving.md)
+        deploy({"bundle": path_b, "limits": LIMITS})
         after = len(seen)
         while len(seen) < after + 10:
             time.sleep(0.05)
@@ -213,26 +215,6 @@ def test_a_new_bundle_rolls_out_through_user_config_without_failing_requests(url
     switch = versions.index(b.version)
     assert set(versions[switch:]) == {b.version}  # once live, the new bundle answers every request
     assert requests.get(f"{url}/v1/model", timeout=30).json()["bundle"] == path_b
-
-
-def test_bearer_token_auth(serve_url, bundles):
-    env = {"runtime_env": {"env_vars": {"LABELFUSE_TEST_TOKEN": "s3cret-token"}}}
-    deploy(
-        {"bundle": bundles["a"][0], "auth_token_env": "LABELFUSE_TEST_TOKEN"},
-        {"Fusion": {"ray_actor_options": {"num_cpus": 1, **env}}},
-    )
-    try:
-        body = {"text": "Parliament passed the bill"}
-        r = requests.post(f"{serve_url}/v1/classify", json=body, timeout=30)
-        assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer"
-        r = requests.post(f"{serve_url}/v1/classify", json=body, headers={"Authorization": "Bearer nope"}, timeout=30)
-        assert r.status_code == 403 and "invalid API token" in r.text
-        ok = {"Authorization": "Bearer s3cret-token"}
-        assert requests.post(f"{serve_url}/v1/classify", json=body, headers=ok, timeout=30).status_code == 200
-        assert requests.get(f"{serve_url}/v1/model", timeout=30).status_code == 401
-        assert requests.get(f"{serve_url}/healthz", timeout=30).status_code == 200  # probes need no token
-    finally:
-        serve.delete(APP)
 
 
 def test_llm_path_over_capacity_503_and_a_replica_killed_mid_request(serve_url, encoder, bbc, bbc_emb, tmp_path):
@@ -294,17 +276,17 @@ def test_llm_path_over_capacity_503_and_a_replica_killed_mid_request(serve_url, 
     assert died[0].status_code == 500 and died[0].text == "Internal Server Error", died[0].text
 
 
-def test_a_two_stage_bundle_serves_what_the_library_predicts(url, bundles, two_stage_bundle, bbc):
+def test_a_two_stage_bundle_serves_what_the_library_predicts(serve_url, two_stage_bundle, bbc):
     """Fusion loads the fine-tuned encoder with its classification layer and feeds its logits to the head."""
     path, clf = two_stage_bundle
     texts = sample(bbc["test"], 5, seed=4)["text"].str.slice(0, 1500).tolist()
     deploy({"bundle": path, "limits": LIMITS})
     try:
-        r = requests.post(f"{url}/v1/classify", json={"texts": texts}, timeout=60)
+        r = requests.post(f"{serve_url}/v1/classify", json={"texts": texts}, timeout=60)
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["model_version"] == clf.version
         got = np.array([[res["probabilities"][c] for c in clf.classes] for res in body["results"]])
         np.testing.assert_allclose(got, clf.predict_proba(texts), atol=1e-4)
     finally:
-        deploy({"bundle": bundles["a"][0], "limits": LIMITS})
+        serve.delete(APP)
