@@ -1,6 +1,7 @@
 """The reliability suite (`pytest -m reliability`; CI runs it with the rest): sustained HTTP load, Kafka
-taggers killed mid-stream while the LLM fails 30% of its calls, and bad input everywhere. Each test prints
-its figures. The killed-and-resumed backfill is tests/test_data_jobs.py::test_a_killed_backfill_resumes_...
+taggers killed mid-stream while the LLM fails 30% of its calls, and labels training does not know. Each test prints
+its figures. The killed-and-resumed backfill is tests/test_data_jobs.py::test_a_killed_backfill_resumes_..., bad
+HTTP bodies tests/test_serve_kafka.py::test_bad_http_bodies_get_a_4xx_... (on that module's app).
 
 The one fake is the LLM in the Kafka test: a scripted OpenAI-compatible stub standing in for a flaky paid
 API (fail_rate=0.3), which no real endpoint here can be made to be."""
@@ -150,68 +151,10 @@ def test_kafka_taggers_killed_twice_with_a_flaky_llm_lose_nothing(
     assert stats["alive"]
 
 
-def test_bad_inputs_get_clear_errors_and_lose_nothing(serve_url, kafka_broker, bbc_model, tmp_path, capsys):
-    bbc_model.save(tmp_path / "model")
-    run = uuid.uuid4().hex[:6]
-    topics = [f"bad-{run}-{t}" for t in ("in", "out", "dead")]
-    create_topics(kafka_broker.bootstrap, topics, 1)
-    kafka = dev_kafka_args(kafka_broker.bootstrap, topics, f"bad-{run}")
-    serve.run(build({"bundle": str(tmp_path / "model"), "kafka": kafka}), name="labelfuse-bad", route_prefix="/")
-    try:
-        # HTTP: each bad body gets a 4xx that names the problem
-        post = lambda **kw: requests.post(f"{serve_url}/v1/classify", timeout=60, **kw)  # noqa: E731
-        http = {
-            "empty text": (post(json={"text": "  "}), 422, "text 0 is empty"),
-            "1 MB text": (post(json={"text": "word " * 200_000}), 422, "1000000 characters; the limit is 20000"),
-            "invalid UTF-8": (
-                post(data=b'{"text": "\xff\xfe"}', headers={"content-type": "application/json"}),
-                400,
-                "error parsing the body",
-            ),
-            "text is a number": (post(json={"text": 5}), 422, "string"),
-            "texts is a string": (post(json={"texts": "one text"}), 422, "list"),
-            "3 MB body": (post(json={"texts": ["x" * 1_000_000] * 3}), 413, "larger than"),
-        }
-        for name, (r, code, words) in http.items():
-            assert r.status_code == code and words in r.text, (name, r.status_code, r.text[:300])
-        assert post(json={"text": "Shares in BP fell"}).status_code == 200  # and the service still answers
-
-        # Kafka: bad messages go to the dead-letter topic with the reason; the good ones around them are tagged
-        bad = {
-            "invalid UTF-8": b"\xff\xfe{",
-            "not JSON": b"{text: unquoted}",
-            "text is a number": json.dumps({"text": 5}).encode(),
-            "a JSON list": json.dumps(["a", "b"]).encode(),
-            "empty text": json.dumps({"text": " "}).encode(),
-            "over max_chars": json.dumps({"text": "word " * 5000}).encode(),
-        }
-        p = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, max_request_size=4_000_000)
-        for i, (name, value) in enumerate(bad.items()):
-            p.send(topics[0], key=f"good-{i}".encode(), value=json.dumps({"text": f"Election result {i}"}).encode())
-            p.send(topics[0], key=name.encode(), value=value)
-        p.flush()
-        p.close()
-        c = KafkaConsumer(topics[1], topics[2], bootstrap_servers=kafka_broker.bootstrap, group_id=None,
-                          auto_offset_reset="earliest", **DEV_CLIENT)  # fmt: skip
-        good, dead = set(), {}
-        deadline = time.monotonic() + 120
-        while (len(good) < len(bad) or len(dead) < len(bad)) and time.monotonic() < deadline:
-            for tp, recs in c.poll(500).items():
-                for r in recs:
-                    if tp.topic == topics[1]:
-                        good.add(r.key.decode())
-                    else:
-                        dead[r.key.decode()] = (r.value, dict(r.headers)["labelfuse.error"].decode())
-        c.close()
-    finally:
-        delete_app("labelfuse-bad")
-    assert good == {f"good-{i}" for i in range(len(bad))}
-    assert set(dead) == set(bad) and all(dead[k][0] == v for k, v in bad.items())  # original bytes kept
-    reasons = {k: why for k, (_, why) in dead.items()}
-    for name, words in (("invalid UTF-8", "UTF-8"), ("text is a number", "text"), ("over max_chars", "characters")):
-        assert words in reasons[name], reasons
-
-    # training: labels outside the declared classes are refused by name, with exit status 2 and no bundle
+def test_training_refuses_labels_outside_the_declared_classes_by_name(tmp_path, capsys):
+    """Exit status 2, the unknown label named, no bundle. The other bad input: HTTP bodies in
+    tests/test_serve_kafka.py::test_bad_http_bodies_get_a_4xx_... (marked reliability too), Kafka messages in
+    ...::test_every_message_is_tagged_once_or_dead_lettered_..."""
     data = tmp_path / "train.csv"
     data.write_text("text,label\nthe match,sport\nthe vote,politics\nthe chip,tech\nthe goal,sport\n")
     out = tmp_path / "refused"
@@ -220,5 +163,3 @@ def test_bad_inputs_get_clear_errors_and_lose_nothing(serve_url, kafka_broker, b
     )
     err = capsys.readouterr().err
     assert rc == 2 and "unknown label(s)" in err and "tech" in err and not out.exists()
-    report(capsys, f"bad input: {len(http)} HTTP cases -> 4xx, {len(dead)} Kafka cases dead-lettered with reasons, "
-                   f"{len(good)} good messages between them tagged, unknown training label refused")  # fmt: skip

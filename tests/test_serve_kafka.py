@@ -12,7 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 import ray
-from conftest import sample
+import requests
+from conftest import report, sample
 from fuzz import GOOD_TEXT, JSON, NASTY_TEXT, RAW, budget, dumps
 from hypothesis import given
 from hypothesis import strategies as st
@@ -148,6 +149,29 @@ def test_every_message_is_tagged_once_or_dead_lettered_with_its_reason(tagging, 
         assert out["label"] == label and out["id"] == f"{run}-{i}" and out["model_version"] == model.version
         assert out["topic"] == IN and 0 <= out["partition"] < PARTITIONS and out["offset"] >= 0
         assert abs(sum(out["probabilities"].values()) - 1) < 1e-3 and out["llm_used"] is False
+
+
+@pytest.mark.reliability
+def test_bad_http_bodies_get_a_4xx_with_the_reason_under_the_default_limits(tagging, serve_url, capsys):
+    """This module's app serves HTTP too, with the default limits (20,000 characters a text, 2 MiB a body): each
+    bad body gets a 4xx that names the problem, and the app answers the next request."""
+    post = lambda **kw: requests.post(f"{serve_url}/v1/classify", timeout=60, **kw)  # noqa: E731
+    http = {
+        "empty text": (post(json={"text": "  "}), 422, "text 0 is empty"),
+        "1 MB text": (post(json={"text": "word " * 200_000}), 422, "1000000 characters; the limit is 20000"),
+        "invalid UTF-8": (
+            post(data=b'{"text": "\xff\xfe"}', headers={"content-type": "application/json"}),
+            400,
+            "error parsing the body",
+        ),
+        "text is a number": (post(json={"text": 5}), 422, "string"),
+        "texts is a string": (post(json={"texts": "one text"}), 422, "list"),
+        "3 MB body": (post(json={"texts": ["x" * 1_000_000] * 3}), 413, "larger than"),
+    }
+    for name, (r, code, words) in http.items():
+        assert r.status_code == code and words in r.text, (name, r.status_code, r.text[:300])
+    assert post(json={"text": "Shares in BP fell"}).status_code == 200
+    report(capsys, f"bad input: {len(http)} HTTP cases -> 4xx with the reason, the app answers the next request")
 
 
 def keyed(run: str):
