@@ -58,9 +58,9 @@ def corpora(tmp_path_factory):
     d = tmp_path_factory.mktemp("corpora")
     train_df = sample(builtin_split("bbc-news", "train"), 20, seed=1)
     test_df = sample(builtin_split("bbc-news", "test"), 30, seed=2)
-    ids = write_corpus(d / "train.jsonl", train_df, "tr")
-    test_ids = write_corpus(d / "test.jsonl", test_df, "te")
-    return {"dir": d, "train_ids": ids, "test_ids": test_ids, "test": test_df}
+    write_corpus(d / "train.jsonl", train_df, "tr")
+    write_corpus(d / "test.jsonl", test_df, "te")
+    return {"dir": d, "test": test_df}
 
 
 @pytest.fixture(scope="module")

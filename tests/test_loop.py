@@ -7,7 +7,6 @@ tests/test_learning_loop.py).
 
 import json
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -261,7 +260,7 @@ def test_the_embedding_cache_gives_the_encoders_vectors_and_stays_within_its_row
             assert cache.stats["embedded"] <= len(set(texts))  # each new text once, however often it is in a call
             if set(texts) <= seen and len(seen) <= max_rows:  # nothing had to go: every text is found
                 assert cache.stats == {"cached": len(texts), "embedded": 0}, (seen, texts)
-            shards = list((Path(root) / cache.dir.name).glob("*.npz"))
+            shards = list(cache.dir.glob("*.npz"))
             assert sum(len(np.load(s)["ids"]) for s in shards) <= max_rows
             seen |= set(texts)
 
