@@ -59,7 +59,9 @@ class LabelsConfig(_Strict):
         "starts from class names alone, `labelfuse bootstrap`).",
     )
     label_separator: str | None = Field(
-        None, description="Multilabel only: split a string label cell on this separator, e.g. '|'."
+        "|",
+        description="Multilabel only: a string label cell is a list of labels joined by this separator, as "
+        "`labelfuse predict` writes them to CSV; null: each string cell is one label.",
     )
 
     @field_validator("classes")

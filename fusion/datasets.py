@@ -54,13 +54,19 @@ def _read_jsonl(path: Path, keep_bad: bool) -> pd.DataFrame:
         return pd.DataFrame(rows, dtype=object)
 
 
+def _read_csv(path: Path, sep: str) -> pd.DataFrame:
+    """Every cell as written, a string: pandas would read the text "2024" as a number and the id "00123" as 123.
+    Only an empty cell is missing ("NA" is a text). Invalid UTF-8 becomes U+FFFD: one bad byte must not make the
+    whole file unreadable."""
+    return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[""], encoding_errors="replace")
+
+
 _READERS = {
-    # invalid UTF-8 in a CSV becomes U+FFFD (one bad byte must not make the whole file unreadable)
-    ".csv": lambda p, _: pd.read_csv(p, encoding_errors="replace"),
-    ".tsv": lambda p, _: pd.read_csv(p, sep="\t", encoding_errors="replace"),
+    ".csv": lambda p, _: _read_csv(p, ","),
+    ".tsv": lambda p, _: _read_csv(p, "\t"),
     ".jsonl": _read_jsonl,
     ".ndjson": _read_jsonl,
-    ".json": lambda p, _: pd.read_json(p),
+    ".json": lambda p, _: pd.read_json(p, dtype=False),  # JSON's own types: "00123" stays a string
     ".parquet": lambda p, _: pd.read_parquet(p),
     ".pq": lambda p, _: pd.read_parquet(p),
 }
@@ -121,7 +127,8 @@ def require_columns(df: pd.DataFrame, columns: list[str], what: str) -> None:
 
 
 def texts_and_labels(df: pd.DataFrame, data: DataConfig, *, require_labels: bool = True) -> tuple[list[str], Any]:
-    """The text column as strings and the raw label column(s) (``None`` when absent and not required)."""
+    """The text column's values (checked by the text rule after) and the raw label column(s) (``None`` when absent
+    and not required)."""
     require_columns(df, [data.text_column], "text")
     texts = df[data.text_column]
     if texts.isna().any():
@@ -133,9 +140,9 @@ def texts_and_labels(df: pd.DataFrame, data: DataConfig, *, require_labels: bool
     if require_labels:
         require_columns(df, label_cols, "labels")
     if not has_labels:
-        return texts.astype(str).tolist(), None
+        return texts.tolist(), None
     labels = df[data.label_columns] if data.label_columns else df[data.label_column]
-    return texts.astype(str).tolist(), labels
+    return texts.tolist(), labels
 
 
 # -- built-in datasets -------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import hashlib
 import json
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from fusion.errors import DataError
@@ -147,6 +147,8 @@ def check_texts(texts: Any) -> list[str]:
     """The Python API's input check: a list of cleaned texts, or DataError naming the first bad row."""
     if isinstance(texts, str):
         raise DataError("expected a list of texts, got a single string; wrap it in a list")
+    if texts is None or isinstance(texts, (bytes, Mapping)) or not isinstance(texts, Iterable):
+        raise DataError(f"expected a list of texts or a DataFrame, got {type(texts).__name__}")
     out = list(texts)
     for i, t in enumerate(out):
         try:

@@ -1,9 +1,12 @@
 import pandas as pd
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fusion.config import DataConfig
 from fusion.datasets import load_builtin, read_table, split, texts_and_labels, write_table
 from fusion.errors import DataError
+from tests.fuzz import budget
 
 
 def test_bbc_news_builtin():
@@ -67,3 +70,39 @@ def test_file_errors(tmp_path):
         texts_and_labels(pd.DataFrame({"text": ["a", None], "label": ["x", "y"]}), DataConfig())
     with pytest.raises(DataError, match="unknown built-in"):
         load_builtin("imdb")
+
+
+# cells a table of texts and ids holds: numbers as text, leading zeros, pandas' "missing" words, quotes, newlines,
+# separators and any Unicode that UTF-8 carries (a lone surrogate is refused at every edge, see test_texts.py)
+CELL = st.one_of(
+    st.sampled_from(["2024", "00123", "1e5", "-0", "NA", "N/A", "null", "NaN", "None", "True", "#N/A", " ", '"', "\t"]),
+    st.from_regex(r"\A[0-9.+-]{1,8}\Z"),
+    st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_size=20),
+)
+
+
+@budget(60)
+@given(rows=st.lists(st.tuples(CELL, CELL), min_size=1, max_size=6), ext=st.sampled_from([".csv", ".tsv", ".json"]))
+def test_a_table_reads_back_every_cell_as_written(tmp_path_factory, rows, ext):
+    """pandas guesses column types: "2024" became a number, "00123" the id 123, and "NA" a missing text."""
+    path = tmp_path_factory.mktemp("t") / f"d{ext}"
+    df = pd.DataFrame(rows, columns=["id", "text"], dtype=object)
+    if ext == ".tsv":
+        df.to_csv(path, sep="\t", index=False)
+    elif ext == ".json":
+        df.to_json(path, orient="records")
+    else:
+        write_table(df, path)
+    back = read_table(path)
+    assert back.astype(object).values.tolist() == [list(r) for r in rows]
+
+
+def test_a_text_that_is_not_a_string_is_refused_with_its_row():
+    from fusion.classifier import AutoFusionClassifier
+
+    df = pd.DataFrame({"text": ["a", 5, True], "label": ["x", "y", "x"]}, dtype=object)
+    with pytest.raises(DataError, match=r"text at row 1 is of type int, not a string \(5\)"):
+        AutoFusionClassifier().fit(df)
+    for bad in ({"text": "x"}, None, 7):
+        with pytest.raises(DataError, match="expected a list of texts or a DataFrame, got"):
+            AutoFusionClassifier().fit(bad, ["x"])

@@ -56,3 +56,13 @@ def test_multiclass_rejects_missing_and_multiple_labels():
 def test_roundtrip_dict():
     s = LabelSpace(["a", "b", "c"], multilabel=True)
     assert LabelSpace.from_dict(s.to_dict()) == s
+
+
+def test_multilabel_cells_split_on_the_default_separator_that_predict_writes():
+    """`labelfuse predict` joins a multi-label prediction with '|' in CSV: that file trains as written."""
+    from fusion.config import LabelsConfig
+
+    sep = LabelsConfig().label_separator
+    assert normalize_labels(["business|politics", "sports", ""], multilabel=True, separator=sep) == [
+        ["business", "politics"], ["sports"], []]  # fmt: skip
+    assert normalize_labels(["a|b"], multilabel=False, separator=sep) == ["a|b"]  # one class name in multiclass
