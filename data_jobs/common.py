@@ -75,17 +75,10 @@ def cluster_resources() -> tuple[float, float]:
     return float(res.get("CPU", 0.0)), float(res.get("GPU", 0.0))
 
 
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except empty ones (None/False), whose help already says what happens."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default in (None, False, argparse.SUPPRESS):
-            return action.help
-        return super()._get_help_string(action)
-
-
 def job_parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, formatter_class=_Help)
+    from fusion.args import HelpFormatter
+
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     p.add_argument(
         "--address",
         help="Ray cluster address; default: RAY_ADDRESS (set by `ray job submit`), else a cluster started with "

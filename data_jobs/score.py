@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = common.job_parser("Score a corpus with the configured LLMs on a Ray Data actor pool; write parquet.")
     common.add_input_args(p)
     add_config_args(p)
-    add_llm_args(p, train=True)
+    add_llm_args(p, train=True, gate=False)
     p.add_argument("--output", required=True, help="output directory or URI (overwritten)")
     p.add_argument("--classes", help="comma-separated class names (default: config labels.classes, else the labels)")
     p.add_argument("--label-column", default="label", help="carried to the output; classes are inferred from it")

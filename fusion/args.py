@@ -39,6 +39,24 @@ def deprecated(p: Any, old: str, new: str, *, dest: str, const: Any = None) -> N
     p.add_argument(old, action=_Deprecated, new=new, dest=dest, const=const)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except empty ones (None, False, []) and where the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, [], argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> None:
+    """:class:`HelpFormatter` for ``parser`` and every subcommand under it."""
+    parser.formatter_class = HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                show_defaults(sub)
+
+
 def add_bundle_arg(p: argparse.ArgumentParser, help: str, required: bool = True) -> None:
     """``--bundle DIR|URI`` (old spelling: ``--model``); a URI is fetched (``fusion.remote``)."""
     g = p.add_mutually_exclusive_group(required=required)
@@ -88,9 +106,12 @@ def parse_llm_spec(spec: str) -> dict[str, Any]:
     return entry
 
 
-def add_llm_args(p: argparse.ArgumentParser, train: bool) -> None:
+def add_llm_args(p: argparse.ArgumentParser, train: bool, gate: bool = True) -> None:
+    """``--llm-budget``; with ``train`` also ``--llm`` and, unless ``gate`` is False, ``--gate-rate`` and
+    ``--gate-accuracy``."""
     if train:
         p.add_argument("--llm", action="append", default=[], metavar="SPEC", help=LLM_SPEC_HELP)
+    if train and gate:
         p.add_argument(
             "--gate-rate",
             type=float,

@@ -326,6 +326,10 @@ class AutoFusionClassifier(_Estimator):
         texts, raw = self._texts_labels(X, y, require_labels=soft_labels is None)
         if not texts:
             raise DataError("no training rows")
+        if validation is not None:  # checked before anything is embedded
+            v_texts, v_raw = self._texts_labels(validation, validation_labels, require_labels=True)
+            if not v_texts:
+                raise DataError("no validation rows: the validation data is empty")
         precomputed = embeddings is not None or validation_embeddings is not None
         fine_tune = _fine_tune_mode(cfg, len(texts), precomputed)
         if fine_tune != "off" and precomputed:
@@ -370,7 +374,6 @@ class AutoFusionClassifier(_Estimator):
             t_tr, t_va = [texts[i] for i in tr], [texts[i] for i in va]
             va_scores = _subset(llm_scores, va)
         else:
-            v_texts, v_raw = self._texts_labels(validation, validation_labels, require_labels=True)
             y_va, _ = self._encode_labels(v_raw, len(v_texts), space)
             v_emb = self._embed(v_texts, validation_embeddings, progress)
             tr = np.arange(len(texts))
@@ -431,6 +434,7 @@ class AutoFusionClassifier(_Estimator):
         head = FusionHead(
             space, layout, scaler, fit.head.inference(), fit.temperature, fit.thresholds, fit.at_least_one
         )
+        _warn_thin(y_all[tr], len(y_va), space)
         self.training = {
             "n_train": len(y_tr),
             "n_val": len(y_va),
@@ -542,6 +546,8 @@ class AutoFusionClassifier(_Estimator):
     def _labelled(self, X: TextInput, y: Any) -> tuple[list[str], np.ndarray]:
         space = self._require_fitted().label_space
         texts, raw = self._texts_labels(X, y, require_labels=True)
+        if not texts:
+            raise DataError("no rows to evaluate: the data is empty")
         return texts, self._encode_labels(raw, len(texts), space)[0]
 
     # -- persistence ------------------------------------------------------------------------------------------
@@ -608,9 +614,31 @@ def _fine_tune_mode(cfg: Config, n_rows: int, precomputed: bool) -> str:
     return cfg.encoder.resolved_fine_tune()
 
 
+MIN_VALIDATION_ROWS = 30
+
+
+def _class_counts(y: np.ndarray, space: Any) -> np.ndarray:
+    return y.sum(axis=0) if space.multilabel else np.bincount(y.astype(int), minlength=space.n_classes)
+
+
+def _warn_thin(y_train: np.ndarray, n_val: int, space: Any) -> None:
+    """Say when the data is too thin for what is fitted on it: a class never seen in training cannot be
+    learned, and a few validation rows make the temperature (and the gate) fit noise."""
+    unseen = [c for c, n in zip(space.classes, _class_counts(y_train, space), strict=True) if n == 0]
+    if unseen:
+        log.warning("class(es) %s have no training rows: the model cannot learn them; label some", unseen)
+    if n_val < MIN_VALIDATION_ROWS:
+        log.warning(
+            "only %d validation rows: calibration (the temperature) and the LLM gate are fitted on them and may be "
+            "over- or under-confident; give at least %d (a --val file, or a larger train.val_fraction)",
+            n_val,
+            MIN_VALIDATION_ROWS,
+        )
+
+
 def _label_share(y: np.ndarray, space: Any) -> dict[str, float]:
     """Each class's share of the training labels (multi-label: of all the labels given)."""
-    counts = y.sum(axis=0) if space.multilabel else np.bincount(y.astype(int), minlength=space.n_classes)
+    counts = _class_counts(y, space)
     total = float(counts.sum()) or 1.0
     return {c: round(float(n) / total, 6) for c, n in zip(space.classes, counts, strict=True)}
 

@@ -21,6 +21,7 @@ from fusion.args import (
     add_llm_args,
     add_output_arg,
     config_from_args,
+    show_defaults,
     with_llm_args,
 )
 from fusion.errors import ConfigError, LabelfuseError
@@ -44,7 +45,14 @@ def _add_data_args(p: argparse.ArgumentParser, file_flag: str, file_help: str) -
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--dataset", choices=sorted(BUILTIN), help="built-in offline dataset")
     g.add_argument(file_flag, metavar="FILE", help=file_help)
-    p.add_argument("--split", choices=SPLITS, default="test", help="split of --dataset to use (default: test)")
+    p.add_argument("--split", choices=SPLITS, help="split of --dataset to use (default: test)")
+
+
+def _refuse_unused(given: dict[str, Any], why: str) -> None:
+    """A ConfigError naming the options that were given but would be ignored, and why."""
+    unused = [flag for flag, value in given.items() if value not in (None, False)]
+    if unused:
+        raise ConfigError(f"{', '.join(unused)}: {why}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for ep in entry_points(group="labelfuse.commands"):
         ep.load()(sub)
+    show_defaults(parser)
     return parser
 
 
@@ -240,6 +249,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     if args.dataset:
+        columns = ("val", "multilabel", "text_column", "label_column", "label_columns")
+        _refuse_unused(
+            {f"--{c.replace('_', '-')}": getattr(args, c) for c in columns},
+            f"not used with --dataset, which brings its own split, columns and mode ({BUILTIN[args.dataset]})",
+        )
         cfg = apply_overrides(
             cfg,
             [
@@ -260,6 +274,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         val_df = read_table(args.val) if args.val else None
         source = f"{args.train}" + (f" (validation {args.val})" if args.val else "")
     cfg = with_llm_args(cfg, args)
+    if not cfg.llms:
+        _refuse_unused(
+            {"--gate-rate": args.gate_rate, "--gate-accuracy": args.gate_accuracy},
+            "sets when to ask the LLMs, and none is configured: add --llm",
+        )
     llms = ", ".join(f"{c.name} ({c.provider}:{c.model})" for c in cfg.llms) or "none"
     print(
         f"training on {source}; encoder {cfg.encoder.model}, max_length {cfg.encoder.max_length}; LLMs: {llms}",
@@ -309,8 +328,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     # a bad row fails alone: it gets its reason in 'error' and no prediction (the text rule: fusion.texts)
     cells = df[column].tolist() if column in df.columns else [None] * len(df)
     missing = lambda c: c is None or (isinstance(c, float) and c != c)  # noqa: E731
-    # pandas reads '404' in a CSV as a number: that text is "404"
-    texts, reasons = clean_texts(None if missing(c) else c if isinstance(c, str) else str(c) for c in cells)
+    texts, reasons = clean_texts(None if missing(c) else c for c in cells)  # CSV cells are read as strings
     reasons = [line or (r and f"text {r}") for line, r in zip(lines, reasons, strict=True)]
     ok = [i for i, r in enumerate(reasons) if r is None]
     proba = np.full((len(df), len(clf.classes)), np.nan)
@@ -344,13 +362,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from fusion.report import format_summary, format_table, write_report
 
     fractions = _fractions(args.train_fractions) if args.train_fractions else None
+    _refuse_unused({"--split": args.split}, "picks a split of --dataset; --data is evaluated whole")
+    if not fractions or args.dataset:
+        _refuse_unused(
+            {"--train": args.train, "--val": args.val},
+            "training data for --train-fractions with --data" + (" (--dataset brings its own)" if fractions else ""),
+        )
     if fractions and not args.dataset and not (args.train and args.val):
         raise ConfigError("--train-fractions needs training data: use --dataset, or --train FILE and --val FILE")
     clf = AutoFusionClassifier.load(args.bundle)
     clf.config = with_llm_args(clf.config, args)
     if args.dataset:
-        df = builtin_split(args.dataset, args.split)
-        data_name = f"{args.dataset}:{args.split}"
+        split = args.split or "test"
+        df = builtin_split(args.dataset, split)
+        data_name = f"{args.dataset}:{split}"
         from fusion.config import DataConfig
 
         clf.config.data = DataConfig()

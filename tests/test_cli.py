@@ -140,6 +140,13 @@ def test_multilabel_indicator_columns_via_cli(bbc, tmp_path):
     pred = pd.read_csv(tmp_path / "p.csv", keep_default_na=False)
     assert set(pred["prediction"]) <= {"", "business", "sports", "business|sports"}
     assert (pred["prediction"] == "business").sum() > 10
+    # the predictions, "a|b" label sets in CSV, train as they were written: corrected labels go straight back in
+    pred.loc[0, "prediction"] = "business|sports"
+    pred.to_csv(tmp_path / "p.csv", index=False)
+    labelfuse("train", "--train", tmp_path / "p.csv", "--multilabel", "--label-column", "prediction",
+              "--set", "encoder.max_length=48", "--output", tmp_path / "again")  # fmt: skip
+    assert json.loads((tmp_path / "again" / "manifest.json").read_text())["label_space"]["classes"] == [
+        "business", "sports"]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -170,11 +177,27 @@ def test_multilabel_indicator_columns_via_cli(bbc, tmp_path):
             "unknown label(s) ['weather']",
         ),
         (["predict", "--bundle", "nowhere", "--input", "{train}", "--output", "o.csv"], "model bundle not found"),
+        # options that would be ignored are refused, with why
+        (["train", "--dataset", "bbc-news", "--val", "{train}", "--output", "m"], "--val: not used with --dataset"),
+        (["train", "--train", "{train}", "--gate-rate", "0.3", "--output", "m"], "--gate-rate: sets when to ask"),
+        (["eval", "--bundle", "{model}", "--data", "{train}", "--split", "val"], "--split: picks a split of --dataset"),
+        (["eval", "--bundle", "{model}", "--data", "{train}", "--val", "{train}"], "--val: training data for"),
+        # empty data is an error before any work, not a traceback after it
+        (["train", "--train", "{train}", "--val", "{empty}", "--text-column", "body", "--label-column", "topic",
+          "--output", "m"], "no validation rows"),
+        (["eval", "--bundle", "{model}", "--data", "{empty}", "--text-column", "body", "--label-column", "topic"],
+         "no rows to evaluate"),
     ],
-)
+)  # fmt: skip
 def test_errors_are_human_readable(files, trained, args, message):
     pd.DataFrame({"body": ["rain"], "topic": ["weather"]}).to_csv(files / "bad.csv", index=False)
-    subst = {"train": files / "train.csv", "model": trained, "bad_labels": files / "bad.csv"}
+    (files / "empty.csv").write_text("body,topic\n")
+    subst = {
+        "train": files / "train.csv",
+        "model": trained,
+        "bad_labels": files / "bad.csv",
+        "empty": files / "empty.csv",
+    }
     p = labelfuse(*[a.format(**subst) for a in args], check=False)
     assert p.returncode == 2, p.stderr
     assert message in p.stderr and "Traceback" not in p.stderr
