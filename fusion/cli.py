@@ -362,7 +362,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from fusion.report import format_summary, format_table, write_report
 
     fractions = _fractions(args.train_fractions) if args.train_fractions else None
-    _refuse_unused({"--split": args.split}, "picks a split of --dataset; --data is evaluated whole")
+    if args.data:
+        _refuse_unused({"--split": args.split}, "picks a split of --dataset; --data is evaluated whole")
     if not fractions or args.dataset:
         _refuse_unused(
             {"--train": args.train, "--val": args.val},
