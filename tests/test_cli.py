@@ -181,7 +181,8 @@ def test_multilabel_indicator_columns_via_cli(bbc, tmp_path):
         (["train", "--dataset", "bbc-news", "--val", "{train}", "--output", "m"], "--val: not used with --dataset"),
         (["train", "--train", "{train}", "--gate-rate", "0.3", "--output", "m"], "--gate-rate: sets when to ask"),
         (["eval", "--bundle", "{model}", "--data", "{train}", "--split", "val"], "--split: picks a split of --dataset"),
-        (["eval", "--bundle", "nowhere", "--dataset", "bbc-news", "--split", "val"], "bundle not found"),  # taken
+        # --split beside --dataset is taken: the command goes on, to the missing bundle
+        (["eval", "--bundle", "nowhere", "--dataset", "bbc-news", "--split", "val"], "bundle not found"),
         (["eval", "--bundle", "{model}", "--data", "{train}", "--val", "{train}"], "--val: training data for"),
         # empty data is an error before any work, not a traceback after it
         (["train", "--train", "{train}", "--val", "{empty}", "--text-column", "body", "--label-column", "topic",
