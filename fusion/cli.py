@@ -317,7 +317,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from fusion.datasets import BAD_LINE, output_format, read_table, require_columns, write_table
     from fusion.texts import clean_texts
 
-    fmt = output_format(args.output)
+    output_format(args.output)  # a bad output path is refused before the work
     clf = AutoFusionClassifier.load(args.bundle)
     column = args.text_column or clf.config.data.text_column
     df = read_table(args.input, keep_bad_lines=True)
@@ -340,7 +340,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 reasons[i] = f"text {res['error']}"
                 continue
             label = res["labels"] if clf.multilabel else res["label"]
-            preds[i] = "|".join(label) if clf.multilabel and fmt == "csv" else label
+            preds[i] = label  # a label set is written "a|b" to CSV
             proba[i] = [res["probabilities"][c] for c in clf.classes]
     out = df.copy()
     out["prediction"] = preds

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fusion.errors import ConfigError
+from fusion.labels import LABEL_SEPARATOR
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 Backend = Literal["auto", "torch", "onnx", "onnx-int8"]
@@ -59,7 +60,7 @@ class LabelsConfig(_Strict):
         "starts from class names alone, `labelfuse bootstrap`).",
     )
     label_separator: str | None = Field(
-        "|",
+        LABEL_SEPARATOR,
         description="Multilabel only: a string label cell is a list of labels joined by this separator, as "
         "`labelfuse predict` writes them to CSV; null: each string cell is one label.",
     )

@@ -24,6 +24,7 @@ import pandas as pd
 
 from fusion.config import DataConfig
 from fusion.errors import DataError
+from fusion.labels import LABEL_SEPARATOR, is_listlike
 from fusion.texts import arrow_array, json_plain, load_json_object
 
 BUILTIN: dict[str, str] = {"bbc-news": "multiclass", "bbc-news-multilabel": "multilabel"}
@@ -103,8 +104,11 @@ def write_table(df: pd.DataFrame, path: str | Path) -> None:
     p = Path(path)
     fmt = output_format(p)
     p.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "csv":  # a lone surrogate is written as its escape, \udc80
-        df.to_csv(p, index=False, errors="backslashreplace")
+    if fmt == "csv":  # a label set as "a|b" (read back by labels.label_separator); a lone surrogate as \udc80
+        out = df.copy()
+        for c in out.columns[out.dtypes == np.dtype(object)]:
+            out[c] = [LABEL_SEPARATOR.join(map(str, v)) if is_listlike(v) else v for v in out[c].tolist()]
+        out.to_csv(p, index=False, errors="backslashreplace")
     elif fmt == "jsonl":  # JSON itself writes a lone surrogate as \udc80
         records = df.astype(object).where(df.notna(), None).to_dict(orient="records")
         with open(p, "w", encoding="utf-8", errors="backslashreplace") as f:

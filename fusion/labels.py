@@ -19,6 +19,8 @@ import numpy as np
 
 from fusion.errors import DataError
 
+LABEL_SEPARATOR = "|"  # a label set in one text cell (CSV): "business|politics"
+
 RawLabels = Sequence[Any]
 
 
@@ -31,7 +33,7 @@ def _is_missing(v: Any) -> bool:
         return False
 
 
-def _is_listlike(v: Any) -> bool:
+def is_listlike(v: Any) -> bool:
     return isinstance(v, (list, tuple, set, frozenset, np.ndarray))
 
 
@@ -65,7 +67,7 @@ def normalize_labels(values: Any, multilabel: bool, separator: str | None = None
             if not multilabel:
                 raise DataError(f"row {i} has no label; every row needs a label in multiclass mode")
             out.append([])
-        elif _is_listlike(v):
+        elif is_listlike(v):
             labels = [str(x) for x in v]
             if multilabel:
                 out.append(sorted(set(labels)))

@@ -142,7 +142,11 @@ def add_commands(sub: Any) -> None:
     lab.add_argument("--store", required=True, metavar="URI", help="the label store: a directory or URI")
     lab.add_argument("--input", metavar="FILE", help="import: a table of texts and labels")
     lab.add_argument("--text-column", default="text", help="import: the text column")
-    lab.add_argument("--label-column", default="label", help="import: the label column (a list for multilabel)")
+    lab.add_argument(
+        "--label-column",
+        default="label",
+        help="import: the label column (a label set: a list, or labels joined by '|' as in CSV)",
+    )
     lab.add_argument("--id-column", help="import: a column of label ids (a re-import then adds nothing)")
     lab.add_argument("--registry", metavar="DIR", help="export: the registry whose champion ranks the texts")
     lab.add_argument("--count", type=int, default=100, help="export: texts at most (default: 100)")
@@ -268,7 +272,7 @@ def import_labels(args: argparse.Namespace, store: Any) -> None:
     """People's labels from a table; a bad row is refused alone, with its row number and reason."""
     from fusion.datasets import read_table, require_columns
     from fusion.errors import DataError
-    from fusion.labels import normalize_labels
+    from fusion.labels import LABEL_SEPARATOR, normalize_labels
     from fusion.labelstore import human_label
 
     if not args.input:
@@ -279,7 +283,7 @@ def import_labels(args: argparse.Namespace, store: Any) -> None:
     records, refused = [], []
     for row, (t, lab, i) in enumerate(zip(df[args.text_column], df[args.label_column], ids, strict=True)):
         try:
-            labels = normalize_labels([lab], multilabel=not isinstance(lab, str))[0]
+            labels = normalize_labels([lab], multilabel=True, separator=LABEL_SEPARATOR)[0]  # "a|b": a label set
             if not labels:
                 raise DataError("has no label")
             records.append(human_label(t, labels, label_id=i, origin=f"import:{Path(args.input).name}"))

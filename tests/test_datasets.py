@@ -106,3 +106,20 @@ def test_a_text_that_is_not_a_string_is_refused_with_its_row():
     for bad in ({"text": "x"}, None, 7):
         with pytest.raises(DataError, match="expected a list of texts or a DataFrame, got"):
             AutoFusionClassifier().fit(bad, ["x"])
+
+
+LABEL = st.text(st.characters(exclude_categories=["Cs", "Cc", "Zs", "Zl", "Zp"], exclude_characters="|"), min_size=1)
+
+
+@budget(40)
+@given(sets=st.lists(st.lists(LABEL, max_size=3, unique=True), min_size=1, max_size=5))
+def test_label_sets_written_to_csv_read_back_as_the_same_sets(tmp_path_factory, sets):
+    """A multi-label table (a label list per row) written to CSV, as `labelfuse predict` and `labels export` write
+    it, trains as written: each cell is "a|b", split again on labels.label_separator."""
+    from fusion.config import LabelsConfig
+    from fusion.labels import normalize_labels
+
+    path = tmp_path_factory.mktemp("t") / "d.csv"
+    write_table(pd.DataFrame({"text": ["x"] * len(sets), "label": sets}), path)
+    back = read_table(path)["label"]
+    assert normalize_labels(back, True, LabelsConfig().label_separator) == [sorted(set(s)) for s in sets]

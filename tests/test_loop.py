@@ -320,17 +320,22 @@ def test_labels_command_imports_counts_and_compacts(tmp_path, capsys):
         '{"id": 2, "text": "", "label": "tech"}\n'  # refused alone: an empty text
         '{"id": 3, "text": "The striker scored", "label": null}\n'  # refused alone: no label
         '{"id": 4, "text": "Votes were counted", "label": "politics"}\n'
+        '{"id": 5, "text": "Budget vote moves markets", "label": "business|politics"}\n'  # a label set, as in CSV
     )
     store = str(tmp_path / "labels")
     argv = ["labels", "import", "--store", store, "--input", str(tmp_path / "reviewed.jsonl"), "--id-column", "id"]
     assert main(argv) == 0
     out = capsys.readouterr()
-    assert "imported 2 labels" in out.err and "refused 2 rows: row 1" in out.err and "row 2" in out.err
-    assert main(argv) == 0  # the same ids again: still two labels
+    assert "imported 3 labels" in out.err and "refused 2 rows: row 1" in out.err and "row 2" in out.err
+    assert main(argv) == 0  # the same ids again: still three labels
     capsys.readouterr()
     assert main(["labels", "compact", "--store", store]) == 0
     stats = json.loads(capsys.readouterr().out)
-    assert (stats["parts"], stats["records"], stats["labels"], stats["human"]) == (1, 4, 2, 2)
+    assert (stats["parts"], stats["records"], stats["labels"], stats["human"]) == (1, 6, 3, 3)
+    from fusion.labelstore import LabelStore
+
+    sets = {t: sorted(labels) for t, labels in LabelStore(store).labels()[["text", "labels"]].itertuples(index=False)}
+    assert sets["Budget vote moves markets"] == ["business", "politics"] and sets["Shares fell"] == ["business"]
     assert main(["labels", "import", "--store", store]) == 2
     assert "needs --input" in capsys.readouterr().err
 
