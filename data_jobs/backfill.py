@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import sys
 import time
 import uuid
 from collections.abc import Sequence
@@ -273,6 +274,7 @@ def run(args: argparse.Namespace) -> int:
     from data_jobs.ledger import shared_ledger
     from fusion.bundle import Bundle
 
+    common.check_output(args.output, args.input, replaced=False)  # it resumes: earlier parts stay
     bundle = Bundle.open(args.bundle)
     config = bundle.config
     if args.llm_budget is not None:
@@ -353,6 +355,14 @@ def run(args: argparse.Namespace) -> int:
     with fs.open_output_stream(f"{root}/{SUMMARY}") as f:
         f.write(json.dumps(summary, indent=2).encode())
     print(json.dumps(summary, indent=2))
+    if summary["duplicate_ids"] or summary["output_rows"] != summary["input_rows"]:
+        print(
+            f"error: --id-column {args.id_column!r} is not unique in the input: {summary['input_rows']} rows gave "
+            f"{summary['output_rows']} output rows, {summary['duplicate_ids']} of its ids more than once (parts "
+            "are named by their ids, so one part can replace another); give every row its own id",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -146,7 +147,8 @@ def _parse_jsonl(batch: pa.Table, columns: list[str], text_column: str, id_colum
     out: dict[str, list[Any]] = {c: [] for c in columns}
     errors: list[str | None] = []
     for data in batch.column("bytes").to_pylist():
-        for raw in data.split(b"\n"):
+        file_digest = b""  # of this file, once it has a bad line
+        for n, raw in enumerate(data.split(b"\n")):
             if not raw.strip():
                 continue
             try:
@@ -154,8 +156,10 @@ def _parse_jsonl(batch: pa.Table, columns: list[str], text_column: str, id_colum
             except ValueError as err:
                 for c in columns:
                     out[c].append(None)
-                if id_column:  # a stable id, so a resumed backfill recognises this row
-                    out[id_column][-1] = "invalid-line-" + hashlib.sha1(raw).hexdigest()[:16]
+                if id_column:  # stable, so a resumed backfill recognises the row; its own, even for a repeated line
+                    file_digest = file_digest or hashlib.sha1(data).digest()
+                    where = file_digest + n.to_bytes(8, "little")
+                    out[id_column][-1] = "invalid-line-" + hashlib.sha1(where + raw).hexdigest()[:16]
                 shown = raw[:120].decode("utf-8", "backslashreplace")
                 errors.append(f"invalid JSON line ({str(err)[:80]}): {shown!r}")
                 continue
@@ -210,12 +214,14 @@ def read_corpus(
         else:
             import pyarrow.csv
 
-            # ids and texts as written: Arrow would read "00123" as the number 123, and a text of digits as one
-            strings = pyarrow.csv.ConvertOptions(column_types=dict.fromkeys(required, pa.string()))
+            # cells as written: Arrow would read the id "00123" as the number 123, and a text of digits as one
+            strings = pyarrow.csv.ConvertOptions(column_types=dict.fromkeys(wanted, pa.string()))
             ds = ray.data.read_csv(path, convert_options=strings, **opts)
             names = ds.columns()  # reads the first file
-    except Exception as err:  # missing path, unreadable file: Ray and pyarrow raise many types
-        raise DataError(f"cannot read {path} as {fmt}: {str(err).splitlines()[0]}") from None
+    except FileNotFoundError:
+        raise DataError(f"input not found: {path}") from None
+    except Exception as err:  # unreadable file: Ray and pyarrow raise many types
+        raise DataError(f"cannot read {path} as {fmt}: {_cause(err)}") from None
     missing = [] if names is None else [c for c in required if c not in names]  # None: the rows will say why
     if missing:
         has = "its first lines have" if fmt == "jsonl" else "it has"
@@ -227,6 +233,13 @@ def read_corpus(
         fn_kwargs={"columns": columns, "text": text_column, "id": id_column, "clean": fmt != "jsonl"},
         **opts,
     )
+
+
+def _cause(err: BaseException) -> str:
+    """What went wrong, on one line: for a Ray task's error, its cause (its own first line names the task)."""
+    cause = getattr(err, "cause", None) or err
+    lines = [ln for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(cause)).splitlines() if ln.strip()]
+    return f"{type(cause).__name__}: {lines[0] if lines else ''}"
 
 
 def jsonl_fields(path: str, lines: int = 100, enough: int = 10) -> list[str] | None:
@@ -329,6 +342,34 @@ def filesystem(uri: str) -> tuple[Any, str]:
     if "://" in uri:
         return pafs.FileSystem.from_uri(uri)
     return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def check_output(output: str, input: str, *, replaced: bool) -> None:
+    """Refuse, before any work, an ``--output`` the job cannot write or whose replacing would delete what is not
+    the job's: a file; the input, a directory holding it or one inside it; with ``replaced`` (a job that writes
+    its output anew), a directory holding files other than an earlier run's parquet parts and sidecar."""
+    import pyarrow.fs as pafs
+
+    fs, root = filesystem(output)
+    try:
+        kind = fs.get_file_info(root).type
+    except OSError as err:
+        raise DataError(f"cannot reach --output {output}: {err}") from None
+    if kind == pafs.FileType.File:
+        raise DataError(f"--output {output} is a file; give a directory")
+    in_fs, in_root = filesystem(input)
+    a, b = f"{root.rstrip('/')}/", f"{in_root.rstrip('/')}/"
+    if type(in_fs) is type(fs) and (a.startswith(b) or b.startswith(a)):  # one would delete or read the other
+        raise DataError(f"--output {output} and --input {input} overlap; write the output elsewhere")
+    if replaced and kind == pafs.FileType.Directory:
+        others = [i.path for i in data_files(fs, root) if not i.base_name.endswith(".parquet")]
+        if others:
+            shown = ", ".join(o.removeprefix(root).lstrip("/") for o in others[:3])
+            raise DataError(
+                f"--output {output} holds files that are not an earlier run's output ({shown}"
+                f"{', ...' if len(others) > 3 else ''}), and the job replaces the whole directory: give a new or "
+                "empty directory"
+            )
 
 
 def write_sidecar(output: str, info: dict[str, Any]) -> None:

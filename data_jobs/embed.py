@@ -142,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from fusion.config import EncoderConfig
 
+    common.check_output(args.output, args.input, replaced=True)
     common.connect(args.address)
     if args.bundle:
         from fusion.bundle import read_bundle

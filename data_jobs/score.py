@@ -147,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
     from fusion.args import config_from_args, with_llm_args
     from fusion.config import LabelsConfig, apply_overrides
 
+    common.check_output(args.output, args.input, replaced=True)
     config = with_llm_args(config_from_args(args), args)
     if args.multilabel:
         config = apply_overrides(config, ["labels.mode=multilabel"])

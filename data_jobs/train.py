@@ -72,9 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from fusion.args import config_from_args, with_llm_args
+    from fusion.bundle import check_destination
     from fusion.classifier import AutoFusionClassifier
     from fusion.config import parse_config
 
+    check_destination(args.output)
     common.connect(args.address)
     config = with_llm_args(config_from_args(args), args).model_dump()
     if args.text_column:

@@ -58,6 +58,13 @@ def show_defaults(parser: argparse.ArgumentParser) -> None:
                 show_defaults(sub)
 
 
+def refuse_unused(given: dict[str, Any], why: str) -> None:
+    """A ConfigError naming the options given (not None or False) that would be ignored, and why."""
+    unused = [flag for flag, value in given.items() if value is not None and value is not False]
+    if unused:
+        raise ConfigError(f"{', '.join(unused)}: {why}")
+
+
 def add_bundle_arg(p: argparse.ArgumentParser, help: str, required: bool = True) -> None:
     """``--bundle DIR|URI`` (old spelling: ``--model``); a URI is fetched (``fusion.remote``)."""
     g = p.add_mutually_exclusive_group(required=required)

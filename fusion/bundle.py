@@ -58,6 +58,14 @@ class BundleContents:
     encoder_dir: Path | None
 
 
+def check_destination(path: str | Path) -> None:
+    """Refuse, before any work, a bundle path that :func:`write_bundle` would refuse after it: a file, or a
+    directory with other things in it."""
+    final = Path(path)
+    if final.exists() and (not final.is_dir() or (not (final / MANIFEST).is_file() and any(final.iterdir()))):
+        raise BundleError(f"refusing to overwrite {final}: it exists and is not a labelfuse bundle")
+
+
 def write_bundle(
     path: str | Path,
     manifest: dict[str, Any],
@@ -71,8 +79,7 @@ def write_bundle(
 
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists() and not (final / MANIFEST).is_file() and any(final.iterdir()):
-        raise BundleError(f"refusing to overwrite {final}: it exists and is not a labelfuse bundle")
+    check_destination(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp / HEAD_FILE))

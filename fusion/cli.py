@@ -21,6 +21,7 @@ from fusion.args import (
     add_llm_args,
     add_output_arg,
     config_from_args,
+    refuse_unused,
     show_defaults,
     with_llm_args,
 )
@@ -46,13 +47,6 @@ def _add_data_args(p: argparse.ArgumentParser, file_flag: str, file_help: str) -
     g.add_argument("--dataset", choices=sorted(BUILTIN), help="built-in offline dataset")
     g.add_argument(file_flag, metavar="FILE", help=file_help)
     p.add_argument("--split", choices=SPLITS, help="split of --dataset to use (default: test)")
-
-
-def _refuse_unused(given: dict[str, Any], why: str) -> None:
-    """A ConfigError naming the options that were given but would be ignored, and why."""
-    unused = [flag for flag, value in given.items() if value not in (None, False)]
-    if unused:
-        raise ConfigError(f"{', '.join(unused)}: {why}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,15 +236,17 @@ def _rate_columns(clf: Any) -> tuple[str, ...]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from fusion.bundle import check_destination
     from fusion.classifier import AutoFusionClassifier
     from fusion.config import apply_overrides
     from fusion.datasets import BUILTIN, builtin_split, read_table
     from fusion.report import format_summary, format_table
 
+    check_destination(args.output)
     cfg = config_from_args(args)
     if args.dataset:
         columns = ("val", "multilabel", "text_column", "label_column", "label_columns")
-        _refuse_unused(
+        refuse_unused(
             {f"--{c.replace('_', '-')}": getattr(args, c) for c in columns},
             f"not used with --dataset, which brings its own split, columns and mode ({BUILTIN[args.dataset]})",
         )
@@ -275,7 +271,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         source = f"{args.train}" + (f" (validation {args.val})" if args.val else "")
     cfg = with_llm_args(cfg, args)
     if not cfg.llms:
-        _refuse_unused(
+        refuse_unused(
             {"--gate-rate": args.gate_rate, "--gate-accuracy": args.gate_accuracy},
             "sets when to ask the LLMs, and none is configured: add --llm",
         )
@@ -363,9 +359,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     fractions = _fractions(args.train_fractions) if args.train_fractions else None
     if args.data:
-        _refuse_unused({"--split": args.split}, "picks a split of --dataset; --data is evaluated whole")
+        refuse_unused({"--split": args.split}, "picks a split of --dataset; --data is evaluated whole")
     if not fractions or args.dataset:
-        _refuse_unused(
+        refuse_unused(
             {"--train": args.train, "--val": args.val},
             "training data for --train-fractions with --data" + (" (--dataset brings its own)" if fractions else ""),
         )

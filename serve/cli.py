@@ -15,6 +15,15 @@ from fusion.args import add_bundle_arg
 from fusion.remote import is_uri
 
 DEV_TOPICS = ("labelfuse-in", "labelfuse-out", "labelfuse-dead-letter")
+# `labelfuse serve`'s Kafka options, given only with --dev-kafka or --kafka-bootstrap (None: not given)
+KAFKA_DEFAULTS = {
+    "kafka_port": 9092,
+    "input_topic": [DEV_TOPICS[0]],
+    "output_topic": DEV_TOPICS[1],
+    "dead_letter_topic": DEV_TOPICS[2],
+    "group": "labelfuse-tagger",
+    "kafka_replicas": 1,
+}
 
 
 def register(sub: Any) -> None:
@@ -52,13 +61,15 @@ def register(sub: Any) -> None:
     s.add_argument("--token-env", metavar="VAR", help="require 'Authorization: Bearer $VAR' on /v1/*")
     k = s.add_argument_group("Kafka tagging")
     k.add_argument("--dev-kafka", action="store_true", help="start a local broker (tansu) and tag its topics")
-    k.add_argument("--kafka-port", type=int, default=9092, help="port of the --dev-kafka broker (default: 9092)")
+    k.add_argument(
+        "--kafka-port", type=int, help=f"port of the --dev-kafka broker (default: {KAFKA_DEFAULTS['kafka_port']})"
+    )
     k.add_argument("--kafka-bootstrap", metavar="HOST:PORT,..", help="your brokers (instead of --dev-kafka)")
     k.add_argument("--input-topic", action="append", help=f"topic to tag; repeatable (default: {DEV_TOPICS[0]})")
-    k.add_argument("--output-topic", default=DEV_TOPICS[1], help=f"results topic (default: {DEV_TOPICS[1]})")
-    k.add_argument("--dead-letter-topic", default=DEV_TOPICS[2], help=f"bad messages (default: {DEV_TOPICS[2]})")
-    k.add_argument("--group", default="labelfuse-tagger", help="consumer group (default: labelfuse-tagger)")
-    k.add_argument("--kafka-replicas", type=int, default=1, help="tagger replicas (default: 1)")
+    k.add_argument("--output-topic", help=f"results topic (default: {DEV_TOPICS[1]})")
+    k.add_argument("--dead-letter-topic", help=f"bad messages (default: {DEV_TOPICS[2]})")
+    k.add_argument("--group", help=f"consumer group (default: {KAFKA_DEFAULTS['group']})")
+    k.add_argument("--kafka-replicas", type=int, help="tagger replicas (default: 1)")
     s.set_defaults(run=cmd_serve)
 
     d = sub.add_parser(
@@ -113,7 +124,7 @@ def _kafka_settings(args: argparse.Namespace, bootstrap: str | None) -> dict[str
 
     kafka = {
         "bootstrap_servers": bootstrap,
-        "input_topics": args.input_topic or [DEV_TOPICS[0]],
+        "input_topics": args.input_topic,
         "output_topic": args.output_topic,
         "dead_letter_topic": args.dead_letter_topic,
         "group_id": args.group,
@@ -123,6 +134,7 @@ def _kafka_settings(args: argparse.Namespace, bootstrap: str | None) -> dict[str
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from fusion.args import refuse_unused
     from fusion.bundle import read_bundle
     from fusion.errors import ConfigError
     from fusion.registry import resolve_bundle
@@ -132,6 +144,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError("--dev-kafka starts its own broker; drop --kafka-bootstrap (or --dev-kafka)")
     if not args.route_prefix.startswith("/"):
         raise ConfigError(f"--route-prefix must start with '/', got {args.route_prefix!r}")
+    given = {f"--{k.replace('_', '-')}": getattr(args, k) for k in KAFKA_DEFAULTS}
+    if not (args.dev_kafka or args.kafka_bootstrap):
+        refuse_unused(given, "Kafka tagging needs --dev-kafka or --kafka-bootstrap")
+    if args.kafka_bootstrap:
+        refuse_unused({"--kafka-port": args.kafka_port}, "the port of the --dev-kafka broker, not of yours")
+    for k, default in KAFKA_DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, default)
     broker = None
     try:
         bootstrap = args.kafka_bootstrap
@@ -140,9 +160,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
             broker = DevBroker(args.kafka_port).start()
             bootstrap = broker.bootstrap
-            create_topics(
-                bootstrap, [*(args.input_topic or [DEV_TOPICS[0]]), args.output_topic, args.dead_letter_topic], 4
-            )
+            create_topics(bootstrap, [*args.input_topic, args.output_topic, args.dead_letter_topic], 4)
         settings = {
             "bundle": args.bundle,
             "threads": args.threads,

@@ -292,12 +292,16 @@ def test_backfill_input_errors_are_clear(ray_local, bbc_model, tmp_path, capsys)
     assert backfill.main([*base, "--input", str(tmp_path / "noid.parquet")]) == 2
     assert "no column(s) ['id']" in capsys.readouterr().err
     assert backfill.main([*base, "--input", str(tmp_path / "missing.jsonl")]) == 2
-    assert "cannot read" in capsys.readouterr().err
+    assert "input not found" in capsys.readouterr().err
     # JSONL has no schema: a field that none of the first lines has (10 or more of them) is misnamed, not a job of
     # error rows
     (tmp_path / "docs.jsonl").write_text("".join(f'{{"doc_id": "d{i}", "text": "x"}}\n' for i in range(12)))
     assert backfill.main([*base, "--input", str(tmp_path / "docs.jsonl")]) == 2
     assert "no column(s) ['id']; its first lines have ['doc_id', 'text']" in capsys.readouterr().err
+    # ids that repeat: two parts with the same ids have the same name, and one replaced the other (exit 0)
+    (tmp_path / "dups.jsonl").write_text("".join(f'{{"id": "{i % 2}", "text": "Shares fell"}}\n' for i in range(4)))
+    assert backfill.main([*base, "--input", str(tmp_path / "dups.jsonl"), "--rows-per-file", "2"]) == 1
+    assert "--id-column 'id' is not unique in the input: 4 rows gave 2 output rows" in capsys.readouterr().err
 
 
 def test_score_input_errors_are_clear(ray_local, tmp_path, capsys):
@@ -330,6 +334,42 @@ def test_csv_ids_and_texts_are_read_as_written(ray_local, tmp_path):
     rows = read_corpus(str(tmp_path / "in.csv"), None, "text", "id").take_all()  # blocks may come back in any order
     got = sorted((r["id"], r["text"], r["error"]) for r in rows)
     assert got == [("00123", "2024", None), ("0123", "Shares fell", None)]
+    kept = read_corpus(str(tmp_path / "in.csv"), None, "text", keep=["id"]).take_all()  # no --id-column
+    assert sorted(r["id"] for r in kept) == ["00123", "0123"]
+
+
+def test_an_unreadable_input_names_its_cause(ray_local, tmp_path):
+    """A Ray task's error starts with the task's name in terminal colours: the message said no more than that."""
+    from data_jobs.common import DataError, read_corpus
+
+    (tmp_path / "pq").mkdir()
+    (tmp_path / "pq" / "b.parquet").write_text("not parquet")
+    with pytest.raises(DataError, match=r"as parquet: ArrowInvalid: .*magic bytes") as err:
+        read_corpus(str(tmp_path / "pq"), None, "text", "id")
+    assert "ray::" not in str(err.value) and "\x1b" not in str(err.value)
+    with pytest.raises(DataError, match=r"input not found: .*nope\.jsonl"):
+        read_corpus(str(tmp_path / "nope.jsonl"), None, "text", "id")
+
+
+def test_an_output_where_a_job_would_lose_data_is_refused_before_any_work(tmp_path, capsys):
+    """embed and score replace their --output whole: a directory holding the input or someone's files lost them,
+    and an output that is a file failed with a traceback after the work. No Ray: each is refused before it starts."""
+    (tmp_path / "in.csv").write_text("id,text\n1,Shares fell\n")
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "notes.txt").write_text("keep me")
+    (tmp_path / "afile").write_text("x")
+    src = ["--input", str(tmp_path / "in.csv")]
+    cases = [
+        (embed, [*src, "--output", str(tmp_path)], "overlap"),
+        (embed, [*src, "--output", str(tmp_path / "theirs")], "not an earlier run's output (notes.txt)"),
+        (score, [*src, "--output", str(tmp_path / "afile"), "--classes", "a,b"], "is a file"),
+        (backfill, [*src, "--output", str(tmp_path / "afile"), "--bundle", str(tmp_path)], "is a file"),
+        (train, ["--input", str(tmp_path), "--output", str(tmp_path / "afile")], "refusing to overwrite"),
+    ]
+    for job, argv, words in cases:
+        assert job.main(argv) == 2, argv
+        assert words in capsys.readouterr().err, argv
+    assert (tmp_path / "theirs" / "notes.txt").read_text() == "keep me" and (tmp_path / "in.csv").exists()
 
 
 def test_a_row_that_fails_alone_in_the_predictor_gets_an_error_row(bbc_model, encoder, tmp_path):

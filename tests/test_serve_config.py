@@ -83,8 +83,15 @@ def test_labelfuse_serve_joins_a_running_serve_and_stops_only_what_it_started(bb
     from serve.app import serving
 
     bbc_model.save(tmp_path / "model")
-    assert main(["serve", "--bundle", str(tmp_path / "model"), "--route-prefix", "cli"]) == 2
-    assert "--route-prefix must start with '/', got 'cli'" in capsys.readouterr().err
+    refused = [
+        (["--route-prefix", "cli"], "--route-prefix must start with '/', got 'cli'"),
+        # Kafka options without a broker to tag were ignored: the app served HTTP only
+        (["--input-topic", "tickets", "--group", "g"], "--input-topic, --group: Kafka tagging needs --dev-kafka or"),
+        (["--kafka-bootstrap", "h:9092", "--kafka-port", "9093"], "--kafka-port: the port of the --dev-kafka broker"),
+    ]
+    for extra, words in refused:
+        assert main(["serve", "--bundle", str(tmp_path / "model"), *extra]) == 2
+        assert words in capsys.readouterr().err
     kafka_port = free_port()
     cmd = [sys.executable, "-m", "fusion.cli", "serve", "--bundle", str(tmp_path / "model")]
     cmd += ["--address", ray.get_runtime_context().gcs_address, "--name", "cli-app", "--route-prefix", "/cli"]
