@@ -133,6 +133,8 @@ def detect_format(path: str, fmt: str | None) -> str:
         infos = data_files(fs, root)
     except (FileNotFoundError, OSError) as err:
         raise DataError(f"cannot list input {path}: {err}") from None
+    if not infos:
+        raise DataError(f"input {path} has no files")
     found = {FORMATS.get("." + i.base_name.rsplit(".", 1)[-1].lower()) for i in infos}
     found.discard(None)
     if len(found) != 1:

@@ -349,6 +349,9 @@ def test_an_unreadable_input_names_its_cause(ray_local, tmp_path):
     assert "ray::" not in str(err.value) and "\x1b" not in str(err.value)
     with pytest.raises(DataError, match=r"input not found: .*nope\.jsonl"):
         read_corpus(str(tmp_path / "nope.jsonl"), None, "text", "id")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"input .*empty has no files"):  # it said "pass --format", which did not help
+        read_corpus(str(tmp_path / "empty"), None, "text", "id")
 
 
 def test_an_output_where_a_job_would_lose_data_is_refused_before_any_work(tmp_path, capsys):
