@@ -29,12 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _retrain(store: str, registry: str, settings: Any, config: Any) -> dict[str, Any]:
+def _retrain(store: str, registry: str, settings: Any, config: Any, overrides: list[str]) -> dict[str, Any]:
     from fusion.labelstore import LabelStore
     from fusion.loop import retrain
     from fusion.registry import Registry
 
-    return retrain(LabelStore(store), Registry(registry), settings, config=config)
+    return retrain(LabelStore(store), Registry(registry), settings, config=config, overrides=overrides)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     common.connect(args.address)
     settings, config = loop_settings(args), loop_config(args)
     task = ray.remote(num_cpus=args.num_cpus, num_gpus=args.num_gpus)(_retrain)
-    report = ray.get(task.remote(args.store, args.registry, settings, config))
+    report = ray.get(task.remote(args.store, args.registry, settings, config, args.overrides or []))
     print_report(report)
     common.log.info("%s: %s", report["decision"], report["reason"])
     return 0

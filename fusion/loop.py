@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -166,26 +166,30 @@ def retrain(
     settings: LoopSettings = LoopSettings(),
     *,
     config: Any = None,
+    overrides: Sequence[str] = (),
     embed: Callable[[list[str]], np.ndarray] | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Train a challenger on ``store``, compare it with ``registry``'s champion, promote it or not.
 
-    ``config`` (default: the champion's) sets the encoder, the LLMs, the gate and training. ``embed``: the
+    ``config`` (default: the champion's) sets the encoder, the LLMs, the gate and training; ``overrides``
+    (``section.field=value``) change it, e.g. only the gate's target, keeping the rest. ``embed``: the
     texts' embeddings by that encoder from elsewhere, instead of the registry's embedding cache. Returns the
     promotion report (also saved in the registry); ``report["decision"]`` is promote, refuse or skip, and
     ``report["embeddings"]`` counts the texts the cache had and those it embedded."""
     from fusion.classifier import AutoFusionClassifier
-    from fusion.config import Config
+    from fusion.config import Config, apply_overrides
 
     start = time.perf_counter()
     champion_v = registry.champion()
     champion = None if champion_v is None else AutoFusionClassifier.load(registry.bundle_path(champion_v))
     if config is None:
-        if champion is None:
+        if champion is None and not overrides:
             raise DataError(f"registry {registry.root} has no champion: give a config for the first model")
-        config = champion.config
+        config = Config() if champion is None else champion.config
     config = config if isinstance(config, Config) else Config.model_validate(config)
+    if overrides:
+        config = apply_overrides(config, list(overrides))
     stats = store.stats()
     report: dict[str, Any] = {"at": time.time(), "store": store.uri, "store_stats": stats, "champion": champion_v}
     fresh = new_records(store, champion)

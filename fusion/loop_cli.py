@@ -78,8 +78,10 @@ def loop_settings(args: argparse.Namespace) -> Any:
 
 
 def loop_config(args: argparse.Namespace) -> Any:
-    """The config given on the command line, or None to keep the champion's."""
-    return config_from_args(args) if args.config or args.overrides else None
+    """The --config file, or None to keep the champion's (--set changes either)."""
+    from fusion.config import load_config
+
+    return load_config(args.config) if args.config else None
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -230,6 +232,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         Registry(args.registry),
         loop_settings(args),
         config=loop_config(args),
+        overrides=args.overrides or (),
         progress=not args.quiet,
     )
     print_report(report)

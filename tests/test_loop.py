@@ -228,8 +228,8 @@ def test_retrain_promotes_a_better_challenger_refuses_a_worse_one_and_skips_with
     assert better["challenger_scores"]["accuracy"] > better["champion_scores"]["accuracy"]
     assert better["trained_on"]["human"] > 100 and reg.champion() == better["challenger"]
 
-    worse_cfg = {**FAST, "train": {"max_epochs": 1, "learning_rate": 1e-7}}  # an untrained head, on purpose
-    worse = retrain(store, reg, config=worse_cfg)
+    untrained = ["train.max_epochs=1", "train.learning_rate=1e-7"]  # an untrained head, on purpose
+    worse = retrain(store, reg, overrides=untrained)  # on the champion's config: its encoder, so its cache
     assert worse["decision"] == "refuse" and reg.champion() == better["challenger"], worse
     assert worse["embeddings"] == {"cached": n, "embedded": 0}
     assert worse["challenger_scores"]["accuracy"] < worse["champion_scores"]["accuracy"]
