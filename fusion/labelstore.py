@@ -60,6 +60,7 @@ SCHEMA = pa.schema(
     ]
 )
 COLUMNS = tuple(SCHEMA.names)
+SEGMENTS_KEY = b"labelfuse.segments"  # a compacted part's metadata: the parts it holds, [name, records] in order
 # LabelStore.labels(): one row per text
 LABEL_COLUMNS = (
     "text_id",
@@ -214,16 +215,11 @@ class LabelStore:
         names = [i.base_name for i in info if i.type == fs.FileType.File]
         return sorted(n for n in names if n.startswith("part-") and n.endswith(".parquet"))
 
-    def records(
-        self, columns: Sequence[str] | None = None, after: str | None = None, parts: Sequence[str] | None = None
-    ) -> pd.DataFrame:
-        """Every record as written (duplicates included), oldest part first; ``after``: only parts newer than
-        it; ``parts``: only these."""
+    def records(self, columns: Sequence[str] | None = None, parts: Sequence[str] | None = None) -> pd.DataFrame:
+        """Every record as written (duplicates included), oldest part first; ``parts``: only these."""
         cols = list(columns or COLUMNS)
         tables = []
         for name in self.parts() if parts is None else parts:
-            if after is not None and name <= after:
-                continue
             with self.fs.open_input_file(f"{self.path}/{name}") as f:
                 tables.append(pq.read_table(f, columns=cols))
         if not tables:
@@ -262,7 +258,7 @@ class LabelStore:
             "labels": len(labels),
             "human": human,
             "llm": len(labels) - human,
-            "newest_part": parts[-1],
+            "newest_part": self._segments(parts[-1])[-1][0],  # as written: a compacted part keeps the names
         }
 
     # -- what was sent to people -----------------------------------------------------------------------------
@@ -288,6 +284,18 @@ class LabelStore:
                     out.update(dict.fromkeys(json.loads(f.read()), info.base_name[:10]))
         return out
 
+    def _segments(self, name: str) -> list[tuple[str, int]]:
+        """(written part, records) for each part a part holds, in order: itself, or those it compacted."""
+        with self.fs.open_input_file(f"{self.path}/{name}") as f:
+            meta = pq.ParquetFile(f).metadata
+            held = (meta.metadata or {}).get(SEGMENTS_KEY)
+            return [tuple(s) for s in json.loads(held)] if held else [(name, meta.num_rows)]
+
+    def count_after(self, part: str | None) -> int:
+        """Records written in parts newer than ``part`` (every record for None), compacted ones included: a
+        compacted part keeps the names of the parts it holds."""
+        return sum(n for p in self.parts() for name, n in self._segments(p) if part is None or name > part)
+
     def compact(self) -> int:
         """Rewrite every part as one (records kept as written, duplicates included); returns parts removed.
 
@@ -296,6 +304,8 @@ class LabelStore:
         if len(parts) < 2:
             return 0
         table = pa.Table.from_pandas(self.records(parts=parts), schema=SCHEMA, preserve_index=False)
+        segments = [s for p in parts for s in self._segments(p)]
+        table = table.replace_schema_metadata({SEGMENTS_KEY: json.dumps(segments)})
         name = f"{parts[-1][: -len('.parquet')]}-compacted.parquet"  # sorts with the newest part it holds
         self._write(name, table)
         for p in parts:

@@ -156,8 +156,7 @@ def judge(head: FusionHead, emb: np.ndarray, ex: Examples, by_people: bool) -> d
 
 def new_records(store: LabelStore, champion: Any) -> int:
     """Records written to the store since the champion was trained (all of them without a champion)."""
-    watermark = None if champion is None else champion.training.get("label_store_part")
-    return len(store.records(["label_id"], after=watermark))
+    return store.count_after(None if champion is None else champion.training.get("label_store_part"))
 
 
 def retrain(

@@ -31,6 +31,19 @@ FAST = {"encoder": {"max_length": 64}, "labels": {"classes": CLASSES}}
 
 
 # -- the label store ---------------------------------------------------------------------------------------------
+def test_records_newer_than_a_part_are_counted_through_compactions(tmp_path):
+    """A retrain's watermark is the newest part it read; compacting (twice) must not make old records new."""
+    store = LabelStore(tmp_path / "labels")
+    names = [store.append([human_label(f"text {i} {j}", "sport") for j in range(i + 1)]) for i in range(3)]
+    assert store.count_after(names[0]) == 5 and store.count_after(None) == 6
+    store.compact()
+    watermark = store.stats()["newest_part"]
+    assert watermark == names[-1] and store.count_after(names[0]) == 5 and store.count_after(watermark) == 0
+    store.append([human_label("text new", "sport")])
+    store.compact()
+    assert len(store.parts()) == 1 and store.count_after(watermark) == 1 and store.count_after(names[1]) == 4
+
+
 def test_a_human_label_wins_and_a_label_written_twice_is_one(tmp_path):
     store = LabelStore(tmp_path / "labels")
     assert store.labels().empty and store.stats()["labels"] == 0
@@ -221,6 +234,9 @@ def test_retrain_promotes_a_better_challenger_refuses_a_worse_one_and_skips_with
     )
     skipped = retrain(store, reg, LoopSettings(min_new_labels=500))
     assert skipped["decision"] == "skip" and reg.champion() == first["challenger"]
+    assert store.compact() == 2  # the compacted part holds the champion's labels and the new ones
+    skipped = retrain(store, reg, LoopSettings(min_new_labels=len(rows) + 1))  # every record counted as new before
+    assert skipped["reason"] == f"{len(rows)} new label(s) since the champion; retraining needs {len(rows) + 1}"
 
     better = retrain(store, reg)
     assert better["embeddings"] == {"cached": n, "embedded": 0}  # people labelled texts it had embedded
