@@ -273,6 +273,8 @@ def cmd_labels(args: argparse.Namespace) -> int:
 
 def import_labels(args: argparse.Namespace, store: Any) -> None:
     """People's labels from a table; a bad row is refused alone, with its row number and reason."""
+    import pandas as pd
+
     from fusion.datasets import read_table, require_columns
     from fusion.errors import DataError
     from fusion.labels import LABEL_SEPARATOR, normalize_labels
@@ -281,8 +283,9 @@ def import_labels(args: argparse.Namespace, store: Any) -> None:
     if not args.input:
         raise ConfigError("labels import needs --input FILE")
     df = read_table(args.input)
-    require_columns(df, [args.text_column, args.label_column], "labels")
-    ids = df[args.id_column].astype(str).tolist() if args.id_column else [None] * len(df)
+    require_columns(df, [c for c in (args.text_column, args.label_column, args.id_column) if c], "labels")
+    # a missing id is no id: the label is kept, and a re-import adds it again
+    ids = [None if pd.isna(i) else str(i) for i in df[args.id_column]] if args.id_column else [None] * len(df)
     records, refused = [], []
     for row, (t, lab, i) in enumerate(zip(df[args.text_column], df[args.label_column], ids, strict=True)):
         try:

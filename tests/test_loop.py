@@ -337,23 +337,26 @@ def test_labels_command_imports_counts_and_compacts(tmp_path, capsys):
         '{"id": 3, "text": "The striker scored", "label": null}\n'  # refused alone: no label
         '{"id": 4, "text": "Votes were counted", "label": "politics"}\n'
         '{"id": 5, "text": "Budget vote moves markets", "label": "business|politics"}\n'  # a label set, as in CSV
+        '{"id": null, "text": "Chip sales rose", "label": "tech"}\n'  # no id: kept, and added again on re-import
     )
     store = str(tmp_path / "labels")
     argv = ["labels", "import", "--store", store, "--input", str(tmp_path / "reviewed.jsonl"), "--id-column", "id"]
     assert main(argv) == 0
     out = capsys.readouterr()
-    assert "imported 3 labels" in out.err and "refused 2 rows: row 1" in out.err and "row 2" in out.err
-    assert main(argv) == 0  # the same ids again: still three labels
+    assert "imported 4 labels" in out.err and "refused 2 rows: row 1" in out.err and "row 2" in out.err
+    assert main(argv) == 0  # the same ids again: still four labels
     capsys.readouterr()
     assert main(["labels", "compact", "--store", store]) == 0
     stats = json.loads(capsys.readouterr().out)
-    assert (stats["parts"], stats["records"], stats["labels"], stats["human"]) == (1, 6, 3, 3)
+    assert (stats["parts"], stats["records"], stats["labels"], stats["human"]) == (1, 8, 4, 4)
     from fusion.labelstore import LabelStore
 
     sets = {t: sorted(labels) for t, labels in LabelStore(store).labels()[["text", "labels"]].itertuples(index=False)}
     assert sets["Budget vote moves markets"] == ["business", "politics"] and sets["Shares fell"] == ["business"]
     assert main(["labels", "import", "--store", store]) == 2
     assert "needs --input" in capsys.readouterr().err
+    assert main([*argv[:-1], "ticket"]) == 2
+    assert "column(s) ['ticket'] not found" in capsys.readouterr().err
 
 
 def test_export_sends_people_the_disagreements_first_capped_per_day(tmp_path, bbc, bbc_model, capsys):
