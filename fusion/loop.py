@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from fusion.embcache import EmbeddingCache
-from fusion.errors import DataError
+from fusion.errors import ConfigError, DataError
 from fusion.labels import LabelSpace
 from fusion.labelstore import LabelStore
 from fusion.metrics import evaluate, headline_key
@@ -201,6 +201,11 @@ def retrain(
         return report
     if champion is not None:
         space = champion._require_fitted().label_space
+        if config.labels.classes and list(config.labels.classes) != list(space.classes):
+            raise ConfigError(
+                f"labels.classes {config.labels.classes} differ from the champion's {space.classes}: a retrain keeps "
+                "the champion's classes; other classes need a first model in a new registry"
+            )
     elif config.labels.classes:
         space = LabelSpace(config.labels.classes, config.labels.mode == "multilabel")
     else:
@@ -211,10 +216,13 @@ def retrain(
     ex = examples(store.labels(), space, llm_names, settings.human_weight)
     if not len(ex.texts):
         raise DataError(f"label store {store.uri} has no labels this model can learn from")
+    if ex.skipped:
+        log.warning("%d label(s) name classes outside %s: left out of this retrain", ex.skipped, space.classes)
     held = in_holdout(pd.Series(ex.text_ids), settings.holdout_fraction)
     train, hold = ex.take(np.flatnonzero(~held)), ex.take(np.flatnonzero(held))
     n_people = int(hold.human.sum())
-    by_people = n_people >= max(settings.min_human_holdout, 1)
+    # people's labels when there are enough of them, or when there is nothing else to compare on
+    by_people = n_people >= max(settings.min_human_holdout, 1) or 0 < n_people == len(hold.texts)
     hold = hold.take(np.flatnonzero(hold.human if by_people else ~hold.human))
     log.info(
         "training a challenger on %d labels (%d people's), %d held out",

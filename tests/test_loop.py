@@ -251,6 +251,8 @@ def test_retrain_promotes_a_better_challenger_refuses_a_worse_one_and_skips_with
     assert worse["challenger_scores"]["accuracy"] < worse["champion_scores"]["accuracy"]
     assert [e["event"] for e in reg.state()["history"]] == ["promote", "promote", "refuse"]
     assert worse["challenger"] in reg.versions()  # kept, as every challenger is
+    with pytest.raises(ConfigError, match="differ from the champion's"):  # it was ignored: the champion's stayed
+        retrain(store, reg, overrides=["labels.classes=[sport,technology]"])
 
 
 SHORT_TEXTS = [
@@ -391,6 +393,18 @@ def test_export_sends_people_the_disagreements_first_capped_per_day(tmp_path, bb
     assert "exported 0 texts" in capsys.readouterr().err
     assert len(store.exported()) == 10
     assert main([*argv, "--output", "x.jsonl", "--topic", "t"]) == 2
+
+
+def test_a_store_of_a_few_peoples_labels_is_compared_on_them(tmp_path, bbc):
+    """Under --min-human-holdout people's labels and no LLM answers: there is nothing else to compare on (it
+    compared on agreement with an LLM that never answered, and refused every challenger)."""
+    rows = sample(bbc["train"], 60, seed=2)
+    store, reg = LabelStore(tmp_path / "labels"), Registry(tmp_path / "reg")
+    store.append(human_label(t, lab) for t, lab in zip(rows["text"], rows["label"], strict=True))
+    retrain(store, reg, config=FAST)
+    report = retrain(store, reg)
+    assert report["holdout"]["kind"] == "human labels" and report["holdout"]["rows"] > 0, report["holdout"]
+    assert report["decision"] == "promote", report  # the same labels, the same model: not worse
 
 
 def test_retrain_learns_a_multilabel_task_from_llm_answers_and_people(tmp_path):
