@@ -24,6 +24,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import time
@@ -54,7 +55,7 @@ class LoopSettings:
     human_weight: float = 3.0  # a person's label counts this many times a fully confident LLM answer
     holdout_fraction: float = 0.2  # texts (by text-id hash) never trained on: the comparison's slice
     min_delta: float = 0.0  # promote when challenger >= champion - min_delta (headline metric)
-    min_new_labels: int = 0  # retrain only when the store has at least this many records since the champion's
+    min_new_labels: int = 0  # retrain only when the store has at least this many records since the last retrain
     min_human_holdout: int = 20  # fewer people's labels held out: compare on agreement with the LLM instead
     embedding_cache_rows: int = 200_000  # texts' vectors kept in the registry for the next retrain (0: none)
 
@@ -154,9 +155,17 @@ def judge(head: FusionHead, emb: np.ndarray, ex: Examples, by_people: bool) -> d
     return {key: float(m[key]), "macro_f1": float(m["macro_f1"]), "llm_call_rate": call_rate}
 
 
-def new_records(store: LabelStore, champion: Any) -> int:
-    """Records written to the store since the champion was trained (all of them without a champion)."""
-    return store.count_after(None if champion is None else champion.training.get("label_store_part"))
+def new_records(store: LabelStore, registry: Registry) -> int:
+    """Records written to the store since the last retrain's challenger, promoted or refused, was trained (all of
+    them before the first): a refused challenger is not trained again on the same labels."""
+    from fusion.bundle import MANIFEST
+
+    trained = [e["version"] for e in registry.state()["history"] if e["event"] in ("promote", "refuse")]
+    watermark = None
+    if trained:
+        manifest = json.loads((registry.bundle_path(trained[-1]) / MANIFEST).read_text(encoding="utf-8"))
+        watermark = manifest.get("training", {}).get("label_store_part")
+    return store.count_after(watermark)
 
 
 def retrain(
@@ -191,11 +200,11 @@ def retrain(
         config = apply_overrides(config, list(overrides))
     stats = store.stats()
     report: dict[str, Any] = {"at": time.time(), "store": store.uri, "store_stats": stats, "champion": champion_v}
-    fresh = new_records(store, champion)
+    fresh = new_records(store, registry)
     if fresh < settings.min_new_labels:
         report.update(
             decision="skip",
-            reason=f"{fresh} new label(s) since the champion; retraining needs {settings.min_new_labels}",
+            reason=f"{fresh} new label(s) since the last retrain; retraining needs {settings.min_new_labels}",
         )
         log.info("%s", report["reason"])
         return report

@@ -38,7 +38,7 @@ def add_loop_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=d.min_new_labels,
         metavar="N",
-        help="skip unless the store has N new records since the champion was trained (for schedules)",
+        help="skip unless the store has N new records since the last retrain (for schedules)",
     )
     p.add_argument(
         "--min-human-holdout",

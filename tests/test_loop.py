@@ -236,7 +236,7 @@ def test_retrain_promotes_a_better_challenger_refuses_a_worse_one_and_skips_with
     assert skipped["decision"] == "skip" and reg.champion() == first["challenger"]
     assert store.compact() == 2  # the compacted part holds the champion's labels and the new ones
     skipped = retrain(store, reg, LoopSettings(min_new_labels=len(rows) + 1))  # every record counted as new before
-    assert skipped["reason"] == f"{len(rows)} new label(s) since the champion; retraining needs {len(rows) + 1}"
+    assert skipped["reason"] == f"{len(rows)} new label(s) since the last retrain; retraining needs {len(rows) + 1}"
 
     better = retrain(store, reg)
     assert better["embeddings"] == {"cached": n, "embedded": 0}  # people labelled texts it had embedded
@@ -251,6 +251,8 @@ def test_retrain_promotes_a_better_challenger_refuses_a_worse_one_and_skips_with
     assert worse["challenger_scores"]["accuracy"] < worse["champion_scores"]["accuracy"]
     assert [e["event"] for e in reg.state()["history"]] == ["promote", "promote", "refuse"]
     assert worse["challenger"] in reg.versions()  # kept, as every challenger is
+    again = retrain(store, reg, LoopSettings(min_new_labels=1))  # a schedule: the refused one is not trained again
+    assert again["reason"] == "0 new label(s) since the last retrain; retraining needs 1"
     with pytest.raises(ConfigError, match="differ from the champion's"):  # it was ignored: the champion's stayed
         retrain(store, reg, overrides=["labels.classes=[sport,technology]"])
 
