@@ -166,7 +166,10 @@ def _filesystem(uri: str) -> tuple[Any, str, bool]:
         filesystem, path = fs.FileSystem.from_uri(uri)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as err:
         raise ConfigError(f"label store {uri!r}: {err}") from None
-    return filesystem, path.rstrip("/"), isinstance(filesystem, fs.LocalFileSystem)
+    local = isinstance(filesystem, fs.LocalFileSystem)
+    if local and os.path.isfile(path):
+        raise ConfigError(f"label store {uri!r} is a file: give a directory or URI")
+    return filesystem, path.rstrip("/"), local
 
 
 class LabelStore:

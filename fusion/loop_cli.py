@@ -202,8 +202,14 @@ def save_bootstrapped(clf: Any, report: dict[str, Any], output: str, registry: s
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
     from fusion.bootstrap import bootstrap
+    from fusion.bundle import check_destination
     from fusion.datasets import read_table, require_columns
     from fusion.labelstore import LabelStore
+    from fusion.registry import Registry
+
+    check_destination(args.output)  # where the bundle goes is checked before any LLM is paid
+    if args.registry:
+        Registry(args.registry).state()
 
     config = bootstrap_config(args)
     df = read_table(args.input)

@@ -55,6 +55,8 @@ class Registry:
 
     def __init__(self, root: str | os.PathLike[str]):
         self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise ConfigError(f"model registry {self.root} is a file: give a directory")
 
     def __repr__(self) -> str:
         return f"Registry({str(self.root)!r})"
@@ -65,6 +67,8 @@ class Registry:
             return json.loads((self.root / STATE).read_text(encoding="utf-8"))
         except FileNotFoundError:
             return {"champion": None, "lineage": [], "history": []}
+        except ValueError as err:  # written atomically by this class: someone else's edit
+            raise ConfigError(f"model registry {self.root}: {STATE} is not valid JSON ({err})") from None
 
     @contextlib.contextmanager
     def _update(self) -> Iterator[dict[str, Any]]:

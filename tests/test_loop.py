@@ -326,6 +326,9 @@ def test_bootstrap_refuses_what_it_cannot_learn_from(tmp_path, capsys):
         (["--classes", "sports,politics"], "needs an LLM"),
         (["--classes-file", str(tmp_path / "classes.yaml"), "--llm", "local:smollm2-135m"], "mapping of class name"),
         (["--classes", "a,b", "--llm", "local:smollm2-135m", "--text-column", "body"], "body"),
+        # before any LLM is asked (they were tracebacks after it had answered)
+        (["--classes", "a,b", "--llm", "local:smollm2-135m", "--registry", str(texts)], "is a file"),
+        (["--classes", "a,b", "--llm", "local:smollm2-135m", "--store", str(texts)], "is a file"),
     ]
     for extra, message in cases:
         assert main([*common, *extra]) == 2
@@ -361,6 +364,10 @@ def test_labels_command_imports_counts_and_compacts(tmp_path, capsys):
     assert "needs --input" in capsys.readouterr().err
     assert main([*argv[:-1], "ticket"]) == 2
     assert "column(s) ['ticket'] not found" in capsys.readouterr().err
+    (tmp_path / "reg").mkdir()
+    (tmp_path / "reg" / "registry.json").write_text("{not json")
+    assert main(["registry", "show", "--registry", str(tmp_path / "reg")]) == 2
+    assert "registry.json is not valid JSON" in capsys.readouterr().err
 
 
 def test_export_sends_people_the_disagreements_first_capped_per_day(tmp_path, bbc, bbc_model, capsys):
