@@ -218,11 +218,16 @@ class LabelStore:
         names = [i.base_name for i in info if i.type == fs.FileType.File]
         return sorted(n for n in names if n.startswith("part-") and n.endswith(".parquet"))
 
-    def records(self, columns: Sequence[str] | None = None, parts: Sequence[str] | None = None) -> pd.DataFrame:
-        """Every record as written (duplicates included), oldest part first; ``parts``: only these."""
+    def records(
+        self, columns: Sequence[str] | None = None, after: str | None = None, parts: Sequence[str] | None = None
+    ) -> pd.DataFrame:
+        """Every record as written (duplicates included), oldest part first; ``after``: only parts newer than
+        it; ``parts``: only these."""
         cols = list(columns or COLUMNS)
         tables = []
         for name in self.parts() if parts is None else parts:
+            if after is not None and name <= after:
+                continue
             with self.fs.open_input_file(f"{self.path}/{name}") as f:
                 tables.append(pq.read_table(f, columns=cols))
         if not tables:
